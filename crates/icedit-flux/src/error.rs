@@ -1,0 +1,82 @@
+//! Errors of the FLUX crate: each says what was wrong and, where it can, how to fix it.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = FluxError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FluxError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a valid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+
+    #[error("invalid transformer config{}: {message}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    Config {
+        path: Option<PathBuf>,
+        message: String,
+    },
+
+    #[error("tensor `{name}` is missing from the checkpoint{}", files_hint(files))]
+    MissingTensor { name: String, files: Vec<PathBuf> },
+
+    #[error("tensor `{name}` has shape {found:?} but the model config expects {expected:?} (is this checkpoint for another model or config?)")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("tensor `{name}` is stored as {dtype}, which this loader cannot read (supported: F32, F16, BF16, F64)")]
+    UnsupportedTensorDtype { name: String, dtype: String },
+
+    #[error("cannot run the model in {requested}: choose one of f32, bf16, f16")]
+    UnsupportedDtype { requested: String },
+
+    #[error("bad model input: {0}")]
+    Input(String),
+
+    #[error(transparent)]
+    Candle(candle_core::Error),
+}
+
+fn files_hint(files: &[PathBuf]) -> String {
+    match files {
+        [] => String::new(),
+        [one] => format!(" ({})", one.display()),
+        many => format!(" ({} and {} more files)", many[0].display(), many.len() - 1),
+    }
+}
+
+impl FluxError {
+    /// Carries this error through candle's `VarBuilder` (whose backends must return candle errors);
+    /// `From<candle_core::Error>` takes it back out unchanged.
+    pub(crate) fn into_candle(self) -> candle_core::Error {
+        candle_core::Error::WrappedContext {
+            wrapped: Box::new(self),
+            context: String::new(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for FluxError {
+    fn from(err: candle_core::Error) -> Self {
+        match err {
+            candle_core::Error::WrappedContext { wrapped, context } => {
+                match wrapped.downcast::<FluxError>() {
+                    Ok(flux) => *flux,
+                    Err(wrapped) => {
+                        FluxError::Candle(candle_core::Error::WrappedContext { wrapped, context })
+                    }
+                }
+            }
+            candle_core::Error::WithBacktrace { inner, .. } => FluxError::from(*inner),
+            other => FluxError::Candle(other),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! FLUX.1 diffusion transformer (dev and Fill) on candle, loading diffusers and BFL checkpoints,
+//! computing what diffusers' `FluxTransformer2DModel` computes.
+//!
+//! ```no_run
+//! # fn main() -> icedit_flux::Result<()> {
+//! use icedit_flux::{Checkpoint, FluxTransformer};
+//! let checkpoint = Checkpoint::open("FLUX.1-Fill-dev".as_ref())?;
+//! let model = FluxTransformer::load(&checkpoint, candle_core::DType::BF16, &candle_core::Device::Cpu)?;
+//! # Ok(()) }
+//! ```
+
+mod attention;
+mod config;
+mod error;
+mod linear;
+mod model;
+mod weights;
+
+pub use attention::{attention, Rope};
+pub use config::{FluxConfig, MLP_RATIO, ROPE_THETA};
+pub use error::{FluxError, Result};
+pub use linear::{Linear, LinearAdapter, VisitLinears};
+pub use model::{FluxInput, FluxTransformer};
+pub use weights::{check_model_dtype, parse_dtype, Checkpoint, Layout, SafetensorsFiles};

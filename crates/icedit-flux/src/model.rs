@@ -1,0 +1,657 @@
+//! The FLUX.1 diffusion transformer (dev and Fill), computing what diffusers'
+//! `FluxTransformer2DModel` computes. Tensor and module names are diffusers'; every projection
+//! is a [`Linear`], the single place adapters hook in.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::attention::{attention, Rope};
+use crate::config::FluxConfig;
+use crate::error::{FluxError, Result};
+use crate::linear::{join, Linear, VisitLinears};
+use crate::weights::{check_model_dtype, Checkpoint};
+
+type CResult<T> = candle_core::Result<T>;
+
+const NORM_EPS: f32 = 1e-6;
+const TIMESTEP_CHANNELS: usize = 256;
+
+/// LayerNorm without affine parameters, as FLUX's AdaLN layers use it.
+#[derive(Debug, Clone)]
+struct PlainLayerNorm {
+    ones: Tensor,
+    zeros: Tensor,
+}
+
+impl PlainLayerNorm {
+    fn new(dim: usize, dtype: DType, device: &Device) -> CResult<Self> {
+        Ok(Self {
+            ones: Tensor::ones(dim, dtype, device)?,
+            zeros: Tensor::zeros(dim, dtype, device)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, NORM_EPS)
+    }
+
+    /// `norm(x) * (1 + scale) + shift`, with `scale` and `shift` of shape `[B, C]`.
+    fn modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> CResult<Tensor> {
+        self.forward(x)?
+            .broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?
+            .broadcast_add(&shift.unsqueeze(1)?)
+    }
+}
+
+/// `torch.nn.RMSNorm` over the head dimension, with its learned scale.
+#[derive(Debug, Clone)]
+struct HeadRmsNorm {
+    weight: Tensor,
+}
+
+impl HeadRmsNorm {
+    fn new(head_dim: usize, vb: VarBuilder) -> CResult<Self> {
+        Ok(Self {
+            weight: vb.get(head_dim, "weight")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dtype = x.dtype();
+        if dtype == DType::F32 {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, NORM_EPS);
+        }
+        // PyTorch normalises in f32, rounds, then applies the weight in the input dtype; candle's
+        // fused op would round the RMS itself first.
+        let x32 = x.to_dtype(DType::F32)?;
+        let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS as f64)?
+            .sqrt()?
+            .recip()?;
+        x32.broadcast_mul(&inv_rms)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))`: diffusers' `TimestepEmbedding` and the pooled-text projection.
+#[derive(Debug, Clone)]
+struct MlpEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl MlpEmbedder {
+    fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> CResult<Self> {
+        Ok(Self {
+            linear_1: Linear::load(in_dim, hidden, vb.pp("linear_1"))?,
+            linear_2: Linear::load(hidden, hidden, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+impl VisitLinears for MlpEmbedder {
+    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&join(prefix, "linear_1"), &mut self.linear_1);
+        f(&join(prefix, "linear_2"), &mut self.linear_2);
+    }
+}
+
+/// Sinusoidal embedding of `t` (already multiplied by 1000), 256 channels, cos half first;
+/// computed in f32 like diffusers' `Timesteps(256, flip_sin_to_cos=True, shift=0)`.
+fn timestep_features(t: &Tensor) -> CResult<Tensor> {
+    let half = TIMESTEP_CHANNELS / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10_000f32.ln()) * i as f32 / half as f32).exp())
+        .collect();
+    let ts = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(ts.len() * TIMESTEP_CHANNELS);
+    for &t in &ts {
+        out.extend(freqs.iter().map(|f| (t * f).cos()));
+        out.extend(freqs.iter().map(|f| (t * f).sin()));
+    }
+    Tensor::from_vec(out, (ts.len(), TIMESTEP_CHANNELS), t.device())
+}
+
+/// diffusers' `CombinedTimestep[Guidance]TextProjEmbeddings`.
+#[derive(Debug, Clone)]
+struct TimeTextEmbed {
+    timestep_embedder: MlpEmbedder,
+    guidance_embedder: Option<MlpEmbedder>,
+    text_embedder: MlpEmbedder,
+}
+
+impl TimeTextEmbed {
+    fn new(cfg: &FluxConfig, vb: VarBuilder) -> CResult<Self> {
+        let hidden = cfg.hidden_size();
+        Ok(Self {
+            timestep_embedder: MlpEmbedder::new(
+                TIMESTEP_CHANNELS,
+                hidden,
+                vb.pp("timestep_embedder"),
+            )?,
+            guidance_embedder: cfg
+                .guidance_embeds
+                .then(|| MlpEmbedder::new(TIMESTEP_CHANNELS, hidden, vb.pp("guidance_embedder")))
+                .transpose()?,
+            text_embedder: MlpEmbedder::new(
+                cfg.pooled_projection_dim,
+                hidden,
+                vb.pp("text_embedder"),
+            )?,
+        })
+    }
+
+    /// `timestep` and `guidance` are already scaled by 1000.
+    fn forward(
+        &self,
+        timestep: &Tensor,
+        guidance: Option<&Tensor>,
+        pooled: &Tensor,
+    ) -> CResult<Tensor> {
+        let dtype = pooled.dtype();
+        let embed =
+            |t: &Tensor, mlp: &MlpEmbedder| mlp.forward(&timestep_features(t)?.to_dtype(dtype)?);
+        let mut temb = embed(timestep, &self.timestep_embedder)?;
+        if let (Some(g), Some(mlp)) = (guidance, &self.guidance_embedder) {
+            temb = (temb + embed(g, mlp)?)?;
+        }
+        temb + self.text_embedder.forward(pooled)?
+    }
+}
+
+impl VisitLinears for TimeTextEmbed {
+    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        self.timestep_embedder
+            .visit_linears(&join(prefix, "timestep_embedder"), f);
+        if let Some(g) = &mut self.guidance_embedder {
+            g.visit_linears(&join(prefix, "guidance_embedder"), f);
+        }
+        self.text_embedder
+            .visit_linears(&join(prefix, "text_embedder"), f);
+    }
+}
+
+/// Query, key and value projections of one stream, with per-head RMSNorm on q and k.
+#[derive(Debug, Clone)]
+struct QkvProjection {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norm_q: HeadRmsNorm,
+    norm_k: HeadRmsNorm,
+    heads: usize,
+}
+
+impl QkvProjection {
+    /// `names`: the q, k, v linear and q, k norm module names under `vb`.
+    fn new(cfg: &FluxConfig, vb: &VarBuilder, names: [&str; 5]) -> CResult<Self> {
+        let hidden = cfg.hidden_size();
+        let head_dim = cfg.attention_head_dim;
+        Ok(Self {
+            q: Linear::load(hidden, hidden, vb.pp(names[0]))?,
+            k: Linear::load(hidden, hidden, vb.pp(names[1]))?,
+            v: Linear::load(hidden, hidden, vb.pp(names[2]))?,
+            norm_q: HeadRmsNorm::new(head_dim, vb.pp(names[3]))?,
+            norm_k: HeadRmsNorm::new(head_dim, vb.pp(names[4]))?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// Returns q, k, v as `[B, H, S, D]`.
+    fn forward(&self, x: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let heads = |y: Tensor| y.reshape((b, s, self.heads, ()));
+        let q = self.norm_q.forward(&heads(self.q.forward(x)?)?)?;
+        let k = self.norm_k.forward(&heads(self.k.forward(x)?)?)?;
+        let v = heads(self.v.forward(x)?)?;
+        Ok((q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?))
+    }
+
+    fn visit_linears(
+        &mut self,
+        prefix: &str,
+        names: [&str; 3],
+        f: &mut dyn FnMut(&str, &mut Linear),
+    ) {
+        f(&join(prefix, names[0]), &mut self.q);
+        f(&join(prefix, names[1]), &mut self.k);
+        f(&join(prefix, names[2]), &mut self.v);
+    }
+}
+
+const IMG_QKV: [&str; 5] = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
+const TXT_QKV: [&str; 5] = [
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "norm_added_q",
+    "norm_added_k",
+];
+
+/// Joint attention over `[text; image]` with rotary embeddings; returns `[B, S, hidden]`.
+fn joint_attention(rope: &Rope, parts: &[(Tensor, Tensor, Tensor)]) -> CResult<Tensor> {
+    let cat = |pick: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> CResult<Tensor> {
+        let xs: Vec<&Tensor> = parts.iter().map(pick).collect();
+        if xs.len() == 1 {
+            Ok(xs[0].clone())
+        } else {
+            Tensor::cat(&xs, 2)
+        }
+    };
+    let q = rope.apply(&cat(|p| &p.0)?)?;
+    let k = rope.apply(&cat(|p| &p.1)?)?;
+    let v = cat(|p| &p.2)?;
+    attention(&q, &k, &v)
+}
+
+/// diffusers' `FeedForward(dim, activation_fn="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(cfg: &FluxConfig, vb: VarBuilder) -> CResult<Self> {
+        let (hidden, mlp) = (cfg.hidden_size(), cfg.mlp_hidden_size());
+        Ok(Self {
+            proj_in: Linear::load(hidden, mlp, vb.pp("net.0.proj"))?,
+            proj_out: Linear::load(mlp, hidden, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+    }
+}
+
+impl VisitLinears for FeedForward {
+    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&join(prefix, "net.0.proj"), &mut self.proj_in);
+        f(&join(prefix, "net.2"), &mut self.proj_out);
+    }
+}
+
+/// One stream's half of a double-stream block.
+#[derive(Debug, Clone)]
+struct StreamParts {
+    /// AdaLN-Zero modulation: shift, scale, gate (attention), shift, scale, gate (MLP).
+    modulation: Linear,
+    qkv: QkvProjection,
+    attn_out: Linear,
+    ff: FeedForward,
+}
+
+/// diffusers' `FluxTransformerBlock`: image and text streams with their own weights, joined in
+/// attention.
+#[derive(Debug, Clone)]
+struct DoubleStreamBlock {
+    img: StreamParts,
+    txt: StreamParts,
+    norm: PlainLayerNorm,
+}
+
+impl DoubleStreamBlock {
+    fn new(cfg: &FluxConfig, norm: PlainLayerNorm, vb: VarBuilder) -> CResult<Self> {
+        let hidden = cfg.hidden_size();
+        let attn = vb.pp("attn");
+        Ok(Self {
+            img: StreamParts {
+                modulation: Linear::load(hidden, 6 * hidden, vb.pp("norm1.linear"))?,
+                qkv: QkvProjection::new(cfg, &attn, IMG_QKV)?,
+                attn_out: Linear::load(hidden, hidden, attn.pp("to_out.0"))?,
+                ff: FeedForward::new(cfg, vb.pp("ff"))?,
+            },
+            txt: StreamParts {
+                modulation: Linear::load(hidden, 6 * hidden, vb.pp("norm1_context.linear"))?,
+                qkv: QkvProjection::new(cfg, &attn, TXT_QKV)?,
+                attn_out: Linear::load(hidden, hidden, attn.pp("to_add_out"))?,
+                ff: FeedForward::new(cfg, vb.pp("ff_context"))?,
+            },
+            norm,
+        })
+    }
+
+    /// `temb_act` is `silu(temb)`, shared by every modulation layer.
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb_act: &Tensor,
+        rope: &Rope,
+    ) -> CResult<(Tensor, Tensor)> {
+        let img_mod = self.img.modulation.forward(temb_act)?.chunk(6, 1)?;
+        let txt_mod = self.txt.modulation.forward(temb_act)?.chunk(6, 1)?;
+        let img_normed = self.norm.modulate(img, &img_mod[0], &img_mod[1])?;
+        let txt_normed = self.norm.modulate(txt, &txt_mod[0], &txt_mod[1])?;
+
+        let img_qkv = self.img.qkv.forward(&img_normed)?;
+        let txt_qkv = self.txt.qkv.forward(&txt_normed)?;
+        let attn = joint_attention(rope, &[txt_qkv, img_qkv])?;
+        let txt_len = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, txt_len)?;
+        let img_attn = attn.narrow(1, txt_len, img.dim(1)?)?;
+
+        let finish = |x: &Tensor, attn_out: Tensor, parts: &StreamParts, m: &[Tensor]| {
+            let gated = |gate: &Tensor, y: Tensor| gate.unsqueeze(1)?.broadcast_mul(&y);
+            let x = (x + gated(&m[2], parts.attn_out.forward(&attn_out.contiguous()?)?)?)?;
+            let ff_in = self.norm.modulate(&x, &m[3], &m[4])?;
+            x + gated(&m[5], parts.ff.forward(&ff_in)?)?
+        };
+        let img = finish(img, img_attn, &self.img, &img_mod)?;
+        let mut txt = finish(txt, txt_attn, &self.txt, &txt_mod)?;
+        if txt.dtype() == DType::F16 {
+            txt = txt.clamp(-65504f32, 65504f32)?;
+        }
+        Ok((img, txt))
+    }
+}
+
+impl VisitLinears for DoubleStreamBlock {
+    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        let attn = join(prefix, "attn");
+        f(&join(prefix, "norm1.linear"), &mut self.img.modulation);
+        f(
+            &join(prefix, "norm1_context.linear"),
+            &mut self.txt.modulation,
+        );
+        self.img
+            .qkv
+            .visit_linears(&attn, ["to_q", "to_k", "to_v"], f);
+        self.txt
+            .qkv
+            .visit_linears(&attn, ["add_q_proj", "add_k_proj", "add_v_proj"], f);
+        f(&join(&attn, "to_out.0"), &mut self.img.attn_out);
+        f(&join(&attn, "to_add_out"), &mut self.txt.attn_out);
+        self.img.ff.visit_linears(&join(prefix, "ff"), f);
+        self.txt.ff.visit_linears(&join(prefix, "ff_context"), f);
+    }
+}
+
+/// diffusers' `FluxSingleTransformerBlock`: one set of weights over the joint sequence, the
+/// attention and MLP run in parallel and are projected out together.
+#[derive(Debug, Clone)]
+struct SingleStreamBlock {
+    /// Modulation: shift, scale, gate.
+    modulation: Linear,
+    qkv: QkvProjection,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    norm: PlainLayerNorm,
+}
+
+impl SingleStreamBlock {
+    fn new(cfg: &FluxConfig, norm: PlainLayerNorm, vb: VarBuilder) -> CResult<Self> {
+        let (hidden, mlp) = (cfg.hidden_size(), cfg.mlp_hidden_size());
+        Ok(Self {
+            modulation: Linear::load(hidden, 3 * hidden, vb.pp("norm.linear"))?,
+            qkv: QkvProjection::new(cfg, &vb.pp("attn"), IMG_QKV)?,
+            proj_mlp: Linear::load(hidden, mlp, vb.pp("proj_mlp"))?,
+            proj_out: Linear::load(hidden + mlp, hidden, vb.pp("proj_out"))?,
+            norm,
+        })
+    }
+
+    /// `x` is the joint `[text; image]` sequence.
+    fn forward(&self, x: &Tensor, temb_act: &Tensor, rope: &Rope) -> CResult<Tensor> {
+        let m = self.modulation.forward(temb_act)?.chunk(3, 1)?;
+        let normed = self.norm.modulate(x, &m[0], &m[1])?;
+        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let attn = joint_attention(rope, &[self.qkv.forward(&normed)?])?;
+        let out = self
+            .proj_out
+            .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;
+        let x = (x + m[2].unsqueeze(1)?.broadcast_mul(&out)?)?;
+        if x.dtype() == DType::F16 {
+            return x.clamp(-65504f32, 65504f32);
+        }
+        Ok(x)
+    }
+}
+
+impl VisitLinears for SingleStreamBlock {
+    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&join(prefix, "norm.linear"), &mut self.modulation);
+        self.qkv
+            .visit_linears(&join(prefix, "attn"), ["to_q", "to_k", "to_v"], f);
+        f(&join(prefix, "proj_mlp"), &mut self.proj_mlp);
+        f(&join(prefix, "proj_out"), &mut self.proj_out);
+    }
+}
+
+/// Inputs of one transformer evaluation, with diffusers' meaning and shapes.
+#[derive(Debug, Clone, Copy)]
+pub struct FluxInput<'a> {
+    /// Packed image latents `[B, N, in_channels]` (Fill: noise | masked image | mask).
+    pub img: &'a Tensor,
+    /// `[N, 3]` position ids `(0, row, col)` of the packed grid.
+    pub img_ids: &'a Tensor,
+    /// T5 hidden states `[B, L, joint_attention_dim]`.
+    pub txt: &'a Tensor,
+    /// `[L, 3]`, zeros for FLUX.
+    pub txt_ids: &'a Tensor,
+    /// CLIP pooled output `[B, pooled_projection_dim]`.
+    pub pooled: &'a Tensor,
+    /// `[B]`, the scheduler's timestep divided by 1000 (i.e. sigma).
+    pub timestep: &'a Tensor,
+    /// `[B]`, guidance scale divided by 1000; required by guidance-distilled models.
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// The FLUX.1 transformer. Build it with [`FluxTransformer::new`] from any `VarBuilder`, or
+/// [`FluxTransformer::load`] from a checkpoint.
+#[derive(Debug, Clone)]
+pub struct FluxTransformer {
+    config: FluxConfig,
+    x_embedder: Linear,
+    context_embedder: Linear,
+    time_text_embed: TimeTextEmbed,
+    transformer_blocks: Vec<DoubleStreamBlock>,
+    single_transformer_blocks: Vec<SingleStreamBlock>,
+    /// `AdaLayerNormContinuous`'s linear: scale, then shift.
+    norm_out: Linear,
+    norm: PlainLayerNorm,
+    proj_out: Linear,
+}
+
+impl FluxTransformer {
+    pub fn new(config: &FluxConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        check_model_dtype(vb.dtype())?;
+        let hidden = config.hidden_size();
+        let norm = PlainLayerNorm::new(hidden, vb.dtype(), vb.device())?;
+        let transformer_blocks = (0..config.num_layers)
+            .map(|i| {
+                DoubleStreamBlock::new(
+                    config,
+                    norm.clone(),
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
+            })
+            .collect::<CResult<_>>()?;
+        let single_transformer_blocks = (0..config.num_single_layers)
+            .map(|i| {
+                SingleStreamBlock::new(
+                    config,
+                    norm.clone(),
+                    vb.pp(format!("single_transformer_blocks.{i}")),
+                )
+            })
+            .collect::<CResult<_>>()?;
+        Ok(Self {
+            x_embedder: Linear::load(config.in_channels, hidden, vb.pp("x_embedder"))?,
+            context_embedder: Linear::load(
+                config.joint_attention_dim,
+                hidden,
+                vb.pp("context_embedder"),
+            )?,
+            time_text_embed: TimeTextEmbed::new(config, vb.pp("time_text_embed"))?,
+            transformer_blocks,
+            single_transformer_blocks,
+            norm_out: Linear::load(hidden, 2 * hidden, vb.pp("norm_out.linear"))?,
+            norm,
+            proj_out: Linear::load(hidden, config.out_channels(), vb.pp("proj_out"))?,
+            config: config.clone(),
+        })
+    }
+
+    /// Loads the weights of `checkpoint` onto `device` as `dtype` (f32, bf16 or f16).
+    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        check_model_dtype(dtype)?;
+        Self::new(checkpoint.config(), checkpoint.var_builder(dtype, device))
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.x_embedder.weight().dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.x_embedder.weight().device()
+    }
+
+    /// Every linear layer, with its diffusers module path (`transformer_blocks.0.attn.to_q`, ...).
+    pub fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
+        VisitLinears::visit_linears(self, "", f)
+    }
+
+    /// Predicts the flow-matching velocity for the image tokens, `[B, N, out_channels]`.
+    pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
+        let (b, n_img, n_txt) = self.check_input(input)?;
+        let dtype = self.dtype();
+        let device = self.device();
+        let ids = Tensor::cat(
+            &[
+                input.txt_ids.to_device(device)?,
+                input.img_ids.to_device(device)?,
+            ],
+            0,
+        )?;
+        let rope = Rope::new(&ids, &self.config.axes_dims_rope, device)?;
+
+        // diffusers scales t/1000 back up in the model dtype, rounding included.
+        let scale_up = |t: &Tensor| -> CResult<Tensor> {
+            t.to_device(device)?.to_dtype(dtype)?.reshape(b)? * 1000.0
+        };
+        let timestep = scale_up(input.timestep)?;
+        let guidance = input.guidance.map(scale_up).transpose()?;
+        let pooled = input.pooled.to_device(device)?.to_dtype(dtype)?;
+        let temb = self
+            .time_text_embed
+            .forward(&timestep, guidance.as_ref(), &pooled)?;
+        let temb_act = temb.silu()?;
+
+        let mut img = self
+            .x_embedder
+            .forward(&input.img.to_device(device)?.to_dtype(dtype)?)?;
+        let mut txt = self
+            .context_embedder
+            .forward(&input.txt.to_device(device)?.to_dtype(dtype)?)?;
+        for block in &self.transformer_blocks {
+            (img, txt) = block.forward(&img, &txt, &temb_act, &rope)?;
+        }
+        // Single-stream blocks see one joint sequence; diffusers splits and re-joins it around
+        // each block, which changes nothing.
+        let mut joint = Tensor::cat(&[txt, img], 1)?;
+        for block in &self.single_transformer_blocks {
+            joint = block.forward(&joint, &temb_act, &rope)?;
+        }
+        let img = joint.narrow(1, n_txt, n_img)?;
+
+        let m = self.norm_out.forward(&temb_act)?.chunk(2, 1)?;
+        let img = self.norm.modulate(&img, &m[1], &m[0])?;
+        Ok(self.proj_out.forward(&img)?)
+    }
+
+    /// Checks the input shapes; returns (batch, image tokens, text tokens).
+    fn check_input(&self, input: &FluxInput) -> Result<(usize, usize, usize)> {
+        let c = &self.config;
+        let bad = |msg: String| Err(FluxError::Input(msg));
+        let dims3 = |t: &Tensor, what: &str, last: usize| -> Result<(usize, usize)> {
+            match t.dims() {
+                &[b, n, l] if l == last => Ok((b, n)),
+                d => Err(FluxError::Input(format!(
+                    "{what} must be [batch, tokens, {last}], got {d:?}"
+                ))),
+            }
+        };
+        let (b, n_img) = dims3(input.img, "packed image latents", c.in_channels)?;
+        let (b_txt, n_txt) = dims3(input.txt, "text embeddings", c.joint_attention_dim)?;
+        let ids_len = |t: &Tensor, what: &str| -> Result<usize> {
+            match t.dims() {
+                &[n, 3] | &[1, n, 3] => Ok(n),
+                d => Err(FluxError::Input(format!(
+                    "{what} must be [tokens, 3], got {d:?}"
+                ))),
+            }
+        };
+        if ids_len(input.img_ids, "img_ids")? != n_img {
+            return bad(format!(
+                "img_ids has {} positions for {n_img} image tokens",
+                ids_len(input.img_ids, "img_ids")?
+            ));
+        }
+        if ids_len(input.txt_ids, "txt_ids")? != n_txt {
+            return bad(format!(
+                "txt_ids has {} positions for {n_txt} text tokens",
+                ids_len(input.txt_ids, "txt_ids")?
+            ));
+        }
+        if b_txt != b || input.pooled.dims() != [b, c.pooled_projection_dim] {
+            return bad(format!(
+                "batch sizes disagree: image {:?}, text {:?}, pooled {:?} (pooled must be [batch, {}])",
+                input.img.dims(),
+                input.txt.dims(),
+                input.pooled.dims(),
+                c.pooled_projection_dim
+            ));
+        }
+        for (what, t) in [
+            ("timestep", Some(input.timestep)),
+            ("guidance", input.guidance),
+        ] {
+            if let Some(t) = t {
+                if t.elem_count() != b {
+                    return bad(format!(
+                        "{what} must hold one value per batch item ({b}), got {:?}",
+                        t.dims()
+                    ));
+                }
+            }
+        }
+        match (c.guidance_embeds, input.guidance.is_some()) {
+            (true, false) => bad(
+                "this model is guidance-distilled (FLUX.1-dev/Fill): pass a guidance value".into(),
+            ),
+            (false, true) => bad("this model has no guidance embedding: pass no guidance".into()),
+            _ => Ok((b, n_img, n_txt)),
+        }
+    }
+}
+
+impl VisitLinears for FluxTransformer {
+    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
+        f(&join(prefix, "x_embedder"), &mut self.x_embedder);
+        f(
+            &join(prefix, "context_embedder"),
+            &mut self.context_embedder,
+        );
+        self.time_text_embed
+            .visit_linears(&join(prefix, "time_text_embed"), f);
+        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
+            block.visit_linears(&join(prefix, &format!("transformer_blocks.{i}")), f);
+        }
+        for (i, block) in self.single_transformer_blocks.iter_mut().enumerate() {
+            block.visit_linears(&join(prefix, &format!("single_transformer_blocks.{i}")), f);
+        }
+        f(&join(prefix, "norm_out.linear"), &mut self.norm_out);
+        f(&join(prefix, "proj_out"), &mut self.proj_out);
+    }
+}

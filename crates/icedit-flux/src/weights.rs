@@ -1,0 +1,687 @@
+//! Finding, memory-mapping and reading transformer checkpoints in either layout:
+//! diffusers (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`, maybe sharded)
+//! or a BFL single file (`flux1-fill-dev.safetensors`, fused qkv). The model always asks for
+//! tensors by their diffusers names; a BFL checkpoint answers from its fused tensors.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use memmap2::Mmap;
+
+use crate::config::FluxConfig;
+use crate::error::{FluxError, Result};
+
+/// Tensor names are diffusers'; BFL single files are read through [`bfl_source`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Diffusers,
+    Bfl,
+}
+
+/// Prefix ComfyUI-style exports put before the BFL names; stripped on load.
+const BFL_WRAPPED_PREFIX: &str = "model.diffusion_model.";
+
+const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+const DIFFUSERS_INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
+
+struct TensorEntry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range of the data within the file's mapping.
+    bytes: Range<usize>,
+}
+
+/// A set of memory-mapped safetensors files seen as one name -> tensor map.
+pub struct SafetensorsFiles {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl SafetensorsFiles {
+    /// Maps the files and reads their headers; the tensor data is only read on demand.
+    /// A tensor name found in two files is an error (a broken shard index).
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut maps = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (file, path) in paths.iter().enumerate() {
+            let io_err = |source| FluxError::Io {
+                path: path.clone(),
+                source,
+            };
+            let handle = std::fs::File::open(path).map_err(io_err)?;
+            // SAFETY: the file is opened read-only; as with every mmap, it must not be truncated
+            // while the model loads.
+            let mmap = unsafe { Mmap::map(&handle) }.map_err(io_err)?;
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    FluxError::Safetensors {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let (begin, end) = info.data_offsets;
+                let entry = TensorEntry {
+                    file,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: data_start + begin..data_start + end,
+                };
+                if entry.bytes.end > mmap.len() {
+                    return Err(FluxError::Safetensors {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor `{name}` runs past the end of the file (truncated download?)"
+                        ),
+                    });
+                }
+                if let Some(previous) = tensors.insert(name.clone(), entry) {
+                    return Err(FluxError::Safetensors {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor `{name}` is also in {}",
+                            paths[previous.file].display()
+                        ),
+                    });
+                }
+            }
+            maps.push(mmap);
+        }
+        Ok(Self {
+            paths: paths.to_vec(),
+            maps,
+            tensors,
+        })
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Reads `name` (only `rows` of its first dimension, if given) onto `device` as `dtype`.
+    ///
+    /// On Unix the pages read are then dropped from this process's resident set, so that
+    /// loading never holds the mapped file and the loaded weights at the same time.
+    pub fn read(
+        &self,
+        name: &str,
+        rows: Option<Range<usize>>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let entry = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let stored =
+            candle_dtype(entry.dtype).ok_or_else(|| FluxError::UnsupportedTensorDtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", entry.dtype),
+            })?;
+        let mut shape = entry.shape.clone();
+        let mut bytes = entry.bytes.clone();
+        if let Some(rows) = rows {
+            let row_bytes = shape[1..].iter().product::<usize>() * stored.size_in_bytes();
+            bytes = bytes.start + rows.start * row_bytes..bytes.start + rows.end * row_bytes;
+            shape[0] = rows.len();
+        }
+        let map = &self.maps[entry.file];
+        let tensor = Tensor::from_raw_buffer(&map[bytes.clone()], stored, &shape, device)?
+            .to_dtype(dtype)?;
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and file-backed, and no slice of it outlives the copy
+        // above: dropped pages are simply read from the file again if ever touched.
+        unsafe {
+            let _ = map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                bytes.start,
+                bytes.len(),
+            );
+        }
+        Ok(tensor)
+    }
+
+    fn missing(&self, name: &str) -> FluxError {
+        FluxError::MissingTensor {
+            name: name.to_string(),
+            files: self.paths.clone(),
+        }
+    }
+}
+
+fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match dtype {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+/// Where a diffusers-named tensor lives in a BFL checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    Whole(String),
+    /// Rows `rows` of a fused tensor that has `total_rows` rows.
+    Rows {
+        name: String,
+        rows: Range<usize>,
+        total_rows: usize,
+    },
+    /// diffusers' `norm_out` chunks (scale, shift); BFL's final layer chunks (shift, scale).
+    SwappedHalves(String),
+}
+
+impl Source {
+    fn name(&self) -> &str {
+        match self {
+            Source::Whole(n) | Source::SwappedHalves(n) | Source::Rows { name: n, .. } => n,
+        }
+    }
+}
+
+/// Maps a diffusers tensor name onto the BFL checkpoint (../shared/SPEC.md section 3).
+fn bfl_source(name: &str, cfg: &FluxConfig) -> Option<Source> {
+    let (module, param) = name.rsplit_once('.')?;
+    let h = cfg.hidden_size();
+    let whole = |bfl_module: &str| Some(Source::Whole(format!("{bfl_module}.{param}")));
+    let norm_scale = |bfl_module: &str| Some(Source::Whole(format!("{bfl_module}.scale")));
+    let rows = |bfl_module: &str, part: usize, len: usize, total_rows: usize| {
+        Some(Source::Rows {
+            name: format!("{bfl_module}.{param}"),
+            rows: part * h..part * h + len,
+            total_rows,
+        })
+    };
+
+    if let Some(rest) = module.strip_prefix("transformer_blocks.") {
+        let (i, sub) = rest.split_once('.')?;
+        let b = format!("double_blocks.{i}");
+        return match sub {
+            "norm1.linear" => whole(&format!("{b}.img_mod.lin")),
+            "norm1_context.linear" => whole(&format!("{b}.txt_mod.lin")),
+            "attn.to_q" => rows(&format!("{b}.img_attn.qkv"), 0, h, 3 * h),
+            "attn.to_k" => rows(&format!("{b}.img_attn.qkv"), 1, h, 3 * h),
+            "attn.to_v" => rows(&format!("{b}.img_attn.qkv"), 2, h, 3 * h),
+            "attn.add_q_proj" => rows(&format!("{b}.txt_attn.qkv"), 0, h, 3 * h),
+            "attn.add_k_proj" => rows(&format!("{b}.txt_attn.qkv"), 1, h, 3 * h),
+            "attn.add_v_proj" => rows(&format!("{b}.txt_attn.qkv"), 2, h, 3 * h),
+            "attn.norm_q" => norm_scale(&format!("{b}.img_attn.norm.query_norm")),
+            "attn.norm_k" => norm_scale(&format!("{b}.img_attn.norm.key_norm")),
+            "attn.norm_added_q" => norm_scale(&format!("{b}.txt_attn.norm.query_norm")),
+            "attn.norm_added_k" => norm_scale(&format!("{b}.txt_attn.norm.key_norm")),
+            "attn.to_out.0" => whole(&format!("{b}.img_attn.proj")),
+            "attn.to_add_out" => whole(&format!("{b}.txt_attn.proj")),
+            "ff.net.0.proj" => whole(&format!("{b}.img_mlp.0")),
+            "ff.net.2" => whole(&format!("{b}.img_mlp.2")),
+            "ff_context.net.0.proj" => whole(&format!("{b}.txt_mlp.0")),
+            "ff_context.net.2" => whole(&format!("{b}.txt_mlp.2")),
+            _ => None,
+        };
+    }
+    if let Some(rest) = module.strip_prefix("single_transformer_blocks.") {
+        let (i, sub) = rest.split_once('.')?;
+        let b = format!("single_blocks.{i}");
+        let fused_rows = 3 * h + cfg.mlp_hidden_size();
+        return match sub {
+            "attn.to_q" => rows(&format!("{b}.linear1"), 0, h, fused_rows),
+            "attn.to_k" => rows(&format!("{b}.linear1"), 1, h, fused_rows),
+            "attn.to_v" => rows(&format!("{b}.linear1"), 2, h, fused_rows),
+            "proj_mlp" => rows(
+                &format!("{b}.linear1"),
+                3,
+                cfg.mlp_hidden_size(),
+                fused_rows,
+            ),
+            "proj_out" => whole(&format!("{b}.linear2")),
+            "norm.linear" => whole(&format!("{b}.modulation.lin")),
+            "attn.norm_q" => norm_scale(&format!("{b}.norm.query_norm")),
+            "attn.norm_k" => norm_scale(&format!("{b}.norm.key_norm")),
+            _ => None,
+        };
+    }
+    match module {
+        "x_embedder" => whole("img_in"),
+        "context_embedder" => whole("txt_in"),
+        "time_text_embed.timestep_embedder.linear_1" => whole("time_in.in_layer"),
+        "time_text_embed.timestep_embedder.linear_2" => whole("time_in.out_layer"),
+        "time_text_embed.text_embedder.linear_1" => whole("vector_in.in_layer"),
+        "time_text_embed.text_embedder.linear_2" => whole("vector_in.out_layer"),
+        "time_text_embed.guidance_embedder.linear_1" => whole("guidance_in.in_layer"),
+        "time_text_embed.guidance_embedder.linear_2" => whole("guidance_in.out_layer"),
+        "proj_out" => whole("final_layer.linear"),
+        "norm_out.linear" => Some(Source::SwappedHalves(format!(
+            "final_layer.adaLN_modulation.1.{param}"
+        ))),
+        _ => None,
+    }
+}
+
+/// A located, opened transformer checkpoint with its config.
+pub struct Checkpoint {
+    files: SafetensorsFiles,
+    layout: Layout,
+    /// Prefix to put before a BFL name to find it in the files.
+    bfl_prefix: &'static str,
+    config: FluxConfig,
+    used: Mutex<HashSet<String>>,
+}
+
+impl Checkpoint {
+    /// Opens a transformer from any of:
+    /// - a diffusers pipeline folder (uses its `transformer/` subfolder),
+    /// - a diffusers transformer folder (`config.json` + `diffusion_pytorch_model*.safetensors`),
+    /// - a single `.safetensors` file in BFL or diffusers naming; its config is inferred from
+    ///   the tensor shapes (see [`Checkpoint::open_with_config`] to give one).
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_inner(path, None)
+    }
+
+    /// Like [`Checkpoint::open`], with the config given rather than read or inferred.
+    pub fn open_with_config(path: &Path, config: FluxConfig) -> Result<Self> {
+        config.validate()?;
+        Self::open_inner(path, Some(config))
+    }
+
+    fn open_inner(path: &Path, config: Option<FluxConfig>) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|source| FluxError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let dir = if path.join("transformer").is_dir() {
+                path.join("transformer")
+            } else {
+                path.to_path_buf()
+            };
+            let config = match config {
+                Some(c) => c,
+                None => {
+                    let config_path = dir.join("config.json");
+                    if !config_path.is_file() {
+                        return Err(FluxError::Config {
+                            path: Some(config_path),
+                            message: "missing: a diffusers transformer folder needs config.json \
+                                      next to its safetensors files"
+                                .into(),
+                        });
+                    }
+                    FluxConfig::from_json_file(&config_path)?
+                }
+            };
+            let files = SafetensorsFiles::open(&diffusers_weight_files(&dir)?)?;
+            Ok(Self::new(files, config, Layout::Diffusers, ""))
+        } else {
+            let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
+            let (layout, prefix) = detect_layout(&files).ok_or_else(|| FluxError::Config {
+                path: Some(path.to_path_buf()),
+                message: "no FLUX transformer tensors found (expected `double_blocks.*` from BFL \
+                          or `transformer_blocks.*` from diffusers)"
+                    .into(),
+            })?;
+            let config = match config {
+                Some(c) => c,
+                None => infer_config(&files, layout, prefix).map_err(|e| match e {
+                    FluxError::Config { message, .. } => FluxError::Config {
+                        path: Some(path.to_path_buf()),
+                        message,
+                    },
+                    other => other,
+                })?,
+            };
+            Ok(Self::new(files, config, layout, prefix))
+        }
+    }
+
+    fn new(
+        files: SafetensorsFiles,
+        config: FluxConfig,
+        layout: Layout,
+        bfl_prefix: &'static str,
+    ) -> Self {
+        Self {
+            files,
+            layout,
+            bfl_prefix,
+            config,
+            used: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn files(&self) -> &SafetensorsFiles {
+        &self.files
+    }
+
+    /// A `VarBuilder` that serves diffusers-named tensors from this checkpoint.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(CheckpointBackend(self)), dtype, device.clone())
+    }
+
+    /// Tensors of the checkpoint that the model did not read (after loading): a sign of a
+    /// checkpoint made for another model.
+    pub fn unused_tensors(&self) -> Vec<String> {
+        let used = self.used.lock().expect("poisoned");
+        let mut unused: Vec<String> = self
+            .files
+            .names()
+            .filter(|n| !used.contains(*n))
+            .map(str::to_string)
+            .collect();
+        unused.sort();
+        unused
+    }
+
+    fn source(&self, name: &str) -> Option<Source> {
+        match self.layout {
+            Layout::Diffusers => Some(Source::Whole(name.to_string())),
+            Layout::Bfl => bfl_source(name, &self.config).map(|s| match s {
+                Source::Whole(n) => Source::Whole(format!("{}{n}", self.bfl_prefix)),
+                Source::SwappedHalves(n) => {
+                    Source::SwappedHalves(format!("{}{n}", self.bfl_prefix))
+                }
+                Source::Rows {
+                    name,
+                    rows,
+                    total_rows,
+                } => Source::Rows {
+                    name: format!("{}{name}", self.bfl_prefix),
+                    rows,
+                    total_rows,
+                },
+            }),
+        }
+    }
+
+    /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
+    fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let missing = |stored: &str| FluxError::MissingTensor {
+            name: if stored == name {
+                name.to_string()
+            } else {
+                format!("{stored}` (read as `{name}")
+            },
+            files: self.files.paths().to_vec(),
+        };
+        let source = self.source(name).ok_or_else(|| missing(name))?;
+        let stored = source.name();
+        let found = self
+            .files
+            .shape(stored)
+            .ok_or_else(|| missing(stored))?
+            .to_vec();
+        self.used
+            .lock()
+            .expect("poisoned")
+            .insert(stored.to_string());
+        let mismatch = |expected: Vec<usize>, label: String| FluxError::ShapeMismatch {
+            name: label,
+            expected,
+            found: found.clone(),
+        };
+        match &source {
+            Source::Whole(_) | Source::SwappedHalves(_) => {
+                if found != expected.dims() {
+                    let label = if stored == name {
+                        name.to_string()
+                    } else {
+                        format!("{stored}` (read as `{name}")
+                    };
+                    return Err(mismatch(expected.dims().to_vec(), label));
+                }
+            }
+            Source::Rows {
+                rows, total_rows, ..
+            } => {
+                // The fused tensor must hold exactly the parts the config implies.
+                let mut fused = expected.dims().to_vec();
+                fused[0] = *total_rows;
+                if found != fused || expected.dims()[0] != rows.len() {
+                    return Err(mismatch(fused, format!("{stored}` (fused, holds `{name}")));
+                }
+            }
+        }
+        let tensor = match source {
+            Source::Whole(n) => self.files.read(&n, None, dtype, device)?,
+            Source::Rows { name: n, rows, .. } => self.files.read(&n, Some(rows), dtype, device)?,
+            Source::SwappedHalves(n) => {
+                let t = self.files.read(&n, None, dtype, device)?;
+                let half = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?
+            }
+        };
+        Ok(tensor)
+    }
+}
+
+struct CheckpointBackend<'a>(&'a Checkpoint);
+
+impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .read(name, &s, dtype, dev)
+            .map_err(FluxError::into_candle)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let source = self.0.source(name).ok_or_else(|| {
+            FluxError::MissingTensor {
+                name: name.to_string(),
+                files: self.0.files.paths().to_vec(),
+            }
+            .into_candle()
+        })?;
+        let shape = self
+            .0
+            .files
+            .shape(source.name())
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        self.get(
+            Shape::from(shape),
+            name,
+            candle_nn::Init::Const(0.),
+            dtype,
+            dev,
+        )
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0
+            .source(name)
+            .is_some_and(|s| self.0.files.contains(s.name()))
+    }
+}
+
+/// The safetensors files of a diffusers model folder: the shards named by the index, or the
+/// single weights file.
+fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index_path = dir.join(DIFFUSERS_INDEX);
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| FluxError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let bad_index = |message: String| FluxError::Config {
+            path: Some(index_path.clone()),
+            message,
+        };
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad_index(e.to_string()))?;
+        let weight_map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad_index("no `weight_map` object".into()))?;
+        let shards: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
+        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        let missing: Vec<String> = paths
+            .iter()
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(bad_index(format!(
+                "shards listed in the index are missing: {}",
+                missing.join(", ")
+            )));
+        }
+        return Ok(paths);
+    }
+    let single = dir.join(DIFFUSERS_WEIGHTS);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(FluxError::Config {
+        path: Some(dir.to_path_buf()),
+        message: format!(
+            "no weights: expected {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} with its shards"
+        ),
+    })
+}
+
+fn detect_layout(files: &SafetensorsFiles) -> Option<(Layout, &'static str)> {
+    let has_prefix = |p: &str| files.names().any(|n| n.starts_with(p));
+    if has_prefix(&format!("{BFL_WRAPPED_PREFIX}double_blocks.")) {
+        Some((Layout::Bfl, BFL_WRAPPED_PREFIX))
+    } else if has_prefix("double_blocks.") || has_prefix("single_blocks.") {
+        Some((Layout::Bfl, ""))
+    } else if has_prefix("transformer_blocks.") || has_prefix("single_transformer_blocks.") {
+        Some((Layout::Diffusers, ""))
+    } else {
+        None
+    }
+}
+
+/// Reads the config off the tensor shapes of a single-file checkpoint. The RoPE axes cannot be
+/// seen in the weights: FLUX's (16, 56, 56) is assumed for its 128-wide heads, any other head
+/// size needs an explicit config.
+fn infer_config(files: &SafetensorsFiles, layout: Layout, prefix: &str) -> Result<FluxConfig> {
+    let (double, single, img_in, out, txt_in, vec_in, guidance, q_norm) = match layout {
+        Layout::Bfl => (
+            "double_blocks.",
+            "single_blocks.",
+            "img_in.weight",
+            "final_layer.linear.weight",
+            "txt_in.weight",
+            "vector_in.in_layer.weight",
+            "guidance_in.in_layer.weight",
+            "double_blocks.0.img_attn.norm.query_norm.scale",
+        ),
+        Layout::Diffusers => (
+            "transformer_blocks.",
+            "single_transformer_blocks.",
+            "x_embedder.weight",
+            "proj_out.weight",
+            "context_embedder.weight",
+            "time_text_embed.text_embedder.linear_1.weight",
+            "time_text_embed.guidance_embedder.linear_1.weight",
+            "transformer_blocks.0.attn.norm_q.weight",
+        ),
+    };
+    let shape = |name: &str| -> Result<Vec<usize>> {
+        let full = format!("{prefix}{name}");
+        files
+            .shape(&full)
+            .map(<[usize]>::to_vec)
+            .ok_or_else(|| FluxError::MissingTensor {
+                name: full,
+                files: files.paths().to_vec(),
+            })
+    };
+    let count_blocks = |block_prefix: &str| {
+        let full = format!("{prefix}{block_prefix}");
+        files
+            .names()
+            .filter_map(|n| n.strip_prefix(full.as_str()))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |max| max + 1)
+    };
+    let img_in = shape(img_in)?;
+    let head_dim = shape(q_norm)?[0];
+    let hidden = img_in[0];
+    if head_dim == 0 || hidden % head_dim != 0 {
+        return Err(FluxError::Config {
+            path: None,
+            message: format!("hidden size {hidden} is not a multiple of the head size {head_dim}"),
+        });
+    }
+    if head_dim != 128 {
+        return Err(FluxError::Config {
+            path: None,
+            message: format!(
+                "attention head size is {head_dim}, not FLUX's 128, so the RoPE axes cannot be \
+                 inferred; pass the transformer's config.json"
+            ),
+        });
+    }
+    let config = FluxConfig {
+        patch_size: 1,
+        in_channels: img_in[1],
+        out_channels: Some(shape(out)?[0]),
+        num_layers: count_blocks(double),
+        num_single_layers: count_blocks(single),
+        attention_head_dim: head_dim,
+        num_attention_heads: hidden / head_dim,
+        joint_attention_dim: shape(txt_in)?[1],
+        pooled_projection_dim: shape(vec_in)?[1],
+        guidance_embeds: files.contains(&format!("{prefix}{guidance}")),
+        axes_dims_rope: vec![16, 56, 56],
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Parses a user's dtype name; only the float types the model runs in are accepted.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "fp16" | "float16" => Ok(DType::F16),
+        _ => Err(FluxError::UnsupportedDtype {
+            requested: name.to_string(),
+        }),
+    }
+}
+
+/// The model computes in f32, bf16 or f16 only.
+pub fn check_model_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        other => Err(FluxError::UnsupportedDtype {
+            requested: other.as_str().to_string(),
+        }),
+    }
+}

@@ -22,12 +22,22 @@ pub enum FluxError {
         message: String,
     },
 
-    #[error("tensor `{name}` is missing from the checkpoint{}", files_hint(files))]
-    MissingTensor { name: String, files: Vec<PathBuf> },
+    /// `name` is the checkpoint's name; `read_as` the model's (diffusers) name when they differ.
+    #[error(
+        "tensor `{name}`{} is missing from the checkpoint{}",
+        read_as_hint(read_as),
+        files_hint(files)
+    )]
+    MissingTensor {
+        name: String,
+        read_as: Option<String>,
+        files: Vec<PathBuf>,
+    },
 
-    #[error("tensor `{name}` has shape {found:?} but the model config expects {expected:?} (is this checkpoint for another model or config?)")]
+    #[error("tensor `{name}`{} has shape {found:?} but the model config expects {expected:?} (is this checkpoint for another model or config?)", read_as_hint(read_as))]
     ShapeMismatch {
         name: String,
+        read_as: Option<String>,
         expected: Vec<usize>,
         found: Vec<usize>,
     },
@@ -43,6 +53,13 @@ pub enum FluxError {
 
     #[error(transparent)]
     Candle(candle_core::Error),
+}
+
+fn read_as_hint(read_as: &Option<String>) -> String {
+    read_as
+        .as_ref()
+        .map(|n| format!(" (read as `{n}`)"))
+        .unwrap_or_default()
 }
 
 fn files_hint(files: &[PathBuf]) -> String {

@@ -160,6 +160,7 @@ impl SafetensorsFiles {
     fn missing(&self, name: &str) -> FluxError {
         FluxError::MissingTensor {
             name: name.to_string(),
+            read_as: None,
             files: self.paths.clone(),
         }
     }
@@ -397,6 +398,14 @@ impl Checkpoint {
         unused
     }
 
+    fn missing(&self, stored: &str, name: &str) -> FluxError {
+        FluxError::MissingTensor {
+            name: stored.to_string(),
+            read_as: (stored != name).then(|| name.to_string()),
+            files: self.files.paths().to_vec(),
+        }
+    }
+
     fn source(&self, name: &str) -> Option<Source> {
         match self.layout {
             Layout::Diffusers => Some(Source::Whole(name.to_string())),
@@ -420,51 +429,34 @@ impl Checkpoint {
 
     /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
     fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
-        let missing = |stored: &str| FluxError::MissingTensor {
-            name: if stored == name {
-                name.to_string()
-            } else {
-                format!("{stored}` (read as `{name}")
-            },
-            files: self.files.paths().to_vec(),
-        };
-        let source = self.source(name).ok_or_else(|| missing(name))?;
+        let source = self.source(name).ok_or_else(|| self.missing(name, name))?;
         let stored = source.name();
+        let read_as = (stored != name).then(|| name.to_string());
         let found = self
             .files
             .shape(stored)
-            .ok_or_else(|| missing(stored))?
+            .ok_or_else(|| self.missing(stored, name))?
             .to_vec();
         self.used
             .lock()
             .expect("poisoned")
             .insert(stored.to_string());
-        let mismatch = |expected: Vec<usize>, label: String| FluxError::ShapeMismatch {
-            name: label,
-            expected,
-            found: found.clone(),
-        };
-        match &source {
-            Source::Whole(_) | Source::SwappedHalves(_) => {
-                if found != expected.dims() {
-                    let label = if stored == name {
-                        name.to_string()
-                    } else {
-                        format!("{stored}` (read as `{name}")
-                    };
-                    return Err(mismatch(expected.dims().to_vec(), label));
-                }
-            }
-            Source::Rows {
-                rows, total_rows, ..
-            } => {
-                // The fused tensor must hold exactly the parts the config implies.
+        // A fused tensor must hold exactly the parts the config implies.
+        let want = match &source {
+            Source::Rows { total_rows, .. } => {
                 let mut fused = expected.dims().to_vec();
                 fused[0] = *total_rows;
-                if found != fused || expected.dims()[0] != rows.len() {
-                    return Err(mismatch(fused, format!("{stored}` (fused, holds `{name}")));
-                }
+                fused
             }
+            _ => expected.dims().to_vec(),
+        };
+        if found != want {
+            return Err(FluxError::ShapeMismatch {
+                name: stored.to_string(),
+                read_as,
+                expected: want,
+                found,
+            });
         }
         let tensor = match source {
             Source::Whole(n) => self.files.read(&n, None, dtype, device)?,
@@ -496,13 +488,10 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let source = self.0.source(name).ok_or_else(|| {
-            FluxError::MissingTensor {
-                name: name.to_string(),
-                files: self.0.files.paths().to_vec(),
-            }
-            .into_candle()
-        })?;
+        let source = self
+            .0
+            .source(name)
+            .ok_or_else(|| self.0.missing(name, name).into_candle())?;
         let shape = self
             .0
             .files
@@ -615,10 +604,7 @@ fn infer_config(files: &SafetensorsFiles, layout: Layout, prefix: &str) -> Resul
         files
             .shape(&full)
             .map(<[usize]>::to_vec)
-            .ok_or_else(|| FluxError::MissingTensor {
-                name: full,
-                files: files.paths().to_vec(),
-            })
+            .ok_or_else(|| files.missing(&full))
     };
     let count_blocks = |block_prefix: &str| {
         let full = format!("{prefix}{block_prefix}");

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::config::ROPE_THETA;
+use crate::cpu_kernels::softmax_last_dim;
 
 /// Cos/sin tables for every position of the joint (text, then image) sequence, `[S, head_dim/2]`
 /// in f32. Angles are computed on the host in f64, as diffusers does, so that large positions
@@ -96,7 +97,7 @@ fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     for start in (0..s_q).step_by(rows_per_chunk) {
         let len = rows_per_chunk.min(s_q - start);
         let q_chunk = q.narrow(2, start, len)?.contiguous()?;
-        let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
+        let probs = softmax_last_dim(q_chunk.matmul(&k_t)?)?;
         outs.push(probs.matmul(&v)?);
     }
     let out = if outs.len() == 1 {

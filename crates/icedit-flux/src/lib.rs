@@ -11,6 +11,7 @@
 
 mod attention;
 mod config;
+mod cpu_kernels;
 mod error;
 mod linear;
 mod model;

@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use crate::attention::{attention, Rope};
 use crate::config::FluxConfig;
+use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
 use crate::linear::{join, Linear, VisitLinears};
 use crate::weights::{check_model_dtype, Checkpoint};
@@ -265,7 +266,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out.forward(&gelu_tanh(self.proj_in.forward(x)?)?)
     }
 }
 
@@ -400,7 +401,7 @@ impl SingleStreamBlock {
     fn forward(&self, x: &Tensor, temb_act: &Tensor, rope: &Rope) -> CResult<Tensor> {
         let m = self.modulation.forward(temb_act)?.chunk(3, 1)?;
         let normed = self.norm.modulate(x, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let mlp = gelu_tanh(self.proj_mlp.forward(&normed)?)?;
         let attn = joint_attention(rope, &[self.qkv.forward(&normed)?])?;
         let out = self
             .proj_out

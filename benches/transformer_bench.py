@@ -7,7 +7,9 @@ same inputs, checks that both computed the same thing, and prints the ratio and 
   .venv-ref/bin/python benches/transformer_bench.py                      # "medium", CPU f32
   .venv-ref/bin/python benches/transformer_bench.py --config full --device cuda --dtype bf16
 
-Peak RSS is each process's high-water mark (load + forward), read from the OS.
+Peak RSS is each process's high-water mark (load + forward), read from the OS. On a shared or
+small machine timings drift by 10% or more between runs, so the engines run in alternating
+rounds (fresh processes each) and the reported ratio is the median of the per-round ratios.
 """
 
 import argparse
@@ -109,7 +111,8 @@ def main():
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed forwards per process")
+    p.add_argument("--rounds", type=int, default=3, help="alternating diffusers/icedit runs")
     p.add_argument("--cargo-features", default="", help="e.g. 'cuda,flash-attn'")
     p.add_argument("--torch-side", nargs=3, metavar=("MODEL", "INPUTS", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -121,32 +124,44 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
 
     torch_out = out_dir / "out_torch.safetensors"
-    py = subprocess.run([sys.executable, __file__, "--config", a.config, "--dtype", a.dtype,
-                         "--device", a.device, "--threads", str(a.threads), "--reps", str(a.reps),
-                         "--torch-side", str(model_dir), str(inputs), str(torch_out)],
-                        env=env, check=True, capture_output=True, text=True)
-    torch_res = json.loads(py.stdout.strip().splitlines()[-1])
-
     rust_out = out_dir / "out_rust.safetensors"
-    cmd = ["cargo", "bench", "-q", "-p", "icedit-flux", "--bench", "transformer_forward"]
+    torch_cmd = [sys.executable, __file__, "--config", a.config, "--dtype", a.dtype,
+                 "--device", a.device, "--threads", str(a.threads), "--reps", str(a.reps),
+                 "--torch-side", str(model_dir), str(inputs), str(torch_out)]
+    cargo = ["cargo", "bench", "-q", "-p", "icedit-flux", "--bench", "transformer_forward"]
     if a.cargo_features:
-        cmd += ["--features", a.cargo_features]
-    cmd += ["--", str(model_dir), str(inputs), str(rust_out), str(a.reps), a.dtype]
-    if a.device == "cuda":
-        cmd.append("cuda")
-    rs = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
-    rust_res = json.loads(rs.stdout.strip().splitlines()[-1])
+        cargo += ["--features", a.cargo_features]
+    # Build first so that compiling is not timed or interleaved with a round.
+    subprocess.run(cargo + ["--no-run"], cwd=ROOT, env=env, check=True)
+    rust_cmd = cargo + ["--", str(model_dir), str(inputs), str(rust_out), str(a.reps), a.dtype,
+                        a.device]
+
+    def run(cmd, cwd=None):
+        res = subprocess.run(cmd, env=env, cwd=cwd, check=True, capture_output=True, text=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    rounds = []
+    for i in range(a.rounds):
+        t, r = run(torch_cmd), run(rust_cmd, cwd=ROOT)
+        rounds.append((t, r))
+        print(f"round {i + 1}: diffusers {t['forward_s']:.3f}s, icedit {r['forward_s']:.3f}s, "
+              f"ratio {r['forward_s'] / t['forward_s']:.3f}", flush=True)
 
     import torch
     from safetensors.torch import load_file
     diff = (load_file(rust_out)["out"] - load_file(torch_out)["out"]).abs().max().item()
 
-    print(f"config={a.config} dtype={a.dtype} device={a.device} threads={a.threads} reps={a.reps}")
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    summary = {name: {k: med([rd[i][k] for rd in rounds]) for k in ("forward_s", "load_s", "peak_rss_mib")}
+               for i, name in enumerate(("diffusers", "icedit"))}
+    print(f"config={a.config} dtype={a.dtype} device={a.device} threads={a.threads} "
+          f"reps={a.reps} rounds={a.rounds}")
     print(f"{'':10}{'forward (median)':>18}{'load':>10}{'peak RSS':>12}")
-    for name, r in (("diffusers", torch_res), ("icedit", rust_res)):
-        print(f"{name:10}{r['forward_s']:>17.3f}s{r['load_s']:>9.2f}s{r['peak_rss_mib']:>8} MiB")
-    print(f"ratio icedit/diffusers (forward): {rust_res['forward_s'] / torch_res['forward_s']:.3f}x")
-    print(f"icedit RSS after load: {rust_res['rss_after_load_mib']} MiB; "
+    for name, r in summary.items():
+        print(f"{name:10}{r['forward_s']:>17.3f}s{r['load_s']:>9.2f}s{r['peak_rss_mib']:>8.0f} MiB")
+    ratio = med([r["forward_s"] / t["forward_s"] for t, r in rounds])
+    print(f"ratio icedit/diffusers (forward, median of rounds): {ratio:.3f}x")
+    print(f"icedit RSS after load: {rounds[-1][1]['rss_after_load_mib']} MiB; "
           f"max |icedit - diffusers| = {diff:.2e}")
 
 

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use icedit_flux::{parse_dtype, Checkpoint, FluxInput, FluxTransformer};
 
 // Large tensors come and go every op: an allocator that keeps freed pages mapped saves a

@@ -1,1 +1,197 @@
-fn main() {}
+//! `icedit`: the command-line front end. Thin by design: parsing, progress and error reporting
+//! here, the work in the library crates.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand, ValueEnum};
+use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransformer};
+
+// Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
+// page faults (measurably faster on CPU).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "icedit",
+    version,
+    about = "Natural-language image editing on FLUX.1 Fill"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a FLUX transformer checkpoint, report what it is, and optionally time one forward
+    /// pass on random inputs (a check that weights, dtype and device work together).
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// A diffusers pipeline or transformer folder, or a single .safetensors file (BFL or diffusers names).
+    #[arg(long)]
+    model: PathBuf,
+    /// The transformer's config.json, for single files whose config cannot be inferred.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Time one forward pass on random inputs for an image of this size (pixels, WIDTHxHEIGHT).
+    #[arg(long, value_name = "WxH")]
+    forward: Option<String>,
+    /// Text tokens for --forward.
+    #[arg(long, default_value_t = 512)]
+    text_tokens: usize,
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect(args) => inspect(args),
+    }
+}
+
+fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if cfg!(feature = "cuda") => {
+            Device::new_cuda(0).context("cannot open CUDA device 0")
+        }
+        DeviceArg::Metal if cfg!(feature = "metal") => {
+            Device::new_metal(0).context("cannot open the Metal device")
+        }
+        DeviceArg::Cuda => {
+            bail!("this icedit was built without CUDA: rebuild with `--features cuda`")
+        }
+        DeviceArg::Metal => {
+            bail!("this icedit was built without Metal: rebuild with `--features metal`")
+        }
+    }
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let dtype = parse_dtype(&args.dtype)?;
+    let device = device(args.device)?;
+    let checkpoint = match &args.config {
+        Some(path) => Checkpoint::open_with_config(&args.model, FluxConfig::from_json_file(path)?),
+        None => Checkpoint::open(&args.model),
+    }
+    .with_context(|| format!("cannot open the transformer at {}", args.model.display()))?;
+
+    let start = Instant::now();
+    let model = FluxTransformer::load(&checkpoint, dtype, &device)
+        .with_context(|| format!("cannot load the transformer from {}", args.model.display()))?;
+    let load_s = start.elapsed().as_secs_f64();
+    let c = model.config();
+    println!(
+        "checkpoint   {} ({:?} layout, {} file(s))",
+        args.model.display(),
+        checkpoint.layout(),
+        checkpoint.files().paths().len()
+    );
+    println!(
+        "transformer  {} double + {} single blocks, {} heads x {}, channels {} -> {}, guidance {}",
+        c.num_layers,
+        c.num_single_layers,
+        c.num_attention_heads,
+        c.attention_head_dim,
+        c.in_channels,
+        c.out_channels(),
+        if c.guidance_embeds {
+            "embedded"
+        } else {
+            "none"
+        },
+    );
+    println!("loaded       {dtype:?} on {device:?} in {load_s:.2}s");
+    let unused = checkpoint.unused_tensors();
+    if !unused.is_empty() {
+        eprintln!(
+            "warning: {} tensor(s) in the checkpoint are not part of this transformer (another model's weights?): {}{}",
+            unused.len(),
+            unused.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if unused.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    drop(checkpoint);
+
+    if let Some(size) = args.forward {
+        time_forward(&model, &size, args.text_tokens, &device, dtype)?;
+    }
+    Ok(())
+}
+
+fn time_forward(
+    model: &FluxTransformer,
+    size: &str,
+    text_tokens: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<()> {
+    let (w, h) = size
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+        .with_context(|| {
+            format!("--forward takes WIDTHxHEIGHT in pixels, e.g. 1024x512, not `{size}`")
+        })?;
+    if w < 16 || h < 16 {
+        bail!("--forward {size}: width and height must be at least 16 pixels");
+    }
+    // Pixels -> 8x VAE latents -> 2x2 packed tokens.
+    let (gh, gw) = (h / 16, w / 16);
+    let c = model.config();
+    let img = Tensor::randn(0f32, 1.0, (1, gh * gw, c.in_channels), device)?;
+    let mut ids = Vec::with_capacity(gh * gw * 3);
+    for row in 0..gh {
+        for col in 0..gw {
+            ids.extend([0f32, row as f32, col as f32]);
+        }
+    }
+    let img_ids = Tensor::from_vec(ids, (gh * gw, 3), device)?;
+    let txt = Tensor::randn(0f32, 1.0, (1, text_tokens, c.joint_attention_dim), device)?;
+    let txt_ids = Tensor::zeros((text_tokens, 3), DType::F32, device)?;
+    let pooled = Tensor::randn(0f32, 1.0, (1, c.pooled_projection_dim), device)?;
+    let timestep = Tensor::new(&[0.5f32], device)?;
+    let guidance = Tensor::new(&[0.03f32], device)?;
+    let input = FluxInput {
+        img: &img,
+        img_ids: &img_ids,
+        txt: &txt,
+        txt_ids: &txt_ids,
+        pooled: &pooled,
+        timestep: &timestep,
+        guidance: c.guidance_embeds.then_some(&guidance),
+    };
+    let start = Instant::now();
+    let out = model.forward(&input)?;
+    device.synchronize()?;
+    println!(
+        "forward      {w}x{h} px ({} image + {text_tokens} text tokens), {dtype:?}: {:.3}s, output {:?}",
+        gh * gw,
+        start.elapsed().as_secs_f64(),
+        out.dims()
+    );
+    Ok(())
+}

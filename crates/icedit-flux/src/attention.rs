@@ -1,11 +1,11 @@
 //! Rotary position embedding over (0, row, col) ids, and scaled dot-product attention that
-//! never holds more than a bounded slice of the score matrix (flash attention on CUDA with the
-//! `flash-attn` feature).
+//! never holds more than a bounded slice of the score matrix: tiled kernels on the CPU, query
+//! chunks elsewhere, flash attention on CUDA with the `flash-attn` feature.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::config::ROPE_THETA;
-use crate::cpu_kernels::softmax_last_dim;
+use crate::cpu_kernels::{attention_bshd, rope_bshd_inplace};
 
 /// Cos/sin tables for every position of the joint (text, then image) sequence, `[S, head_dim/2]`
 /// in f32. Angles are computed on the host in f64, as diffusers does, so that large positions
@@ -14,6 +14,9 @@ use crate::cpu_kernels::softmax_last_dim;
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// The same tables on the host, for the CPU kernel.
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
 }
 
 impl Rope {
@@ -46,28 +49,58 @@ impl Rope {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (seq_len, half), device)?,
-            sin: Tensor::from_vec(sin, (seq_len, half), device)?,
+            cos: Tensor::from_slice(&cos, (seq_len, half), device)?,
+            sin: Tensor::from_slice(&sin, (seq_len, half), device)?,
+            cos_host: cos,
+            sin_host: sin,
         })
     }
 
-    pub fn seq_len(&self) -> usize {
-        self.cos.dims()[0]
-    }
-
     /// Rotates interleaved pairs of `x` (`[B, H, S, D]`), in f32 like the reference.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    fn apply_heads_first(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         candle_nn::rotary_emb::rope_i(&x, &self.cos, &self.sin)?.to_dtype(dtype)
     }
 }
 
+/// Attention over the joint sequence with rotary embeddings on q and k. `q`, `k`, `v` are
+/// `[B, S, H*D]` as the projections produce them (q and k already RMS-normed per head); returns
+/// `[B, S, H*D]`. On the CPU `q` and `k` are rotated in place, so they must not be shared.
+pub(crate) fn rope_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: usize,
+    rope: &Rope,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    if q.device().is_cpu() {
+        // The reference rotates in f32 and rounds back to the model dtype before attention.
+        let rotate = |x: Tensor| -> Result<Tensor> {
+            let x = x.to_dtype(DType::F32)?.contiguous()?;
+            rope_bshd_inplace(&x, &rope.cos_host, &rope.sin_host)?;
+            if dtype == DType::F32 {
+                Ok(x)
+            } else {
+                x.to_dtype(dtype)?.to_dtype(DType::F32)
+            }
+        };
+        let v = v.to_dtype(DType::F32)?.contiguous()?;
+        return attention_bshd(&rotate(q)?, &rotate(k)?, &v, heads)?.to_dtype(dtype);
+    }
+    let (b, s, hd) = q.dims3()?;
+    let heads_first = |x: &Tensor| x.reshape((b, s, heads, hd / heads))?.transpose(1, 2);
+    let q = rope.apply_heads_first(&heads_first(&q)?)?;
+    let k = rope.apply_heads_first(&heads_first(&k)?)?;
+    attention(&q, &k, &heads_first(&v)?)
+}
+
 /// Upper bound on the f32 attention scores held at once by the generic path.
 const SCORE_BYTES_BUDGET: usize = 256 << 20;
 
 /// Softmax attention of `q`, `k`, `v` (`[B, H, S, D]`, no mask), returned as `[B, S, H*D]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     #[cfg(feature = "flash-attn")]
     if q.device().is_cuda() && matches!(q.dtype(), DType::F16 | DType::BF16) {
@@ -97,7 +130,7 @@ fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     for start in (0..s_q).step_by(rows_per_chunk) {
         let len = rows_per_chunk.min(s_q - start);
         let q_chunk = q.narrow(2, start, len)?.contiguous()?;
-        let probs = softmax_last_dim(q_chunk.matmul(&k_t)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
         outs.push(probs.matmul(&v)?);
     }
     let out = if outs.len() == 1 {

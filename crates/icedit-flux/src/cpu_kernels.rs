@@ -1,11 +1,14 @@
-//! f32 CPU kernels for the two elementwise ops that dominate a FLUX forward after the matmuls:
-//! tanh-GELU and the attention softmax. candle runs both through scalar libm calls (GELU on one
-//! thread); these use a branch-free exp that the compiler vectorises, rows in parallel, the
-//! widest SIMD the CPU has, and work in place: the inputs are large temporaries (a 56 MB score
-//! matrix per block at 1.5k tokens) whose fresh output buffers would cost more than the math.
+//! f32 CPU kernels for what dominates a FLUX forward besides the linear layers: attention,
+//! rotary embeddings and tanh-GELU.
+//!
+//! Attention is tiled per (batch, head, query block) so that a tile's scores stay in L2 (the
+//! whole score matrix is 56 MB per block at 1.5k tokens), reads q, k, v and writes its output
+//! in the `[B, S, H*D]` layout the linear layers use (no transposes), and spreads tiles over
+//! threads with single-threaded gemm calls. Elementwise kernels use a branch-free exp that the
+//! compiler vectorises, the widest SIMD the CPU has, and work in place on temporaries.
 //! Other devices and dtypes keep candle's ops.
 
-use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// tanh-approximated GELU, as `torch.nn.GELU(approximate="tanh")`.
@@ -17,18 +20,6 @@ pub(crate) fn gelu_tanh(x: Tensor) -> Result<Tensor> {
         Ok(x)
     } else {
         x.gelu()
-    }
-}
-
-/// Softmax over the last dimension.
-///
-/// `x` must be a temporary that nothing else shares: on the CPU it is overwritten.
-pub(crate) fn softmax_last_dim(x: Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.is_contiguous() {
-        x.inplace_op1(&SoftmaxLastDim)?;
-        Ok(x)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x)
     }
 }
 
@@ -68,8 +59,9 @@ fn gelu_slice(xs: &mut [f32]) {
     }
 }
 
+/// `softmax(scale * row)` in place (`scale > 0`).
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
+fn softmax_row(row: &mut [f32], scale: f32) {
     // Lane-wise max and sum so that the reductions vectorise.
     let mut max = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
@@ -88,13 +80,13 @@ fn softmax_row(row: &mut [f32]) {
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp(c[i] - max);
+            c[i] = exp((c[i] - max) * scale);
             sum[i] += c[i];
         }
     }
     let mut total = 0f32;
     for v in chunks.into_remainder() {
-        *v = exp(*v - max);
+        *v = exp((*v - max) * scale);
         total += *v;
     }
     let inv = 1.0 / (total + sum.iter().sum::<f32>());
@@ -132,7 +124,21 @@ macro_rules! dispatch {
 }
 
 dispatch!(gelu_dispatch, gelu_slice, (xs: &mut [f32]));
-dispatch!(softmax_dispatch, softmax_row, (row: &mut [f32]));
+dispatch!(softmax_dispatch, softmax_row, (row: &mut [f32], scale: f32));
+dispatch!(rope_dispatch, rope_row, (row: &mut [f32], cos: &[f32], sin: &[f32]));
+
+/// Rotates the interleaved pairs of every head in one `[H*D]` row by the position's angles
+/// (`cos`, `sin`: `[D/2]`).
+#[inline(always)]
+fn rope_row(row: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for head in row.chunks_exact_mut(2 * cos.len()) {
+        for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+            let (x0, x1) = (pair[0], pair[1]);
+            pair[0] = x0 * c - x1 * s;
+            pair[1] = x1 * c + x0 * s;
+        }
+    }
+}
 
 fn contiguous_f32<'a>(
     storage: &'a mut CpuStorage,
@@ -164,19 +170,152 @@ impl InplaceOp1 for GeluTanh {
     }
 }
 
-struct SoftmaxLastDim;
+/// Applies rotary embeddings in place to `x`, `[B, S, H*D]` f32, with `cos`/`sin` `[S, D/2]`.
+///
+/// `x` must be a temporary that nothing else shares.
+pub(crate) fn rope_bshd_inplace(x: &Tensor, cos: &[f32], sin: &[f32]) -> Result<()> {
+    x.inplace_op1(&RopeBshd { cos, sin })
+}
 
-impl InplaceOp1 for SoftmaxLastDim {
+struct RopeBshd<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
+}
+
+impl InplaceOp1 for RopeBshd<'_> {
     fn name(&self) -> &'static str {
-        "softmax-last-dim-f32"
+        "rope-bshd-f32"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let dims = layout.shape().dims();
+        let (seq, row) = (dims[1], dims[2]);
+        let half = self.cos.len() / seq;
         contiguous_f32(storage, layout, self.name())?
             .par_chunks_mut(row)
-            .for_each(softmax_dispatch);
+            .enumerate()
+            .for_each(|(i, r)| {
+                let p = (i % seq) * half;
+                rope_dispatch(r, &self.cos[p..p + half], &self.sin[p..p + half])
+            });
         Ok(())
+    }
+}
+
+/// Bytes of scores a tile may hold: comfortably inside a core's L2.
+const TILE_SCORE_BYTES: usize = 512 << 10;
+
+/// Softmax attention (no mask) of `q` `[B, Sq, H*D]` over `k`, `v` `[B, Sk, H*D]`, all
+/// contiguous f32 on the CPU; returns `[B, Sq, H*D]`.
+pub(crate) fn attention_bshd(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, s_q, hd) = q.dims3()?;
+    let s_k = k.dim(1)?;
+    let d = hd / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (q_s, q_l) = q.storage_and_layout();
+    let (k_s, k_l) = k.storage_and_layout();
+    let (v_s, v_l) = v.storage_and_layout();
+    let data = |s: &Storage, l: &Layout| -> Result<*const f32> {
+        match (s, l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((start, _))) => Ok(v[start..].as_ptr()),
+            _ => candle_core::bail!("attention_bshd: expected contiguous f32 CPU tensors"),
+        }
+    };
+    let (q_ptr, k_ptr, v_ptr) = (
+        SendPtr(data(&q_s, q_l)? as *mut f32),
+        SendPtr(data(&k_s, k_l)? as *mut f32),
+        SendPtr(data(&v_s, v_l)? as *mut f32),
+    );
+    let mut out = vec![0f32; b * s_q * hd];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+
+    let block = (TILE_SCORE_BYTES / (4 * s_k) / 16 * 16)
+        .clamp(16, 256)
+        .min(s_q);
+    let tiles: Vec<(usize, usize, usize)> = (0..b)
+        .flat_map(|bi| {
+            (0..heads).flat_map(move |h| (0..s_q).step_by(block).map(move |r| (bi, h, r)))
+        })
+        .collect();
+    let hd_i = hd as isize;
+    tiles.par_iter().for_each_init(
+        || vec![0f32; block * s_k],
+        |scores, &(bi, h, r0)| {
+            let rows = block.min(s_q - r0);
+            let scores = &mut scores[..rows * s_k];
+            // SAFETY: every pointer below stays inside its tensor: rows r0..r0+rows < Sq (or
+            // 0..Sk) of batch bi, columns h*D..(h+1)*D of H*D. Tiles write disjoint (rows, head)
+            // blocks of `out`, which outlives the loop; the inputs are only read.
+            unsafe {
+                let q_tile = q_ptr.at((bi * s_q + r0) * hd + h * d);
+                let k_head = k_ptr.at(bi * s_k * hd + h * d);
+                let v_head = v_ptr.at(bi * s_k * hd + h * d);
+                let out_tile = out_ptr.at((bi * s_q + r0) * hd + h * d);
+                // scores[rows, Sk] = q_tile[rows, D] . k_head[Sk, D]^T
+                gemm::gemm(
+                    rows,
+                    s_k,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    s_k as isize,
+                    false,
+                    q_tile,
+                    1,
+                    hd_i,
+                    k_head,
+                    hd_i,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                for row in scores.chunks_exact_mut(s_k) {
+                    softmax_dispatch(row, scale);
+                }
+                // out_tile[rows, D] = scores[rows, Sk] . v_head[Sk, D]
+                gemm::gemm(
+                    rows,
+                    d,
+                    s_k,
+                    out_tile,
+                    1,
+                    hd_i,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    s_k as isize,
+                    v_head,
+                    1,
+                    hd_i,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+    drop((q_s, k_s, v_s));
+    Tensor::from_vec(out, (b, s_q, hd), q.device())
+}
+
+/// A raw pointer that may cross threads: the tiles that share it touch disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// # Safety
+    /// `offset` must be within the allocation.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
     }
 }
 
@@ -199,12 +338,8 @@ mod tests {
     }
 
     #[test]
-    fn kernels_match_candle_reference_ops() {
+    fn kernels_match_plain_candle_ops() {
         let dev = Device::Cpu;
-        // Odd sizes exercise the remainders; large magnitudes the clamps.
-        let x = (Tensor::randn(0f32, 4.0, (7, 1003), &dev).unwrap())
-            .contiguous()
-            .unwrap();
         let max_diff = |a: &Tensor, b: &Tensor| {
             (a - b)
                 .unwrap()
@@ -217,14 +352,63 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
         };
+        // Odd sizes exercise the remainders; large magnitudes the clamps.
+        let x = Tensor::randn(0f32, 4.0, (7, 1003), &dev).unwrap();
         let fresh = |t: &Tensor| t.copy().unwrap();
         // candle's gelu is the same tanh approximation.
         assert!(max_diff(&gelu_tanh(fresh(&x)).unwrap(), &x.gelu().unwrap()) < 2e-6);
         let big = (&x * 30.0).unwrap();
         assert!(max_diff(&gelu_tanh(fresh(&big)).unwrap(), &big.gelu().unwrap()) < 1e-4);
-        let soft = softmax_last_dim(fresh(&x)).unwrap();
-        assert!(max_diff(&soft, &candle_nn::ops::softmax_last_dim(&x).unwrap()) < 1e-6);
-        let sums = soft.sum(D::Minus1).unwrap().to_vec1::<f32>().unwrap();
-        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+
+        // Attention: 2 batches, 3 heads of 8, 37 queries over 300 keys (several query blocks).
+        let (b, h, d, sq, sk) = (2, 3, 8, 37, 300);
+        let q = Tensor::randn(0f32, 2.0, (b, sq, h * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 2.0, (b, sk, h * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
+        let ours = attention_bshd(&q, &k, &v, h).unwrap();
+        let heads_first = |x: &Tensor, s| {
+            x.reshape((b, s, h, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let scores = (heads_first(&q, sq)
+            .matmul(&heads_first(&k, sk).t().unwrap())
+            .unwrap()
+            / (d as f64).sqrt())
+        .unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let plain = probs
+            .matmul(&heads_first(&v, sk))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, sq, h * d))
+            .unwrap();
+        assert!(
+            max_diff(&ours, &plain) < 1e-5,
+            "{}",
+            max_diff(&ours, &plain)
+        );
+
+        // RoPE in [B, S, H*D] equals candle's rope_i in [B, H, S, D].
+        let cos = Tensor::randn(0f32, 1.0, (sq, d / 2), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (sq, d / 2), &dev).unwrap();
+        let rotated = fresh(&q);
+        rope_bshd_inplace(
+            &rotated,
+            &cos.flatten_all().unwrap().to_vec1().unwrap(),
+            &sin.flatten_all().unwrap().to_vec1().unwrap(),
+        )
+        .unwrap();
+        let plain = candle_nn::rotary_emb::rope_i(&heads_first(&q, sq), &cos, &sin).unwrap();
+        let plain = plain
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, sq, h * d))
+            .unwrap();
+        assert!(max_diff(&rotated, &plain) < 1e-6);
     }
 }

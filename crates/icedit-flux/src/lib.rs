@@ -17,7 +17,6 @@ mod linear;
 mod model;
 mod weights;
 
-pub use attention::{attention, Rope};
 pub use config::{FluxConfig, MLP_RATIO, ROPE_THETA};
 pub use error::{FluxError, Result};
 pub use linear::{Linear, LinearAdapter, VisitLinears};

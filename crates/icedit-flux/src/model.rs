@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::attention::{attention, Rope};
+use crate::attention::{rope_attention, Rope};
 use crate::config::FluxConfig;
 use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
@@ -202,14 +202,16 @@ impl QkvProjection {
         })
     }
 
-    /// Returns q, k, v as `[B, H, S, D]`.
+    /// Returns q, k, v as `[B, S, H*D]`, q and k normalised per head.
     fn forward(&self, x: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let heads = |y: Tensor| y.reshape((b, s, self.heads, ()));
-        let q = self.norm_q.forward(&heads(self.q.forward(x)?)?)?;
-        let k = self.norm_k.forward(&heads(self.k.forward(x)?)?)?;
-        let v = heads(self.v.forward(x)?)?;
-        Ok((q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?))
+        let per_head = |y: Tensor, norm: &HeadRmsNorm| {
+            norm.forward(&y.reshape((b, s, self.heads, ()))?)?
+                .reshape((b, s, ()))
+        };
+        let q = per_head(self.q.forward(x)?, &self.norm_q)?;
+        let k = per_head(self.k.forward(x)?, &self.norm_k)?;
+        Ok((q, k, self.v.forward(x)?))
     }
 
     fn visit_linears(
@@ -233,20 +235,22 @@ const TXT_QKV: [&str; 5] = [
     "norm_added_k",
 ];
 
-/// Joint attention over `[text; image]` with rotary embeddings; returns `[B, S, hidden]`.
-fn joint_attention(rope: &Rope, parts: &[(Tensor, Tensor, Tensor)]) -> CResult<Tensor> {
-    let cat = |pick: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> CResult<Tensor> {
-        let xs: Vec<&Tensor> = parts.iter().map(pick).collect();
-        if xs.len() == 1 {
-            Ok(xs[0].clone())
-        } else {
-            Tensor::cat(&xs, 2)
+/// Joint attention over the streams' `(q, k, v)` joined along the sequence (text first), with
+/// rotary embeddings; returns `[B, S, hidden]`.
+fn joint_attention(
+    rope: &Rope,
+    heads: usize,
+    streams: Vec<(Tensor, Tensor, Tensor)>,
+) -> CResult<Tensor> {
+    let join = |pick: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| -> CResult<Tensor> {
+        match streams.as_slice() {
+            [one] => Ok(pick(one).clone()),
+            many => Tensor::cat(&many.iter().map(pick).collect::<Vec<_>>(), 1),
         }
     };
-    let q = rope.apply(&cat(|p| &p.0)?)?;
-    let k = rope.apply(&cat(|p| &p.1)?)?;
-    let v = cat(|p| &p.2)?;
-    attention(&q, &k, &v)
+    let (q, k, v) = (join(|p| &p.0)?, join(|p| &p.1)?, join(|p| &p.2)?);
+    drop(streams); // q and k must be unshared: the CPU path rotates them in place.
+    rope_attention(q, k, v, heads, rope)
 }
 
 /// diffusers' `FeedForward(dim, activation_fn="gelu-approximate")`: `net.2(gelu_tanh(net.0.proj(x)))`.
@@ -332,7 +336,7 @@ impl DoubleStreamBlock {
 
         let img_qkv = self.img.qkv.forward(&img_normed)?;
         let txt_qkv = self.txt.qkv.forward(&txt_normed)?;
-        let attn = joint_attention(rope, &[txt_qkv, img_qkv])?;
+        let attn = joint_attention(rope, self.img.qkv.heads, vec![txt_qkv, img_qkv])?;
         let txt_len = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, txt_len)?;
         let img_attn = attn.narrow(1, txt_len, img.dim(1)?)?;
@@ -402,7 +406,7 @@ impl SingleStreamBlock {
         let m = self.modulation.forward(temb_act)?.chunk(3, 1)?;
         let normed = self.norm.modulate(x, &m[0], &m[1])?;
         let mlp = gelu_tanh(self.proj_mlp.forward(&normed)?)?;
-        let attn = joint_attention(rope, &[self.qkv.forward(&normed)?])?;
+        let attn = joint_attention(rope, self.qkv.heads, vec![self.qkv.forward(&normed)?])?;
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;

@@ -202,8 +202,9 @@ impl InplaceOp1 for RopeBshd<'_> {
     }
 }
 
-/// Bytes of scores a tile may hold: comfortably inside a core's L2.
-const TILE_SCORE_BYTES: usize = 512 << 10;
+/// Bytes of scores a tile may hold: within a core's L2 and the shared L3 with its packed K and V,
+/// and large enough that repacking K and V per tile stays cheap.
+const TILE_SCORE_BYTES: usize = 1536 << 10;
 
 /// Softmax attention (no mask) of `q` `[B, Sq, H*D]` over `k`, `v` `[B, Sk, H*D]`, all
 /// contiguous f32 on the CPU; returns `[B, Sq, H*D]`.

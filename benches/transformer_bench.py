@@ -147,7 +147,6 @@ def main():
         print(f"round {i + 1}: diffusers {t['forward_s']:.3f}s, icedit {r['forward_s']:.3f}s, "
               f"ratio {r['forward_s'] / t['forward_s']:.3f}", flush=True)
 
-    import torch
     from safetensors.torch import load_file
     diff = (load_file(rust_out)["out"] - load_file(torch_out)["out"]).abs().max().item()
 

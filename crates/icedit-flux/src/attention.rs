@@ -11,7 +11,7 @@ use crate::cpu_kernels::{attention_bshd, rope_bshd_inplace};
 /// in f32. Angles are computed on the host in f64, as diffusers does, so that large positions
 /// lose no precision.
 #[derive(Debug, Clone)]
-pub struct Rope {
+pub(crate) struct Rope {
     cos: Tensor,
     sin: Tensor,
     /// The same tables on the host, for the CPU kernel.
@@ -21,7 +21,7 @@ pub struct Rope {
 
 impl Rope {
     /// `ids` is `[S, 3]` (or `[1, S, 3]`); `axes_dims` gives each id axis's share of the head dim.
-    pub fn new(ids: &Tensor, axes_dims: &[usize], device: &Device) -> Result<Self> {
+    pub(crate) fn new(ids: &Tensor, axes_dims: &[usize], device: &Device) -> Result<Self> {
         let ids = match ids.rank() {
             3 => ids.get(0)?,
             _ => ids.clone(),

@@ -1,0 +1,1 @@
+//! Model sources: Hub repos and local folders.

@@ -1,0 +1,1 @@
+//! torch-compatible CPU random numbers (placeholder, being written).

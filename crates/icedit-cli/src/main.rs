@@ -9,6 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransformer};
 
+mod fill;
+mod progress;
+
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
 // page faults (measurably faster on CPU).
 #[global_allocator]
@@ -30,10 +33,12 @@ enum Command {
     /// Load a FLUX transformer checkpoint, report what it is, and optionally time one forward
     /// pass on random inputs (a check that weights, dtype and device work together).
     Inspect(InspectArgs),
+    /// Inpaint (regenerate the masked area) or outpaint (--expand) an image with FLUX.1 Fill.
+    Fill(fill::FillArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
+pub(crate) enum DeviceArg {
     Cpu,
     Cuda,
     Metal,
@@ -70,10 +75,11 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
+        Command::Fill(args) => fill::run(args),
     }
 }
 
-fn device(arg: DeviceArg) -> Result<Device> {
+pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda if cfg!(feature = "cuda") => {

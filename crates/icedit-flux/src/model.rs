@@ -443,7 +443,8 @@ pub struct FluxInput<'a> {
     pub pooled: &'a Tensor,
     /// `[B]`, the scheduler's timestep divided by 1000 (i.e. sigma).
     pub timestep: &'a Tensor,
-    /// `[B]`, guidance scale divided by 1000; required by guidance-distilled models.
+    /// `[B]`, the guidance scale as diffusers' pipeline passes it (e.g. 30.0); the model scales it
+    /// by 1000 as it does the timestep. Required by guidance-distilled models.
     pub guidance: Option<&'a Tensor>,
 }
 

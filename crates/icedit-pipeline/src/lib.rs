@@ -1,3 +1,14 @@
-//! The FLUX.1 Fill pipeline: image + mask + prompt -> image.
+//! The FLUX.1 Fill pipeline: image + mask + prompt -> image, as diffusers' `FluxFillPipeline`
+//! computes it, with inpainting and outpainting ([`canvas::expand`]) as first-class jobs.
 
+pub mod canvas;
+mod error;
+pub mod fill;
+pub mod image_io;
+pub mod latents;
+pub mod recipe;
+pub mod scheduler;
 pub mod torch_rng;
+
+pub use error::{PipelineError, Result};
+pub use fill::{FillOutput, FillPipeline, FillRequest, InitialNoise, Progress};

@@ -1,0 +1,231 @@
+//! `icedit fill`: inpainting and outpainting with FLUX.1 Fill.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use icedit_flux::parse_dtype;
+use icedit_hub::{HubOptions, ModelRepo};
+use icedit_pipeline::canvas::{self, Margins};
+use icedit_pipeline::image_io::{self, load_mask, load_rgb, save_png};
+use icedit_pipeline::recipe::Recipe;
+use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
+
+use crate::progress::Reporter;
+use crate::{device, DeviceArg};
+
+pub const DEFAULT_MODEL: &str = "black-forest-labs/FLUX.1-Fill-dev";
+
+#[derive(clap::Args)]
+pub struct FillArgs {
+    /// Hub repo id (`owner/name[@revision]`) or a local folder in diffusers layout.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The image to inpaint or outpaint (PNG, JPEG, WebP, BMP, TIFF).
+    #[arg(long)]
+    image: PathBuf,
+    /// White (>= 50% gray) where the image is to be regenerated. Required unless --expand.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Outpaint: grow the canvas by L,T,R,B pixels (or one number for all sides); the new area
+    /// is generated.
+    #[arg(long, value_name = "L,T,R,B")]
+    expand: Option<String>,
+    /// What the regenerated area should show.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 30.0)]
+    guidance: f32,
+    /// Noise seed (torch-compatible: the same seed gives diffusers' noise). Random if omitted.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Initial latents instead of seeded noise: a safetensors file with a float32 tensor
+    /// `latents` of shape [1, 16, H/8, W/8]. --seed still seeds the VAE sampling (default 0).
+    #[arg(long, value_name = "FILE")]
+    latents: Option<PathBuf>,
+    /// T5 prompt length in tokens (longer prompts are truncated, with a warning).
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Resize a mask of another size to the image's size instead of failing.
+    #[arg(long)]
+    resize_mask: bool,
+    /// Where to write the result (PNG).
+    #[arg(long)]
+    out: PathBuf,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: FillArgs) -> Result<()> {
+    let reporter = Reporter::new(args.quiet);
+    check_output(&args)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let device = device(args.device)?;
+    let margins = args.expand.as_deref().map(Margins::parse).transpose()?;
+
+    // Inputs first: a bad image should fail before minutes of model loading.
+    let source = load_rgb(&args.image)?;
+    if let Some(note) = &source.conversion {
+        reporter.note(&format!("{}: {note}", args.image.display()));
+    }
+    let mut mask = match &args.mask {
+        Some(path) => Some(load_mask(path)?),
+        None if margins.is_some() => None,
+        None => bail!("give --mask (white where to regenerate), or --expand to outpaint"),
+    };
+    if let Some(m) = &mask {
+        if m.dimensions() != source.rgb.dimensions() {
+            let (iw, ih) = source.rgb.dimensions();
+            let (mw, mh) = m.dimensions();
+            if !args.resize_mask {
+                bail!(
+                    "the mask is {mw}x{mh} but the image is {iw}x{ih}; give a mask of the same size, \
+                     or pass --resize-mask to stretch it"
+                );
+            }
+            reporter.note(&format!("mask resized from {mw}x{mh} to {iw}x{ih}"));
+            mask = Some(image::imageops::resize(m, iw, ih, image::imageops::FilterType::Lanczos3));
+        }
+    }
+    let (image, mask) = match margins {
+        Some(m) if !m.is_empty() => canvas::expand(&source.rgb, mask.as_ref(), m),
+        _ => {
+            let (w, h) = source.rgb.dimensions();
+            (source.rgb, mask.unwrap_or_else(|| image::GrayImage::new(w, h)))
+        }
+    };
+    image_io::check_size(image.width(), image.height(), "the canvas")?;
+    let (image, mask, note) = canvas::fit_to_grid(image, mask);
+    if let Some(note) = note {
+        reporter.note(&note);
+    }
+    if image_io::binarize(&mask).iter().all(|&v| v == 0.0) {
+        reporter.warn("the mask is empty (all black): nothing will be regenerated on purpose");
+    }
+    let latents = args.latents.as_deref().map(|p| read_latents(p)).transpose()?;
+    let seed = args
+        .seed
+        .unwrap_or_else(|| if latents.is_some() { 0 } else { random_seed() });
+    let noise = match latents {
+        Some(latents) => InitialNoise::Latents { latents, seed },
+        None => InitialNoise::Seed(seed),
+    };
+
+    let repo = ModelRepo::open(&args.model, &HubOptions::from_env())
+        .with_context(|| format!("cannot open the model {}", args.model))?;
+    let model_name = repo.describe();
+    let mut pipeline = FillPipeline::new(repo, dtype, device)
+        .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
+    pipeline.fetch_all()?;
+    let request = FillRequest {
+        image: &image,
+        mask: &mask,
+        prompt: &args.prompt,
+        steps: args.steps,
+        guidance: args.guidance,
+        noise,
+        max_sequence_length: args.max_seq_len,
+    };
+    reporter.note(&format!(
+        "{}x{}, {} steps, guidance {}, seed {seed}",
+        image.width(),
+        image.height(),
+        args.steps,
+        args.guidance
+    ));
+    let output = pipeline.fill(&request, &mut reporter.callback())?;
+    for dropped in &output.truncation {
+        reporter.warn(dropped);
+    }
+
+    let recipe = Recipe {
+        task: if margins.is_some_and(|m| !m.is_empty()) { "outpaint" } else { "fill" }.into(),
+        prompt: args.prompt.clone(),
+        instruction: None,
+        seed,
+        latents: args.latents.as_ref().map(|p| p.display().to_string()),
+        steps: args.steps,
+        guidance: args.guidance,
+        max_sequence_length: args.max_seq_len,
+        width: image.width(),
+        height: image.height(),
+        expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),
+        model: model_name,
+        adapters: vec![],
+        dtype: format!("{dtype:?}").to_lowercase(),
+        software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    save_png(&args.out, &output.image, &recipe.png_metadata())?;
+    reporter.done(&format!("wrote {}", args.out.display()));
+    Ok(())
+}
+
+/// The output must be a PNG and must not overwrite an input.
+fn check_output(args: &FillArgs) -> Result<()> {
+    let is_png = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        bail!(
+            "--out {}: icedit writes PNG (lossless, with the recipe in its metadata); use a .png name",
+            args.out.display()
+        );
+    }
+    let same = |input: &Path| match (input.canonicalize(), args.out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let inputs = [Some(&args.image), args.mask.as_ref(), args.latents.as_ref()];
+    if let Some(input) = inputs.into_iter().flatten().find(|p| same(p)) {
+        bail!(
+            "--out {} is one of the inputs; icedit never overwrites its inputs, choose another name",
+            input.display()
+        );
+    }
+    if args.prompt.trim().is_empty() {
+        bail!("--prompt is empty; describe what the masked area should show");
+    }
+    Ok(())
+}
+
+/// `--latents`: a safetensors file with a float32 tensor `latents` [1, 16, H/8, W/8].
+fn read_latents(path: &Path) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read the latents file {}", path.display()))?;
+    let latents = tensors.get("latents").with_context(|| {
+        let names: Vec<_> = tensors.keys().cloned().collect();
+        format!(
+            "{} has no tensor named `latents` (it has: {})",
+            path.display(),
+            names.join(", ")
+        )
+    })?;
+    if latents.dtype() != DType::F32 {
+        bail!(
+            "{}: `latents` must be float32, it is {:?}",
+            path.display(),
+            latents.dtype()
+        );
+    }
+    Ok(latents.clone())
+}
+
+fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    // Mixed so that runs started in the same second differ; kept within 32 bits for readability.
+    ((nanos as u64) ^ ((nanos >> 64) as u64) ^ (std::process::id() as u64).rotate_left(17))
+        % 4_294_967_296
+}

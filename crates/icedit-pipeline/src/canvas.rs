@@ -1,0 +1,114 @@
+//! Canvas geometry: outpainting margins and the 16-pixel grid the model works on.
+
+use image::{imageops, GrayImage, Luma, Rgb, RgbImage};
+
+use crate::error::{PipelineError, Result};
+use crate::latents::PIXELS_PER_TOKEN;
+
+/// Margins to add around an image for outpainting, in pixels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Margins {
+    pub left: u32,
+    pub top: u32,
+    pub right: u32,
+    pub bottom: u32,
+}
+
+impl Margins {
+    /// Parses `L,T,R,B` (all four) or a single number for every side.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            PipelineError::Input(format!(
+                "--expand takes L,T,R,B in pixels (e.g. 0,0,256,0) or one number for all sides, got {text:?}"
+            ))
+        };
+        let parts: Vec<u32> = text
+            .split(',')
+            .map(|p| p.trim().parse::<u32>().map_err(|_| bad()))
+            .collect::<Result<_>>()?;
+        match parts[..] {
+            [all] => Ok(Self { left: all, top: all, right: all, bottom: all }),
+            [left, top, right, bottom] => Ok(Self { left, top, right, bottom }),
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.left + self.top + self.right + self.bottom == 0
+    }
+}
+
+/// Outpainting: a canvas with the image pasted inside the margins and the new area masked
+/// (white). An existing mask is carried over; without one, the source area is kept (black).
+/// The new area's pixels are mid-gray; their value does not matter, since the pipeline zeroes
+/// every masked pixel before encoding.
+pub fn expand(image: &RgbImage, mask: Option<&GrayImage>, margins: Margins) -> (RgbImage, GrayImage) {
+    let (w, h) = image.dimensions();
+    let (cw, ch) = (w + margins.left + margins.right, h + margins.top + margins.bottom);
+    let mut canvas = RgbImage::from_pixel(cw, ch, Rgb([127, 127, 127]));
+    imageops::replace(&mut canvas, image, margins.left as i64, margins.top as i64);
+    let mut new_mask = GrayImage::from_pixel(cw, ch, Luma([255]));
+    let inner = mask.cloned().unwrap_or_else(|| GrayImage::new(w, h));
+    imageops::replace(&mut new_mask, &inner, margins.left as i64, margins.top as i64);
+    (canvas, new_mask)
+}
+
+/// The size the model runs at: each side floored to a multiple of 16, as diffusers does.
+pub fn grid_size(width: u32, height: u32) -> (u32, u32) {
+    let g = PIXELS_PER_TOKEN as u32;
+    (width / g * g, height / g * g)
+}
+
+/// Resizes image and mask to the 16-pixel grid when they are not on it (as diffusers' image
+/// processor does, with a Lanczos filter; PIL's Lanczos and ours differ by a level or so).
+/// Returns a note for the user when a resize happened.
+pub fn fit_to_grid(image: RgbImage, mask: GrayImage) -> (RgbImage, GrayImage, Option<String>) {
+    let (w, h) = image.dimensions();
+    let (gw, gh) = grid_size(w, h);
+    if (gw, gh) == (w, h) {
+        return (image, mask, None);
+    }
+    let image = imageops::resize(&image, gw, gh, imageops::FilterType::Lanczos3);
+    let mask = imageops::resize(&mask, gw, gh, imageops::FilterType::Lanczos3);
+    let note = format!(
+        "resized {w}x{h} to {gw}x{gh}: the model works on multiples of 16 pixels"
+    );
+    (image, mask, Some(note))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_margins() {
+        assert_eq!(
+            Margins::parse("1,2,3,4").unwrap(),
+            Margins { left: 1, top: 2, right: 3, bottom: 4 }
+        );
+        assert_eq!(Margins::parse("8").unwrap().bottom, 8);
+        assert!(Margins::parse("1,2").is_err());
+        assert!(Margins::parse("-1,0,0,0").is_err());
+    }
+
+    #[test]
+    fn expand_masks_only_the_new_area() {
+        let img = RgbImage::from_pixel(2, 2, Rgb([9, 9, 9]));
+        let (canvas, mask) = expand(&img, None, Margins { left: 1, top: 0, right: 0, bottom: 1 });
+        assert_eq!(canvas.dimensions(), (3, 3));
+        assert_eq!(canvas.get_pixel(1, 0).0, [9, 9, 9]);
+        assert_eq!(mask.get_pixel(0, 0).0, [255]);
+        assert_eq!(mask.get_pixel(1, 1).0, [0]);
+        assert_eq!(mask.get_pixel(2, 2).0, [255]);
+    }
+
+    #[test]
+    fn grid_floors_to_16() {
+        assert_eq!(grid_size(1000, 517), (992, 512));
+        let (i, m, note) = fit_to_grid(RgbImage::new(32, 48), GrayImage::new(32, 48));
+        assert_eq!((i.dimensions(), m.dimensions(), note), ((32, 48), (32, 48), None));
+        let (i, _, note) = fit_to_grid(RgbImage::new(33, 50), GrayImage::new(33, 50));
+        assert_eq!(i.dimensions(), (32, 48));
+        assert!(note.is_some());
+    }
+}

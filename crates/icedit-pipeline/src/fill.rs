@@ -1,0 +1,345 @@
+//! FLUX.1 Fill: image + mask + prompt -> image, computing what diffusers' `FluxFillPipeline`
+//! computes (same noise for the same seed, same latents layout, same schedule).
+//!
+//! Components load when first needed. The text encoders (T5-XXL alone is 9 GB in bf16) are
+//! dropped as soon as the prompt is encoded, before the transformer loads, unless the caller
+//! keeps them for serving several prompts.
+
+use candle_core::{DType, Device, Tensor};
+use icedit_flux::{AutoencoderKl, Checkpoint, FluxInput, FluxTransformer};
+use icedit_hub::ModelRepo;
+use icedit_text::{TextConditioning, TextEncoders};
+use image::{GrayImage, RgbImage};
+
+use crate::error::{PipelineError, Result};
+use crate::image_io::binarize;
+use crate::latents::{
+    image_ids, pack, pack_mask, pixels_to_tensor, tensor_to_pixels, text_ids, unpack,
+    PIXELS_PER_TOKEN, VAE_SCALE,
+};
+use crate::scheduler::{FlowMatchSchedule, SchedulerConfig};
+use crate::torch_rng::TorchGenerator;
+
+/// Latent channels of the FLUX VAE.
+pub const LATENT_CHANNELS: usize = 16;
+
+/// Where the initial noise comes from.
+#[derive(Debug, Clone)]
+pub enum InitialNoise {
+    /// Drawn from torch's CPU generator seeded with this value, as diffusers does with
+    /// `generator=torch.Generator("cpu").manual_seed(seed)`.
+    Seed(u64),
+    /// Given `[1, 16, H/8, W/8]` latents (diffusers' `latents=` argument, unpacked); the seed
+    /// still drives the VAE posterior sample of the masked image.
+    Latents { latents: Tensor, seed: u64 },
+}
+
+impl InitialNoise {
+    fn seed(&self) -> u64 {
+        match self {
+            Self::Seed(seed) | Self::Latents { seed, .. } => *seed,
+        }
+    }
+}
+
+/// One inpainting job. Image and mask must have the same size, a multiple of 16 (see
+/// [`crate::canvas::fit_to_grid`]); mask pixels >= 128 are regenerated.
+pub struct FillRequest<'a> {
+    pub image: &'a RgbImage,
+    pub mask: &'a GrayImage,
+    pub prompt: &'a str,
+    pub steps: usize,
+    pub guidance: f32,
+    pub noise: InitialNoise,
+    /// T5 tokens (the prompt is padded to this length; diffusers' default is 512).
+    pub max_sequence_length: usize,
+}
+
+/// What the pipeline reports while it works.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Loading(&'static str),
+    /// A denoising step finished (1-based).
+    Step { done: usize, total: usize },
+    Decoding,
+}
+
+/// The result: the image and the facts a recipe records.
+pub struct FillOutput {
+    pub image: RgbImage,
+    /// Prompt parts dropped by the tokenizers' length limits, for a warning.
+    pub truncation: Vec<String>,
+}
+
+/// A FLUX.1 Fill pipeline over a model repo (Hub or local folder in diffusers layout).
+pub struct FillPipeline {
+    repo: ModelRepo,
+    dtype: DType,
+    device: Device,
+    scheduler: SchedulerConfig,
+    keep_text_encoders: bool,
+    text: Option<TextEncoders>,
+    transformer: Option<FluxTransformer>,
+    vae: Option<AutoencoderKl>,
+}
+
+impl FillPipeline {
+    /// Opens the pipeline; weights load on first use. Reads the scheduler config now, so a
+    /// repo that is not a FLUX pipeline fails early.
+    pub fn new(repo: ModelRepo, dtype: DType, device: Device) -> Result<Self> {
+        icedit_flux::check_model_dtype(dtype)?;
+        let scheduler = SchedulerConfig::from_json_file(&repo.file("scheduler/scheduler_config.json")?)?;
+        Ok(Self {
+            repo,
+            dtype,
+            device,
+            scheduler,
+            keep_text_encoders: false,
+            text: None,
+            transformer: None,
+            vae: None,
+        })
+    }
+
+    /// Keeps the text encoders loaded between prompts (for a server); by default they are
+    /// released right after encoding.
+    pub fn keep_text_encoders(mut self, keep: bool) -> Self {
+        self.keep_text_encoders = keep;
+        self
+    }
+
+    pub fn repo(&self) -> &ModelRepo {
+        &self.repo
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Fetches every file the pipeline needs (downloading what is missing, or one error naming
+    /// all files that are unavailable), without loading anything.
+    pub fn fetch_all(&self) -> Result<()> {
+        fetch_text_files(&self.repo)?;
+        self.repo.safetensors_set("transformer", "diffusion_pytorch_model")?;
+        self.repo.file("transformer/config.json")?;
+        self.repo.file("vae/config.json")?;
+        self.repo.safetensors_set("vae", "diffusion_pytorch_model")?;
+        Ok(())
+    }
+
+    /// T5 states and CLIP pooled output for a prompt.
+    pub fn encode_prompt(
+        &mut self,
+        prompt: &str,
+        max_sequence_length: usize,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<TextConditioning> {
+        if prompt.trim().is_empty() {
+            return Err(PipelineError::Input(
+                "the prompt is empty; describe what the masked area should show".into(),
+            ));
+        }
+        if self.text.is_none() {
+            progress(Progress::Loading("text encoders"));
+            let root = fetch_text_files(&self.repo)?;
+            self.text = Some(TextEncoders::load(&root, self.dtype, &self.device)?);
+        }
+        let encoders = self.text.as_ref().expect("loaded above");
+        let conditioning = encoders.encode(prompt, max_sequence_length)?;
+        if !self.keep_text_encoders {
+            self.text = None;
+        }
+        Ok(conditioning)
+    }
+
+    fn transformer(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<&FluxTransformer> {
+        if self.transformer.is_none() {
+            progress(Progress::Loading("transformer"));
+            // The folder (local, or the Hub cache's snapshot) holds config, index and shards.
+            let config = self.repo.file("transformer/config.json")?;
+            self.repo.safetensors_set("transformer", "diffusion_pytorch_model")?;
+            let checkpoint = Checkpoint::open(folder_of(&config))?;
+            self.transformer = Some(FluxTransformer::load(&checkpoint, self.dtype, &self.device)?);
+        }
+        Ok(self.transformer.as_ref().expect("loaded above"))
+    }
+
+    fn vae(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<&AutoencoderKl> {
+        if self.vae.is_none() {
+            progress(Progress::Loading("VAE"));
+            let config = self.repo.file("vae/config.json")?;
+            self.repo.safetensors_set("vae", "diffusion_pytorch_model")?;
+            self.vae = Some(AutoencoderKl::load(folder_of(&config), self.dtype, &self.device)?);
+        }
+        Ok(self.vae.as_ref().expect("loaded above"))
+    }
+
+    /// Runs one inpainting job.
+    pub fn fill(&mut self, request: &FillRequest, progress: &mut dyn FnMut(Progress)) -> Result<FillOutput> {
+        let (width, height) = request.image.dimensions();
+        check_request(request)?;
+        let conditioning = self.encode_prompt(request.prompt, request.max_sequence_length, progress)?;
+        let image = self.denoise(request, &conditioning, progress)?;
+        Ok(FillOutput {
+            image: {
+                debug_assert_eq!(image.dimensions(), (width, height));
+                image
+            },
+            truncation: conditioning.truncation_warnings(),
+        })
+    }
+
+    /// The denoising loop and decode for already encoded text.
+    pub fn denoise(
+        &mut self,
+        request: &FillRequest,
+        text: &TextConditioning,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<RgbImage> {
+        check_request(request)?;
+        let (dtype, device) = (self.dtype, self.device.clone());
+        let (width, height) = request.image.dimensions();
+        let (w, h) = (width as usize / VAE_SCALE, height as usize / VAE_SCALE);
+        let latent_shape = [1, LATENT_CHANNELS, h, w];
+        let mut rng = TorchGenerator::new(request.noise.seed());
+
+        // Initial noise. Without given latents diffusers first encodes the source image and
+        // samples its posterior (unused at full strength: sigma is 1), then draws the noise;
+        // the posterior draw is skipped here but its random numbers are consumed all the same.
+        let latents = match &request.noise {
+            InitialNoise::Latents { latents, .. } => latents.to_device(&device)?.to_dtype(dtype)?,
+            InitialNoise::Seed(_) => {
+                rng.randn(&latent_shape, dtype, &Device::Cpu)?;
+                rng.randn(&latent_shape, dtype, &device)?
+            }
+        };
+        let mut latents = pack(&latents)?;
+
+        // Masked image latents | mask channels, fixed through the loop.
+        let mask = binarize(request.mask);
+        let condition = {
+            let vae = self.vae(progress)?;
+            let pixels = pixels_to_tensor(request.image.as_raw(), height as usize, width as usize, &device)?;
+            let keep = Tensor::from_slice(&mask, (1, 1, height as usize, width as usize), &device)?
+                .affine(-1.0, 1.0)?;
+            let masked = pixels.broadcast_mul(&keep)?.to_dtype(dtype)?;
+            let posterior = vae.encode(&masked)?;
+            let noise = rng.randn(&latent_shape, dtype, &device)?;
+            let z = vae.scale_latents(&posterior.sample(&noise)?)?.to_dtype(dtype)?;
+            let mask = pack_mask(&mask, height as usize, width as usize, &device)?.to_dtype(dtype)?;
+            Tensor::cat(&[pack(&z)?, mask], 2)?
+        };
+
+        let tokens = (height as usize / PIXELS_PER_TOKEN) * (width as usize / PIXELS_PER_TOKEN);
+        let schedule = FlowMatchSchedule::new(&self.scheduler, request.steps, tokens)?;
+        let img_ids = image_ids(h / 2, w / 2, &device)?;
+        let txt = text.t5.to_device(&device)?.to_dtype(dtype)?;
+        let txt_ids = text_ids(txt.dim(1)?, &device)?;
+        let pooled = text.pooled.to_device(&device)?.to_dtype(dtype)?;
+        let guidance = Tensor::new(&[request.guidance], &device)?;
+        let transformer = self.transformer(progress)?;
+        let total = schedule.steps();
+        for step in 0..total {
+            let timestep = Tensor::new(&[schedule.model_timestep(step, dtype)], &device)?;
+            let img = Tensor::cat(&[&latents, &condition], 2)?;
+            let velocity = transformer.forward(&FluxInput {
+                img: &img,
+                img_ids: &img_ids,
+                txt: &txt,
+                txt_ids: &txt_ids,
+                pooled: &pooled,
+                timestep: &timestep,
+                guidance: transformer.config().guidance_embeds.then_some(&guidance),
+            })?;
+            latents = schedule.step(step, &latents, &velocity)?;
+            progress(Progress::Step { done: step + 1, total });
+        }
+
+        progress(Progress::Decoding);
+        let vae = self.vae(progress)?;
+        let z = vae.unscale_latents(&unpack(&latents, h, w)?)?;
+        let decoded = vae.decode(&z)?;
+        let (rgb, out_h, out_w) = tensor_to_pixels(&decoded)?;
+        RgbImage::from_raw(out_w as u32, out_h as u32, rgb)
+            .ok_or_else(|| PipelineError::Input("decoded image has an unexpected size".into()))
+    }
+}
+
+/// Makes the tokenizer and text-encoder files of the repo local (downloading what is missing)
+/// and returns the pipeline root they live under.
+fn fetch_text_files(repo: &ModelRepo) -> Result<std::path::PathBuf> {
+    let mut required = vec![
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+        "tokenizer_2/tokenizer.json",
+    ];
+    // The FLUX repos have no CLIP tokenizer.json, only vocab.json + merges.txt.
+    if repo.exists("tokenizer/tokenizer.json")? {
+        required.push("tokenizer/tokenizer.json");
+    } else {
+        required.extend(["tokenizer/vocab.json", "tokenizer/merges.txt"]);
+    }
+    for optional in [
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer_2/tokenizer_config.json",
+        "tokenizer_2/special_tokens_map.json",
+    ] {
+        if repo.exists(optional)? {
+            required.push(optional);
+        }
+    }
+    let paths = repo.files(&required)?;
+    repo.safetensors_set("text_encoder", "model")?;
+    repo.safetensors_set("text_encoder_2", "model")?;
+    // `text_encoder/config.json` -> the pipeline root.
+    let config = &paths[0];
+    Ok(folder_of(folder_of(config)).to_path_buf())
+}
+
+fn folder_of(file: &std::path::Path) -> &std::path::Path {
+    file.parent().unwrap_or(file)
+}
+
+fn check_request(request: &FillRequest) -> Result<()> {
+    let (width, height) = request.image.dimensions();
+    let g = PIXELS_PER_TOKEN as u32;
+    if width % g != 0 || height % g != 0 || width == 0 || height == 0 {
+        return Err(PipelineError::Input(format!(
+            "the image is {width}x{height}; the pipeline needs multiples of {g} (use canvas::fit_to_grid)"
+        )));
+    }
+    if request.mask.dimensions() != (width, height) {
+        let (mw, mh) = request.mask.dimensions();
+        return Err(PipelineError::Input(format!(
+            "the mask is {mw}x{mh} but the image is {width}x{height}; give a mask of the image's size"
+        )));
+    }
+    if let InitialNoise::Latents { latents, .. } = &request.noise {
+        let expected = [1, LATENT_CHANNELS, height as usize / VAE_SCALE, width as usize / VAE_SCALE];
+        if latents.dims() != expected {
+            return Err(PipelineError::Input(format!(
+                "the given latents are {:?}; a {width}x{height} image needs {expected:?}",
+                latents.dims()
+            )));
+        }
+    }
+    if request.prompt.trim().is_empty() {
+        return Err(PipelineError::Input(
+            "the prompt is empty; describe what the masked area should show".into(),
+        ));
+    }
+    if request.steps == 0 {
+        return Err(PipelineError::Input("steps must be at least 1".into()));
+    }
+    if !request.guidance.is_finite() {
+        return Err(PipelineError::Input("guidance must be a finite number".into()));
+    }
+    if request.max_sequence_length == 0 || request.max_sequence_length > 512 {
+        return Err(PipelineError::Input(format!(
+            "max sequence length must be between 1 and 512 (T5's limit), got {}",
+            request.max_sequence_length
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! The recipe of a result, stored in its PNG metadata so that any output can be reproduced.
+
+use serde::{Deserialize, Serialize};
+
+/// PNG text keyword holding the recipe as JSON.
+pub const RECIPE_KEY: &str = "icedit";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    /// "fill", "outpaint", "edit".
+    pub task: String,
+    pub prompt: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
+    pub seed: u64,
+    /// The latents file used instead of seeded noise, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latents: Option<String>,
+    pub steps: usize,
+    pub guidance: f32,
+    pub max_sequence_length: usize,
+    pub width: u32,
+    pub height: u32,
+    /// Outpainting margins L,T,R,B.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expand: Option<[u32; 4]>,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterUse>,
+    pub dtype: String,
+    pub software: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterUse {
+    pub name: String,
+    pub scale: f32,
+}
+
+impl Recipe {
+    /// PNG text chunks: the JSON recipe, plus a one-line summary for image viewers.
+    pub fn png_metadata(&self) -> Vec<(&'static str, String)> {
+        let json = serde_json::to_string(self).expect("a recipe always serialises");
+        let summary = format!(
+            "{}: {:?}, seed {}, {} steps, guidance {}, model {}",
+            self.task, self.prompt, self.seed, self.steps, self.guidance, self.model
+        );
+        vec![
+            (RECIPE_KEY, json),
+            ("Description", summary),
+            ("Software", self.software.clone()),
+        ]
+    }
+
+    /// The recipe stored in a PNG's metadata, if any.
+    pub fn from_png_metadata(chunks: &[(String, String)]) -> Option<Self> {
+        chunks
+            .iter()
+            .find(|(k, _)| k == RECIPE_KEY)
+            .and_then(|(_, v)| serde_json::from_str(v).ok())
+    }
+}

@@ -1,0 +1,133 @@
+//! A transformers model folder (`config.json` + `model.safetensors`, or a sharded
+//! `model.safetensors.index.json`) and checked tensor reads from it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use icedit_flux::SafetensorsFiles;
+
+use crate::error::{read_json, Result, TextError};
+
+const CONFIG: &str = "config.json";
+const SINGLE: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+/// The weights of one model folder, read by name with the shape its config implies.
+pub(crate) struct ModelWeights {
+    /// What the folder should hold, for error messages ("CLIP text encoder").
+    model: &'static str,
+    files: SafetensorsFiles,
+    /// File of each tensor, from the shard index (empty for a single file).
+    shard_of: HashMap<String, PathBuf>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl ModelWeights {
+    /// Opens `dir`: returns the path of its `config.json` (checked to exist) and its weights.
+    pub(crate) fn open(dir: &Path, model: &'static str) -> Result<(PathBuf, Self)> {
+        if !dir.is_dir() {
+            return Err(TextError::MissingFile {
+                what: "model folder",
+                path: dir.to_path_buf(),
+                hint: format!("expected the {model} folder of a diffusers pipeline"),
+            });
+        }
+        let config = dir.join(CONFIG);
+        if !config.is_file() {
+            return Err(TextError::MissingFile {
+                what: "model config",
+                path: config,
+                hint: format!("the {model} folder needs its config.json"),
+            });
+        }
+
+        let single = dir.join(SINGLE);
+        let index = dir.join(INDEX);
+        let (paths, shard_of) = if single.is_file() {
+            (vec![single], HashMap::new())
+        } else if index.is_file() {
+            let parsed: ShardIndex = read_json(&index)?;
+            let names: BTreeSet<&String> = parsed.weight_map.values().collect();
+            let mut paths = Vec::with_capacity(names.len());
+            for name in names {
+                let path = dir.join(name);
+                if !path.is_file() {
+                    return Err(TextError::MissingFile {
+                        what: "weight shard",
+                        path,
+                        hint: format!("listed in {INDEX}; the download may be incomplete"),
+                    });
+                }
+                paths.push(path);
+            }
+            let shard_of = parsed
+                .weight_map
+                .into_iter()
+                .map(|(tensor, file)| (tensor, dir.join(file)))
+                .collect();
+            (paths, shard_of)
+        } else {
+            return Err(TextError::MissingFile {
+                what: "model weights",
+                path: single,
+                hint: format!("expected {SINGLE}, or {INDEX} with its shards"),
+            });
+        };
+
+        let files = SafetensorsFiles::open(&paths)?;
+        Ok((
+            config,
+            Self {
+                model,
+                files,
+                shard_of,
+            },
+        ))
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.files.contains(name)
+    }
+
+    /// Reads `name`, checking that it has `shape`, converted to `dtype` on `device` (whatever
+    /// dtype it is stored in).
+    pub(crate) fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some(found) = self.files.shape(name) else {
+            // A shard index that lists the tensor points at the file that should have it.
+            let files = match self.shard_of.get(name) {
+                Some(file) => vec![file.clone()],
+                None => self.files.paths().to_vec(),
+            };
+            return Err(TextError::MissingTensor {
+                name: name.to_string(),
+                model: self.model,
+                files,
+            });
+        };
+        if found != shape {
+            let file = self
+                .shard_of
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| self.files.paths()[0].clone());
+            return Err(TextError::TensorShape {
+                name: name.to_string(),
+                file,
+                expected: shape.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(self.files.read(name, None, dtype, device)?)
+    }
+}

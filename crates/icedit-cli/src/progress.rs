@@ -2,13 +2,14 @@
 //! `--quiet` silences all but warnings and errors.
 
 use std::cell::RefCell;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use icedit_pipeline::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub struct Reporter {
     quiet: bool,
+    start: Instant,
     bar: RefCell<Option<ProgressBar>>,
 }
 
@@ -16,6 +17,7 @@ impl Reporter {
     pub fn new(quiet: bool) -> Self {
         Self {
             quiet,
+            start: Instant::now(),
             bar: RefCell::new(None),
         }
     }
@@ -35,8 +37,13 @@ impl Reporter {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!("{message}");
+            eprintln!("{} {message}", self.clock());
         }
+    }
+
+    /// Time since start, so that slow phases show.
+    fn clock(&self) -> String {
+        format!("[{:6.1}s]", self.start.elapsed().as_secs_f64())
     }
 
     /// Prints above the bar when one is showing.
@@ -54,7 +61,7 @@ impl Reporter {
                 return;
             }
             match event {
-                Progress::Loading(what) => self.print(&format!("loading {what}...")),
+                Progress::Loading(what) => self.print(&format!("{} loading {what}...", self.clock())),
                 Progress::Step { done, total } => {
                     let mut slot = self.bar.borrow_mut();
                     let bar = slot.get_or_insert_with(|| {
@@ -79,7 +86,7 @@ impl Reporter {
                     if let Some(bar) = self.bar.borrow_mut().take() {
                         bar.finish();
                     }
-                    eprintln!("decoding...");
+                    eprintln!("{} decoding...", self.clock());
                 }
             }
         }

@@ -22,6 +22,12 @@ pub enum FluxError {
         message: String,
     },
 
+    #[error("invalid VAE config{}: {message}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    VaeConfig {
+        path: Option<PathBuf>,
+        message: String,
+    },
+
     /// `name` is the checkpoint's name; `read_as` the model's (diffusers) name when they differ.
     #[error(
         "tensor `{name}`{} is missing from the checkpoint{}",

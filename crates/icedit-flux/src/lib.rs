@@ -15,10 +15,14 @@ mod cpu_kernels;
 mod error;
 mod linear;
 mod model;
+mod vae;
 mod weights;
 
 pub use config::{FluxConfig, MLP_RATIO, ROPE_THETA};
 pub use error::{FluxError, Result};
 pub use linear::{Linear, LinearAdapter, VisitLinears};
 pub use model::{FluxInput, FluxTransformer};
-pub use weights::{check_model_dtype, parse_dtype, Checkpoint, Layout, SafetensorsFiles};
+pub use vae::{AutoencoderKl, Posterior, VaeConfig};
+pub use weights::{
+    check_model_dtype, parse_dtype, Checkpoint, Layout, MappedTensors, SafetensorsFiles,
+};

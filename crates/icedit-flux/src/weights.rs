@@ -157,7 +157,7 @@ impl SafetensorsFiles {
         Ok(tensor)
     }
 
-    fn missing(&self, name: &str) -> FluxError {
+    pub(crate) fn missing(&self, name: &str) -> FluxError {
         FluxError::MissingTensor {
             name: name.to_string(),
             read_as: None,
@@ -514,9 +514,148 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
     }
 }
 
+/// A set of safetensors files read under another model's tensor names: `rename` maps each name
+/// the model asks for to the name stored in the files (`None`: no such tensor there). A stored
+/// tensor may differ from the requested shape by trailing 1-sized dimensions only (a 1x1 conv
+/// weight `[o, i, 1, 1]` read as a linear weight `[o, i]`, or back); it is reshaped on read.
+pub struct MappedTensors {
+    files: SafetensorsFiles,
+    rename: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    used: Mutex<HashSet<String>>,
+}
+
+impl MappedTensors {
+    pub fn new(
+        files: SafetensorsFiles,
+        rename: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            files,
+            rename: Box::new(rename),
+            used: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The files read under their own names.
+    pub fn identity(files: SafetensorsFiles) -> Self {
+        Self::new(files, |name| Some(name.to_string()))
+    }
+
+    pub fn files(&self) -> &SafetensorsFiles {
+        &self.files
+    }
+
+    /// The stored name of the model's tensor `name`.
+    pub fn stored_name(&self, name: &str) -> Option<String> {
+        (self.rename)(name)
+    }
+
+    /// Whether the model's tensor `name` is in the files.
+    pub fn contains(&self, name: &str) -> bool {
+        self.shape(name).is_some()
+    }
+
+    /// The stored shape of the model's tensor `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.files.shape(&self.stored_name(name)?)
+    }
+
+    /// A `VarBuilder` that serves the model's tensor names from the files.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(MappedBackend(self)), dtype, device.clone())
+    }
+
+    /// Stored tensors the model did not read (after loading), sorted.
+    pub fn unused_tensors(&self) -> Vec<String> {
+        let used = self.used.lock().expect("poisoned");
+        let mut unused: Vec<String> = self
+            .files
+            .names()
+            .filter(|n| !used.contains(*n))
+            .map(str::to_string)
+            .collect();
+        unused.sort();
+        unused
+    }
+
+    fn missing(&self, stored: &str, name: &str) -> FluxError {
+        FluxError::MissingTensor {
+            name: stored.to_string(),
+            read_as: (stored != name).then(|| name.to_string()),
+            files: self.files.paths().to_vec(),
+        }
+    }
+
+    fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let stored = self
+            .stored_name(name)
+            .ok_or_else(|| self.missing(name, name))?;
+        let found = self
+            .files
+            .shape(&stored)
+            .ok_or_else(|| self.missing(&stored, name))?
+            .to_vec();
+        self.used.lock().expect("poisoned").insert(stored.clone());
+        let trim = |dims: &[usize]| -> Vec<usize> {
+            let keep = dims.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+            dims[..keep].to_vec()
+        };
+        if found != expected.dims() && trim(&found) != trim(expected.dims()) {
+            return Err(FluxError::ShapeMismatch {
+                read_as: (stored != name).then(|| name.to_string()),
+                name: stored,
+                expected: expected.dims().to_vec(),
+                found,
+            });
+        }
+        let tensor = self.files.read(&stored, None, dtype, device)?;
+        if found == expected.dims() {
+            Ok(tensor)
+        } else {
+            Ok(tensor.reshape(expected)?)
+        }
+    }
+}
+
+struct MappedBackend<'a>(&'a MappedTensors);
+
+impl candle_nn::var_builder::SimpleBackend for MappedBackend<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .read(name, &s, dtype, dev)
+            .map_err(FluxError::into_candle)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let shape = self
+            .0
+            .shape(name)
+            .map(<[usize]>::to_vec)
+            .unwrap_or_default();
+        self.get(
+            Shape::from(shape),
+            name,
+            candle_nn::Init::Const(0.),
+            dtype,
+            dev,
+        )
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
 /// The safetensors files of a diffusers model folder: the shards named by the index, or the
 /// single weights file.
-fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join(DIFFUSERS_INDEX);
     if index_path.is_file() {
         let text = std::fs::read_to_string(&index_path).map_err(|source| FluxError::Io {

@@ -92,14 +92,22 @@ pub fn run(args: FillArgs) -> Result<()> {
                 );
             }
             reporter.note(&format!("mask resized from {mw}x{mh} to {iw}x{ih}"));
-            mask = Some(image::imageops::resize(m, iw, ih, image::imageops::FilterType::Lanczos3));
+            mask = Some(image::imageops::resize(
+                m,
+                iw,
+                ih,
+                image::imageops::FilterType::Lanczos3,
+            ));
         }
     }
     let (image, mask) = match margins {
         Some(m) if !m.is_empty() => canvas::expand(&source.rgb, mask.as_ref(), m),
         _ => {
             let (w, h) = source.rgb.dimensions();
-            (source.rgb, mask.unwrap_or_else(|| image::GrayImage::new(w, h)))
+            (
+                source.rgb,
+                mask.unwrap_or_else(|| image::GrayImage::new(w, h)),
+            )
         }
     };
     image_io::check_size(image.width(), image.height(), "the canvas")?;
@@ -110,7 +118,11 @@ pub fn run(args: FillArgs) -> Result<()> {
     if image_io::binarize(&mask).iter().all(|&v| v == 0.0) {
         reporter.warn("the mask is empty (all black): nothing will be regenerated on purpose");
     }
-    let latents = args.latents.as_deref().map(|p| read_latents(p)).transpose()?;
+    let latents = args
+        .latents
+        .as_deref()
+        .map(|p| read_latents(p))
+        .transpose()?;
     let seed = args
         .seed
         .unwrap_or_else(|| if latents.is_some() { 0 } else { random_seed() });
@@ -147,7 +159,12 @@ pub fn run(args: FillArgs) -> Result<()> {
     }
 
     let recipe = Recipe {
-        task: if margins.is_some_and(|m| !m.is_empty()) { "outpaint" } else { "fill" }.into(),
+        task: if margins.is_some_and(|m| !m.is_empty()) {
+            "outpaint"
+        } else {
+            "fill"
+        }
+        .into(),
         prompt: args.prompt.clone(),
         instruction: None,
         seed,

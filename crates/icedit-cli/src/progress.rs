@@ -61,7 +61,9 @@ impl Reporter {
                 return;
             }
             match event {
-                Progress::Loading(what) => self.print(&format!("{} loading {what}...", self.clock())),
+                Progress::Loading(what) => {
+                    self.print(&format!("{} loading {what}...", self.clock()))
+                }
                 Progress::Step { done, total } => {
                     let mut slot = self.bar.borrow_mut();
                     let bar = slot.get_or_insert_with(|| {

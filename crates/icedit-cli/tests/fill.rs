@@ -13,7 +13,13 @@ fn model() -> String {
 }
 
 fn reference(run: &str, file: &str) -> String {
-    fixtures().join("reference").join(run).join(file).to_str().unwrap().to_string()
+    fixtures()
+        .join("reference")
+        .join(run)
+        .join(file)
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 fn icedit(args: &[&str]) -> Output {
@@ -34,7 +40,12 @@ fn max_png_diff(a: &Path, b: &Path) -> u8 {
     let a = image::open(a).unwrap().to_rgb8();
     let b = image::open(b).unwrap().to_rgb8();
     assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
 }
 
 fn metadata(path: &Path) -> String {
@@ -53,21 +64,46 @@ fn fill_reproduces_the_reference_and_records_the_recipe() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let result = icedit(&[
-        "fill", "--model", &model(),
-        "--image", &reference("inpaint_seed", "image.png"),
-        "--mask", &reference("inpaint_seed", "mask.png"),
-        "--prompt", "make it night", "--steps", "4", "--guidance", "30", "--seed", "11",
-        "--max-seq-len", "16", "--dtype", "f32",
-        "--out", out.to_str().unwrap(),
+        "fill",
+        "--model",
+        &model(),
+        "--image",
+        &reference("inpaint_seed", "image.png"),
+        "--mask",
+        &reference("inpaint_seed", "mask.png"),
+        "--prompt",
+        "make it night",
+        "--steps",
+        "4",
+        "--guidance",
+        "30",
+        "--seed",
+        "11",
+        "--max-seq-len",
+        "16",
+        "--dtype",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(result.status.success(), "{}", stderr(&result));
     let diff = max_png_diff(&out, Path::new(&reference("inpaint_seed", "out.png")));
     assert!(diff <= 1, "PNG differs from diffusers by {diff}/255");
     let meta = metadata(&out);
-    for needle in ["\"prompt\":\"make it night\"", "\"seed\":11", "\"steps\":4", "\"guidance\":30.0", "\"task\":\"fill\"", "tiny"] {
+    for needle in [
+        "\"prompt\":\"make it night\"",
+        "\"seed\":11",
+        "\"steps\":4",
+        "\"guidance\":30.0",
+        "\"task\":\"fill\"",
+        "tiny",
+    ] {
         assert!(meta.contains(needle), "{needle} not in {meta}");
     }
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "stray files: {names:?}");
 }
 
@@ -76,24 +112,58 @@ fn given_latents_and_outpainting() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("latents.png");
     let result = icedit(&[
-        "fill", "--model", &model(),
-        "--image", &reference("inpaint_latents", "image.png"),
-        "--mask", &reference("inpaint_latents", "mask.png"),
-        "--latents", &reference("inpaint_latents", "latents.safetensors"), "--seed", "3",
-        "--prompt", "give him a red scarf", "--steps", "3", "--max-seq-len", "16", "--dtype", "f32",
-        "--out", out.to_str().unwrap(), "--quiet",
+        "fill",
+        "--model",
+        &model(),
+        "--image",
+        &reference("inpaint_latents", "image.png"),
+        "--mask",
+        &reference("inpaint_latents", "mask.png"),
+        "--latents",
+        &reference("inpaint_latents", "latents.safetensors"),
+        "--seed",
+        "3",
+        "--prompt",
+        "give him a red scarf",
+        "--steps",
+        "3",
+        "--max-seq-len",
+        "16",
+        "--dtype",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
     ]);
     assert!(result.status.success(), "{}", stderr(&result));
-    assert!(stderr(&result).is_empty(), "--quiet printed: {}", stderr(&result));
+    assert!(
+        stderr(&result).is_empty(),
+        "--quiet printed: {}",
+        stderr(&result)
+    );
     assert!(max_png_diff(&out, Path::new(&reference("inpaint_latents", "out.png"))) <= 1);
 
     let out = dir.path().join("outpaint.png");
     let result = icedit(&[
-        "fill", "--model", &model(),
-        "--image", &reference("outpaint_seed", "outpaint_source.png"),
-        "--expand", "16,0,16,16",
-        "--prompt", "a wide landscape", "--steps", "3", "--seed", "5", "--max-seq-len", "16",
-        "--dtype", "f32", "--out", out.to_str().unwrap(),
+        "fill",
+        "--model",
+        &model(),
+        "--image",
+        &reference("outpaint_seed", "outpaint_source.png"),
+        "--expand",
+        "16,0,16,16",
+        "--prompt",
+        "a wide landscape",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--max-seq-len",
+        "16",
+        "--dtype",
+        "f32",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(max_png_diff(&out, Path::new(&reference("outpaint_seed", "out.png"))) <= 1);
@@ -120,36 +190,220 @@ fn bad_input_exits_1_with_a_reason_and_writes_nothing() {
     let mask = reference("inpaint_seed", "mask.png");
     let m = model();
     let base = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["fill", "--model", &m, "--steps", "1", "--max-seq-len", "16", "--dtype", "f32"]
-            .iter().map(|s| s.to_string()).collect();
+        let mut v: Vec<String> = [
+            "fill",
+            "--model",
+            &m,
+            "--steps",
+            "1",
+            "--max-seq-len",
+            "16",
+            "--dtype",
+            "f32",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (base(&["--image", "/no/such.png", "--mask", &mask, "--prompt", "x", "--out", &out_s]), "/no/such.png"),
-        (base(&["--image", corrupt.to_str().unwrap(), "--mask", &mask, "--prompt", "x", "--out", &out_s]), "corrupt.png"),
-        (base(&["--image", text.to_str().unwrap(), "--mask", &mask, "--prompt", "x", "--out", &out_s]), "not a recognised image format"),
-        (base(&["--image", &image, "--mask", small_mask.to_str().unwrap(), "--prompt", "x", "--out", &out_s]), "--resize-mask"),
-        (base(&["--image", huge.to_str().unwrap(), "--expand", "8", "--prompt", "x", "--out", &out_s]), "resize it first"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "   ", "--out", &out_s]), "--prompt is empty"),
-        (base(&["--image", &image, "--prompt", "x", "--out", &out_s]), "give --mask"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "x", "--out", "/no/such/dir/out.png"]), "does not exist"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "x", "--out", &d.join("out.jpg").to_string_lossy()]), "use a .png name"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "x", "--out", &image]), "never overwrites its inputs"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "x", "--expand", "1,2", "--out", &out_s]), "L,T,R,B"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "x", "--latents", bad_latents.to_str().unwrap(), "--out", &out_s]), "bad.safetensors"),
-        (base(&["--image", &image, "--mask", &mask, "--prompt", "x", "--latents", &reference("inpaint_latents", "latents.safetensors"), "--out", &out_s]), "[1, 16, 8, 4]"),
-        (vec!["fill".into(), "--model".into(), m.clone(), "--image".into(), image.clone(), "--mask".into(), mask.clone(), "--prompt".into(), "x".into(), "--dtype".into(), "int4".into(), "--out".into(), out_s.clone()], "int4"),
-        (vec!["fill".into(), "--model".into(), "nobody/not-cached-model".into(), "--image".into(), image.clone(), "--mask".into(), mask.clone(), "--prompt".into(), "x".into(), "--out".into(), out_s.clone()], "HF_HUB_OFFLINE"),
+        (
+            base(&[
+                "--image",
+                "/no/such.png",
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--out",
+                &out_s,
+            ]),
+            "/no/such.png",
+        ),
+        (
+            base(&[
+                "--image",
+                corrupt.to_str().unwrap(),
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--out",
+                &out_s,
+            ]),
+            "corrupt.png",
+        ),
+        (
+            base(&[
+                "--image",
+                text.to_str().unwrap(),
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--out",
+                &out_s,
+            ]),
+            "not a recognised image format",
+        ),
+        (
+            base(&[
+                "--image",
+                &image,
+                "--mask",
+                small_mask.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--out",
+                &out_s,
+            ]),
+            "--resize-mask",
+        ),
+        (
+            base(&[
+                "--image",
+                huge.to_str().unwrap(),
+                "--expand",
+                "8",
+                "--prompt",
+                "x",
+                "--out",
+                &out_s,
+            ]),
+            "resize it first",
+        ),
+        (
+            base(&[
+                "--image", &image, "--mask", &mask, "--prompt", "   ", "--out", &out_s,
+            ]),
+            "--prompt is empty",
+        ),
+        (
+            base(&["--image", &image, "--prompt", "x", "--out", &out_s]),
+            "give --mask",
+        ),
+        (
+            base(&[
+                "--image",
+                &image,
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--out",
+                "/no/such/dir/out.png",
+            ]),
+            "does not exist",
+        ),
+        (
+            base(&[
+                "--image",
+                &image,
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--out",
+                &d.join("out.jpg").to_string_lossy(),
+            ]),
+            "use a .png name",
+        ),
+        (
+            base(&[
+                "--image", &image, "--mask", &mask, "--prompt", "x", "--out", &image,
+            ]),
+            "never overwrites its inputs",
+        ),
+        (
+            base(&[
+                "--image", &image, "--mask", &mask, "--prompt", "x", "--expand", "1,2", "--out",
+                &out_s,
+            ]),
+            "L,T,R,B",
+        ),
+        (
+            base(&[
+                "--image",
+                &image,
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--latents",
+                bad_latents.to_str().unwrap(),
+                "--out",
+                &out_s,
+            ]),
+            "bad.safetensors",
+        ),
+        (
+            base(&[
+                "--image",
+                &image,
+                "--mask",
+                &mask,
+                "--prompt",
+                "x",
+                "--latents",
+                &reference("inpaint_latents", "latents.safetensors"),
+                "--out",
+                &out_s,
+            ]),
+            "[1, 16, 8, 4]",
+        ),
+        (
+            vec![
+                "fill".into(),
+                "--model".into(),
+                m.clone(),
+                "--image".into(),
+                image.clone(),
+                "--mask".into(),
+                mask.clone(),
+                "--prompt".into(),
+                "x".into(),
+                "--dtype".into(),
+                "int4".into(),
+                "--out".into(),
+                out_s.clone(),
+            ],
+            "int4",
+        ),
+        (
+            vec![
+                "fill".into(),
+                "--model".into(),
+                "nobody/not-cached-model".into(),
+                "--image".into(),
+                image.clone(),
+                "--mask".into(),
+                mask.clone(),
+                "--prompt".into(),
+                "x".into(),
+                "--out".into(),
+                out_s.clone(),
+            ],
+            "HF_HUB_OFFLINE",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let result = icedit(&args);
         let err = stderr(&result);
         assert_eq!(result.status.code(), Some(1), "{args:?}: {err}");
-        assert!(err.contains("error: ") && err.contains(needle), "{args:?}: expected {needle:?} in: {err}");
+        assert!(
+            err.contains("error: ") && err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
+        );
         assert!(!out.exists(), "{args:?} left an output file");
     }
-    let left: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(left.iter().all(|n| !n.starts_with(".icedit-")), "temp files left: {left:?}");
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().all(|n| !n.starts_with(".icedit-")),
+        "temp files left: {left:?}"
+    );
 }

@@ -27,8 +27,18 @@ impl Margins {
             .map(|p| p.trim().parse::<u32>().map_err(|_| bad()))
             .collect::<Result<_>>()?;
         match parts[..] {
-            [all] => Ok(Self { left: all, top: all, right: all, bottom: all }),
-            [left, top, right, bottom] => Ok(Self { left, top, right, bottom }),
+            [all] => Ok(Self {
+                left: all,
+                top: all,
+                right: all,
+                bottom: all,
+            }),
+            [left, top, right, bottom] => Ok(Self {
+                left,
+                top,
+                right,
+                bottom,
+            }),
             _ => Err(bad()),
         }
     }
@@ -42,14 +52,26 @@ impl Margins {
 /// (white). An existing mask is carried over; without one, the source area is kept (black).
 /// The new area's pixels are mid-gray; their value does not matter, since the pipeline zeroes
 /// every masked pixel before encoding.
-pub fn expand(image: &RgbImage, mask: Option<&GrayImage>, margins: Margins) -> (RgbImage, GrayImage) {
+pub fn expand(
+    image: &RgbImage,
+    mask: Option<&GrayImage>,
+    margins: Margins,
+) -> (RgbImage, GrayImage) {
     let (w, h) = image.dimensions();
-    let (cw, ch) = (w + margins.left + margins.right, h + margins.top + margins.bottom);
+    let (cw, ch) = (
+        w + margins.left + margins.right,
+        h + margins.top + margins.bottom,
+    );
     let mut canvas = RgbImage::from_pixel(cw, ch, Rgb([127, 127, 127]));
     imageops::replace(&mut canvas, image, margins.left as i64, margins.top as i64);
     let mut new_mask = GrayImage::from_pixel(cw, ch, Luma([255]));
     let inner = mask.cloned().unwrap_or_else(|| GrayImage::new(w, h));
-    imageops::replace(&mut new_mask, &inner, margins.left as i64, margins.top as i64);
+    imageops::replace(
+        &mut new_mask,
+        &inner,
+        margins.left as i64,
+        margins.top as i64,
+    );
     (canvas, new_mask)
 }
 
@@ -70,9 +92,7 @@ pub fn fit_to_grid(image: RgbImage, mask: GrayImage) -> (RgbImage, GrayImage, Op
     }
     let image = imageops::resize(&image, gw, gh, imageops::FilterType::Lanczos3);
     let mask = imageops::resize(&mask, gw, gh, imageops::FilterType::Lanczos3);
-    let note = format!(
-        "resized {w}x{h} to {gw}x{gh}: the model works on multiples of 16 pixels"
-    );
+    let note = format!("resized {w}x{h} to {gw}x{gh}: the model works on multiples of 16 pixels");
     (image, mask, Some(note))
 }
 
@@ -84,7 +104,12 @@ mod tests {
     fn parse_margins() {
         assert_eq!(
             Margins::parse("1,2,3,4").unwrap(),
-            Margins { left: 1, top: 2, right: 3, bottom: 4 }
+            Margins {
+                left: 1,
+                top: 2,
+                right: 3,
+                bottom: 4
+            }
         );
         assert_eq!(Margins::parse("8").unwrap().bottom, 8);
         assert!(Margins::parse("1,2").is_err());
@@ -94,7 +119,16 @@ mod tests {
     #[test]
     fn expand_masks_only_the_new_area() {
         let img = RgbImage::from_pixel(2, 2, Rgb([9, 9, 9]));
-        let (canvas, mask) = expand(&img, None, Margins { left: 1, top: 0, right: 0, bottom: 1 });
+        let (canvas, mask) = expand(
+            &img,
+            None,
+            Margins {
+                left: 1,
+                top: 0,
+                right: 0,
+                bottom: 1,
+            },
+        );
         assert_eq!(canvas.dimensions(), (3, 3));
         assert_eq!(canvas.get_pixel(1, 0).0, [9, 9, 9]);
         assert_eq!(mask.get_pixel(0, 0).0, [255]);
@@ -106,7 +140,10 @@ mod tests {
     fn grid_floors_to_16() {
         assert_eq!(grid_size(1000, 517), (992, 512));
         let (i, m, note) = fit_to_grid(RgbImage::new(32, 48), GrayImage::new(32, 48));
-        assert_eq!((i.dimensions(), m.dimensions(), note), ((32, 48), (32, 48), None));
+        assert_eq!(
+            (i.dimensions(), m.dimensions(), note),
+            ((32, 48), (32, 48), None)
+        );
         let (i, _, note) = fit_to_grid(RgbImage::new(33, 50), GrayImage::new(33, 50));
         assert_eq!(i.dimensions(), (32, 48));
         assert!(note.is_some());

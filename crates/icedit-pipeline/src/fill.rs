@@ -60,7 +60,10 @@ pub struct FillRequest<'a> {
 pub enum Progress {
     Loading(&'static str),
     /// A denoising step finished (1-based).
-    Step { done: usize, total: usize },
+    Step {
+        done: usize,
+        total: usize,
+    },
     Decoding,
 }
 
@@ -88,7 +91,8 @@ impl FillPipeline {
     /// repo that is not a FLUX pipeline fails early.
     pub fn new(repo: ModelRepo, dtype: DType, device: Device) -> Result<Self> {
         icedit_flux::check_model_dtype(dtype)?;
-        let scheduler = SchedulerConfig::from_json_file(&repo.file("scheduler/scheduler_config.json")?)?;
+        let scheduler =
+            SchedulerConfig::from_json_file(&repo.file("scheduler/scheduler_config.json")?)?;
         Ok(Self {
             repo,
             dtype,
@@ -120,10 +124,12 @@ impl FillPipeline {
     /// all files that are unavailable), without loading anything.
     pub fn fetch_all(&self) -> Result<()> {
         fetch_text_files(&self.repo)?;
-        self.repo.safetensors_set("transformer", "diffusion_pytorch_model")?;
+        self.repo
+            .safetensors_set("transformer", "diffusion_pytorch_model")?;
         self.repo.file("transformer/config.json")?;
         self.repo.file("vae/config.json")?;
-        self.repo.safetensors_set("vae", "diffusion_pytorch_model")?;
+        self.repo
+            .safetensors_set("vae", "diffusion_pytorch_model")?;
         Ok(())
     }
 
@@ -157,9 +163,14 @@ impl FillPipeline {
             progress(Progress::Loading("transformer"));
             // The folder (local, or the Hub cache's snapshot) holds config, index and shards.
             let config = self.repo.file("transformer/config.json")?;
-            self.repo.safetensors_set("transformer", "diffusion_pytorch_model")?;
+            self.repo
+                .safetensors_set("transformer", "diffusion_pytorch_model")?;
             let checkpoint = Checkpoint::open(folder_of(&config))?;
-            self.transformer = Some(FluxTransformer::load(&checkpoint, self.dtype, &self.device)?);
+            self.transformer = Some(FluxTransformer::load(
+                &checkpoint,
+                self.dtype,
+                &self.device,
+            )?);
         }
         Ok(self.transformer.as_ref().expect("loaded above"))
     }
@@ -168,17 +179,27 @@ impl FillPipeline {
         if self.vae.is_none() {
             progress(Progress::Loading("VAE"));
             let config = self.repo.file("vae/config.json")?;
-            self.repo.safetensors_set("vae", "diffusion_pytorch_model")?;
-            self.vae = Some(AutoencoderKl::load(folder_of(&config), self.dtype, &self.device)?);
+            self.repo
+                .safetensors_set("vae", "diffusion_pytorch_model")?;
+            self.vae = Some(AutoencoderKl::load(
+                folder_of(&config),
+                self.dtype,
+                &self.device,
+            )?);
         }
         Ok(self.vae.as_ref().expect("loaded above"))
     }
 
     /// Runs one inpainting job.
-    pub fn fill(&mut self, request: &FillRequest, progress: &mut dyn FnMut(Progress)) -> Result<FillOutput> {
+    pub fn fill(
+        &mut self,
+        request: &FillRequest,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<FillOutput> {
         let (width, height) = request.image.dimensions();
         check_request(request)?;
-        let conditioning = self.encode_prompt(request.prompt, request.max_sequence_length, progress)?;
+        let conditioning =
+            self.encode_prompt(request.prompt, request.max_sequence_length, progress)?;
         let image = self.denoise(request, &conditioning, progress)?;
         Ok(FillOutput {
             image: {
@@ -219,14 +240,22 @@ impl FillPipeline {
         let mask = binarize(request.mask);
         let condition = {
             let vae = self.vae(progress)?;
-            let pixels = pixels_to_tensor(request.image.as_raw(), height as usize, width as usize, &device)?;
+            let pixels = pixels_to_tensor(
+                request.image.as_raw(),
+                height as usize,
+                width as usize,
+                &device,
+            )?;
             let keep = Tensor::from_slice(&mask, (1, 1, height as usize, width as usize), &device)?
                 .affine(-1.0, 1.0)?;
             let masked = pixels.broadcast_mul(&keep)?.to_dtype(dtype)?;
             let posterior = vae.encode(&masked)?;
             let noise = rng.randn(&latent_shape, dtype, &device)?;
-            let z = vae.scale_latents(&posterior.sample(&noise)?)?.to_dtype(dtype)?;
-            let mask = pack_mask(&mask, height as usize, width as usize, &device)?.to_dtype(dtype)?;
+            let z = vae
+                .scale_latents(&posterior.sample(&noise)?)?
+                .to_dtype(dtype)?;
+            let mask =
+                pack_mask(&mask, height as usize, width as usize, &device)?.to_dtype(dtype)?;
             Tensor::cat(&[pack(&z)?, mask], 2)?
         };
 
@@ -252,7 +281,10 @@ impl FillPipeline {
                 guidance: transformer.config().guidance_embeds.then_some(&guidance),
             })?;
             latents = schedule.step(step, &latents, &velocity)?;
-            progress(Progress::Step { done: step + 1, total });
+            progress(Progress::Step {
+                done: step + 1,
+                total,
+            });
         }
 
         progress(Progress::Decoding);
@@ -316,7 +348,12 @@ fn check_request(request: &FillRequest) -> Result<()> {
         )));
     }
     if let InitialNoise::Latents { latents, .. } = &request.noise {
-        let expected = [1, LATENT_CHANNELS, height as usize / VAE_SCALE, width as usize / VAE_SCALE];
+        let expected = [
+            1,
+            LATENT_CHANNELS,
+            height as usize / VAE_SCALE,
+            width as usize / VAE_SCALE,
+        ];
         if latents.dims() != expected {
             return Err(PipelineError::Input(format!(
                 "the given latents are {:?}; a {width}x{height} image needs {expected:?}",
@@ -333,7 +370,9 @@ fn check_request(request: &FillRequest) -> Result<()> {
         return Err(PipelineError::Input("steps must be at least 1".into()));
     }
     if !request.guidance.is_finite() {
-        return Err(PipelineError::Input("guidance must be a finite number".into()));
+        return Err(PipelineError::Input(
+            "guidance must be a finite number".into(),
+        ));
     }
     if request.max_sequence_length == 0 || request.max_sequence_length > 512 {
         return Err(PipelineError::Input(format!(

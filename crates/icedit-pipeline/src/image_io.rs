@@ -56,10 +56,7 @@ pub fn load_rgb(path: &Path) -> Result<LoadedImage> {
         DynamicImage::ImageLuma8(_) | DynamicImage::ImageLumaA8(_) => {
             Some("grayscale converted to RGB".to_string())
         }
-        other => Some(format!(
-            "{:?} converted to 8-bit RGB",
-            other.color()
-        )),
+        other => Some(format!("{:?} converted to 8-bit RGB", other.color())),
     };
     Ok(LoadedImage {
         rgb: image.to_rgb8(),
@@ -73,9 +70,9 @@ pub fn load_mask(path: &Path) -> Result<GrayImage> {
     let image = open(path)?;
     Ok(match image {
         DynamicImage::ImageLuma8(gray) => gray,
-        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => {
-            image.to_luma8()
-        }
+        DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_) => image.to_luma8(),
         other => {
             let rgb = other.to_rgb8();
             GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
@@ -90,7 +87,13 @@ pub fn load_mask(path: &Path) -> Result<GrayImage> {
 /// Binarises a mask as diffusers does (`x/255 >= 0.5`, i.e. values 128..=255 are 1).
 pub fn binarize(mask: &GrayImage) -> Vec<f32> {
     mask.pixels()
-        .map(|p| if p.0[0] as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
+        .map(|p| {
+            if p.0[0] as f32 / 255.0 >= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect()
 }
 
@@ -152,9 +155,7 @@ pub fn save_png(path: &Path, image: &RgbImage, metadata: &[(&str, String)]) -> R
                 .add_itxt_chunk(key.to_string(), value.clone())
                 .map_err(|e| out_err(format!("metadata {key}: {e}")))?;
         }
-        let mut writer = encoder
-            .write_header()
-            .map_err(|e| out_err(e.to_string()))?;
+        let mut writer = encoder.write_header().map_err(|e| out_err(e.to_string()))?;
         writer
             .write_image_data(image.as_raw())
             .map_err(|e| out_err(e.to_string()))?;
@@ -211,12 +212,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.png");
         let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
-        save_png(&path, &img, &[("icedit", "{\"prompt\":\"café 🎉\"}".into())]).unwrap();
+        save_png(
+            &path,
+            &img,
+            &[("icedit", "{\"prompt\":\"café 🎉\"}".into())],
+        )
+        .unwrap();
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back, img);
         let meta = read_png_metadata(&path).unwrap();
-        assert_eq!(meta, vec![("icedit".to_string(), "{\"prompt\":\"café 🎉\"}".to_string())]);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            meta,
+            vec![("icedit".to_string(), "{\"prompt\":\"café 🎉\"}".to_string())]
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
     }
 

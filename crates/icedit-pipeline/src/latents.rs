@@ -72,7 +72,12 @@ pub fn pack_mask(mask: &[f32], height: usize, width: usize, device: &Device) -> 
 
 /// Pixels `[H, W, 3]` (u8, row-major RGB) -> `[1, 3, H, W]` f32 in [-1, 1], computed as
 /// diffusers does (`x / 255`, then `2x - 1`, in f32).
-pub fn pixels_to_tensor(rgb: &[u8], height: usize, width: usize, device: &Device) -> Result<Tensor> {
+pub fn pixels_to_tensor(
+    rgb: &[u8],
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let mut planar = vec![0f32; 3 * height * width];
     for (i, px) in rgb.chunks_exact(3).enumerate() {
         for (c, &v) in px.iter().enumerate() {
@@ -121,7 +126,13 @@ mod tests {
         let packed = pack(&x).unwrap();
         assert_eq!(packed.dims(), &[2, 6, 12]);
         // Token 0 channel c*4 + py*2 + px is latent (c, py, px).
-        let t0 = packed.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        let t0 = packed
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let expect: Vec<f32> = (0..3)
             .flat_map(|c| {
                 [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(py, px)| (c * 24 + py * 6 + px) as f32)
@@ -143,7 +154,12 @@ mod tests {
         let packed = pack_mask(&mask, h, w, &Device::Cpu).unwrap();
         assert_eq!(packed.dims(), &[1, 1, 256]);
         let v = packed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let hot: Vec<usize> = v.iter().enumerate().filter(|(_, &x)| x != 0.0).map(|(i, _)| i).collect();
+        let hot: Vec<usize> = v
+            .iter()
+            .enumerate()
+            .filter(|(_, &x)| x != 0.0)
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(hot, vec![11 * 4 + 2]);
     }
 

@@ -40,24 +40,42 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn schedules_match_diffusers() {
-    let config = SchedulerConfig::from_json_file(
-        &root().join("tiny/scheduler/scheduler_config.json"),
-    )
-    .unwrap();
+    let config =
+        SchedulerConfig::from_json_file(&root().join("tiny/scheduler/scheduler_config.json"))
+            .unwrap();
     let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(reference("scheduler.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(reference("scheduler.json")).unwrap())
+            .unwrap();
     assert!(cases.len() >= 5);
     for case in cases {
         let steps = case["steps"].as_u64().unwrap() as usize;
-        let (h, w) = (case["height"].as_u64().unwrap(), case["width"].as_u64().unwrap());
+        let (h, w) = (
+            case["height"].as_u64().unwrap(),
+            case["width"].as_u64().unwrap(),
+        );
         let tokens = (h as usize / 16) * (w as usize / 16);
         assert!((config.mu(tokens) - case["mu"].as_f64().unwrap()).abs() < 1e-12);
         let schedule = FlowMatchSchedule::new(&config, steps, tokens).unwrap();
-        let sigmas: Vec<f32> = case["sigmas"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let timesteps: Vec<f32> =
-            case["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        assert_eq!(schedule.sigmas, sigmas, "sigmas for {steps} steps at {w}x{h}");
-        assert_eq!(schedule.timesteps, timesteps, "timesteps for {steps} steps at {w}x{h}");
+        let sigmas: Vec<f32> = case["sigmas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let timesteps: Vec<f32> = case["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(
+            schedule.sigmas, sigmas,
+            "sigmas for {steps} steps at {w}x{h}"
+        );
+        assert_eq!(
+            schedule.timesteps, timesteps,
+            "timesteps for {steps} steps at {w}x{h}"
+        );
     }
 }
 
@@ -102,8 +120,13 @@ fn run_case(pipeline: &mut FillPipeline, run: &Run) -> (f32, u8, f64) {
     let image = load_rgb(&dir.join("image.png")).unwrap().rgb;
     let mask = load_mask(&dir.join("mask.png")).unwrap();
     let noise = if run.given_latents {
-        let latents = load_tensors(&dir.join("latents.safetensors")).remove("latents").unwrap();
-        InitialNoise::Latents { latents, seed: run.seed }
+        let latents = load_tensors(&dir.join("latents.safetensors"))
+            .remove("latents")
+            .unwrap();
+        InitialNoise::Latents {
+            latents,
+            seed: run.seed,
+        }
     } else {
         InitialNoise::Seed(run.seed)
     };
@@ -128,9 +151,15 @@ fn run_case(pipeline: &mut FillPipeline, run: &Run) -> (f32, u8, f64) {
         .collect();
     let png_max = *diffs.iter().max().unwrap();
     let png_mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    let expected = load_tensors(&dir.join("io.safetensors")).remove("image").unwrap();
+    let expected = load_tensors(&dir.join("io.safetensors"))
+        .remove("image")
+        .unwrap();
     let ours = Tensor::from_vec(
-        out.image.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(),
+        out.image
+            .as_raw()
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect::<Vec<_>>(),
         expected.dims(),
         &Device::Cpu,
     )
@@ -139,7 +168,11 @@ fn run_case(pipeline: &mut FillPipeline, run: &Run) -> (f32, u8, f64) {
 }
 
 fn folder_pipeline(dtype: DType) -> FillPipeline {
-    let repo = ModelRepo::open(root().join("tiny").to_str().unwrap(), &HubOptions::from_env()).unwrap();
+    let repo = ModelRepo::open(
+        root().join("tiny").to_str().unwrap(),
+        &HubOptions::from_env(),
+    )
+    .unwrap();
     FillPipeline::new(repo, dtype, Device::Cpu).unwrap()
 }
 
@@ -147,8 +180,14 @@ fn folder_pipeline(dtype: DType) -> FillPipeline {
 fn whole_runs_match_diffusers() {
     let mut pipelines: HashMap<&str, FillPipeline> = HashMap::new();
     for run in runs() {
-        let key = if run.dtype == DType::F32 { "f32" } else { "bf16" };
-        let pipeline = pipelines.entry(key).or_insert_with(|| folder_pipeline(run.dtype));
+        let key = if run.dtype == DType::F32 {
+            "f32"
+        } else {
+            "bf16"
+        };
+        let pipeline = pipelines
+            .entry(key)
+            .or_insert_with(|| folder_pipeline(run.dtype));
         let (image_err, png_max, png_mean) = run_case(pipeline, &run);
         println!(
             "{}: image max abs {image_err:.2e}, PNG max diff {png_max}/255, mean {png_mean:.3}",
@@ -156,12 +195,20 @@ fn whole_runs_match_diffusers() {
         );
         if run.dtype == DType::F32 {
             // Our PNG vs the reference's float image: 8-bit rounding alone gives 0.5/255.
-            assert!(image_err < 2.5e-3, "{}: float image differs by {image_err}", run.name);
+            assert!(
+                image_err < 2.5e-3,
+                "{}: float image differs by {image_err}",
+                run.name
+            );
             assert!(png_max <= 1, "{}: PNG differs by {png_max}/255", run.name);
         } else {
             // In bf16 the reference itself is 40/255 (mean 4/255) away from its f32 result on
             // this fixture; we must be far closer to it than that.
-            assert!(png_max <= 8 && png_mean < 1.0, "{}: PNG differs by {png_max}/255, mean {png_mean}", run.name);
+            assert!(
+                png_max <= 8 && png_mean < 1.0,
+                "{}: PNG differs by {png_max}/255, mean {png_mean}",
+                run.name
+            );
         }
     }
 }
@@ -203,7 +250,9 @@ fn loads_through_the_hub_cache_offline() {
             let link = snapshot.join(rel);
             std::fs::create_dir_all(link.parent().unwrap()).unwrap();
             let depth = rel.components().count() + 1; // up to the repo folder
-            let target = Path::new(&"../".repeat(depth)).join("blobs").join(blob.file_name().unwrap());
+            let target = Path::new(&"../".repeat(depth))
+                .join("blobs")
+                .join(blob.file_name().unwrap());
             std::os::unix::fs::symlink(target, &link).unwrap();
         }
     }
@@ -212,14 +261,24 @@ fn loads_through_the_hub_cache_offline() {
     assert_eq!(repo.describe(), "tiny-org/flux-fill-tiny@main");
     let mut pipeline = FillPipeline::new(repo, DType::F32, Device::Cpu).unwrap();
     pipeline.fetch_all().unwrap();
-    let run = runs().into_iter().find(|r| r.name == "inpaint_latents").unwrap();
+    let run = runs()
+        .into_iter()
+        .find(|r| r.name == "inpaint_latents")
+        .unwrap();
     let (_, png_max, _) = run_case(&mut pipeline, &run);
     assert!(png_max <= 1, "PNG differs by {png_max}/255");
 
     // The same repo id with nothing cached: one error naming the missing files and the fix.
     let empty = tempfile::tempdir().unwrap();
-    let repo = ModelRepo::open("tiny-org/flux-fill-tiny", &HubOptions::new(empty.path()).with_offline(true)).unwrap();
-    let err = FillPipeline::new(repo, DType::F32, Device::Cpu).err().expect("nothing cached").to_string();
+    let repo = ModelRepo::open(
+        "tiny-org/flux-fill-tiny",
+        &HubOptions::new(empty.path()).with_offline(true),
+    )
+    .unwrap();
+    let err = FillPipeline::new(repo, DType::F32, Device::Cpu)
+        .err()
+        .expect("nothing cached")
+        .to_string();
     assert!(err.contains("scheduler/scheduler_config.json"), "{err}");
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
 }
@@ -239,15 +298,34 @@ fn bad_requests_are_clear_errors() {
         max_sequence_length: 16,
     };
     let mut err = |r: FillRequest| pipeline_err(&mut pipeline, &r);
-    assert!(err(FillRequest { prompt: "  ", ..base() }).contains("prompt is empty"));
+    assert!(err(FillRequest {
+        prompt: "  ",
+        ..base()
+    })
+    .contains("prompt is empty"));
     assert!(err(FillRequest { steps: 0, ..base() }).contains("steps"));
     let small_mask = image::GrayImage::new(16, 32);
-    assert!(err(FillRequest { mask: &small_mask, ..base() }).contains("the mask is 16x32"));
+    assert!(err(FillRequest {
+        mask: &small_mask,
+        ..base()
+    })
+    .contains("the mask is 16x32"));
     let odd = image::RgbImage::new(40, 32);
     let odd_mask = image::GrayImage::new(40, 32);
-    assert!(err(FillRequest { image: &odd, mask: &odd_mask, ..base() }).contains("multiples of 16"));
+    assert!(err(FillRequest {
+        image: &odd,
+        mask: &odd_mask,
+        ..base()
+    })
+    .contains("multiples of 16"));
     let wrong = Tensor::zeros((1, 16, 2, 2), DType::F32, &Device::Cpu).unwrap();
-    let e = err(FillRequest { noise: InitialNoise::Latents { latents: wrong, seed: 0 }, ..base() });
+    let e = err(FillRequest {
+        noise: InitialNoise::Latents {
+            latents: wrong,
+            seed: 0,
+        },
+        ..base()
+    });
     assert!(e.contains("[1, 16, 4, 4]"), "{e}");
 }
 

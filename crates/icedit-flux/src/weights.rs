@@ -157,7 +157,7 @@ impl SafetensorsFiles {
         Ok(tensor)
     }
 
-    pub(crate) fn missing(&self, name: &str) -> FluxError {
+    fn missing(&self, name: &str) -> FluxError {
         FluxError::MissingTensor {
             name: name.to_string(),
             read_as: None,
@@ -514,13 +514,16 @@ impl candle_nn::var_builder::SimpleBackend for CheckpointBackend<'_> {
     }
 }
 
+/// Maps a model's tensor name to its name in the files.
+type Rename = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// A set of safetensors files read under another model's tensor names: `rename` maps each name
 /// the model asks for to the name stored in the files (`None`: no such tensor there). A stored
 /// tensor may differ from the requested shape by trailing 1-sized dimensions only (a 1x1 conv
 /// weight `[o, i, 1, 1]` read as a linear weight `[o, i]`, or back); it is reshaped on read.
 pub struct MappedTensors {
     files: SafetensorsFiles,
-    rename: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    rename: Rename,
     used: Mutex<HashSet<String>>,
 }
 

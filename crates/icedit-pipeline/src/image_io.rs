@@ -165,6 +165,13 @@ pub fn save_png(path: &Path, image: &RgbImage, metadata: &[(&str, String)]) -> R
         .flush()
         .and_then(|_| temp.as_file().sync_all())
         .map_err(|e| out_err(e.to_string()))?;
+    // Temp files are created private (0600); a result is an ordinary file for the user.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| out_err(e.to_string()))?;
+    }
     temp.persist(path)
         .map_err(|e| out_err(e.error.to_string()))?;
     Ok(())
@@ -230,6 +237,12 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransformer};
+use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
 
 mod fill;
 mod progress;
@@ -165,19 +166,12 @@ fn time_forward(
     if w < 16 || h < 16 {
         bail!("--forward {size}: width and height must be at least 16 pixels");
     }
-    // Pixels -> 8x VAE latents -> 2x2 packed tokens.
-    let (gh, gw) = (h / 16, w / 16);
+    let (gh, gw) = (h / PIXELS_PER_TOKEN, w / PIXELS_PER_TOKEN);
     let c = model.config();
     let img = Tensor::randn(0f32, 1.0, (1, gh * gw, c.in_channels), device)?;
-    let mut ids = Vec::with_capacity(gh * gw * 3);
-    for row in 0..gh {
-        for col in 0..gw {
-            ids.extend([0f32, row as f32, col as f32]);
-        }
-    }
-    let img_ids = Tensor::from_vec(ids, (gh * gw, 3), device)?;
+    let img_ids = image_ids(gh, gw, device)?;
     let txt = Tensor::randn(0f32, 1.0, (1, text_tokens, c.joint_attention_dim), device)?;
-    let txt_ids = Tensor::zeros((text_tokens, 3), DType::F32, device)?;
+    let txt_ids = text_ids(text_tokens, device)?;
     let pooled = Tensor::randn(0f32, 1.0, (1, c.pooled_projection_dim), device)?;
     let timestep = Tensor::new(&[0.5f32], device)?;
     let guidance = Tensor::new(&[0.03f32], device)?;

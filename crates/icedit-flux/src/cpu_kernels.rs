@@ -323,7 +323,7 @@ impl SendPtr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::Device;
 
     #[test]
     fn exp_is_accurate_over_the_range_used() {
@@ -341,18 +341,7 @@ mod tests {
     #[test]
     fn kernels_match_plain_candle_ops() {
         let dev = Device::Cpu;
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let max_diff = |a: &Tensor, b: &Tensor| crate::compare::max_abs_diff(a, b).unwrap();
         // Odd sizes exercise the remainders; large magnitudes the clamps.
         let x = Tensor::randn(0f32, 4.0, (7, 1003), &dev).unwrap();
         let fresh = |t: &Tensor| t.copy().unwrap();

@@ -10,6 +10,7 @@
 //! ```
 
 mod attention;
+pub mod compare;
 mod config;
 mod cpu_kernels;
 mod error;

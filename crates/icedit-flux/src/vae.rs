@@ -1386,17 +1386,7 @@ mod tests {
     use super::{attention, conv2d_cpu, ldm_name, GroupNorm};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        (f(a) - f(b))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::compare::max_abs_diff(a, b).unwrap()
     }
 
     /// The CPU group norm kernel against the op-by-op version used on other devices.

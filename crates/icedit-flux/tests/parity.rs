@@ -52,16 +52,7 @@ impl Reference {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    icedit_flux::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn diffusers_config(name: &str) -> FluxConfig {
@@ -108,14 +99,7 @@ fn f32_matches_diffusers_in_both_layouts() {
 }
 
 fn rms_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt()
+    icedit_flux::compare::rms_diff(a, b).unwrap()
 }
 
 /// Our half-precision error against diffusers' f32 output must be no worse than diffusers' own

@@ -32,18 +32,7 @@ fn reference() -> HashMap<String, Tensor> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    icedit_flux::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn rms(x: &Tensor) -> f32 {
@@ -59,7 +48,7 @@ fn rms(x: &Tensor) -> f32 {
 }
 
 fn rms_diff(a: &Tensor, b: &Tensor) -> f32 {
-    rms(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
+    icedit_flux::compare::rms_diff(a, b).unwrap()
 }
 
 /// The standard normal draw behind the reference sample: `(sample - mean) / std`.

@@ -196,16 +196,12 @@ impl FillPipeline {
         request: &FillRequest,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<FillOutput> {
-        let (width, height) = request.image.dimensions();
         check_request(request)?;
         let conditioning =
             self.encode_prompt(request.prompt, request.max_sequence_length, progress)?;
         let image = self.denoise(request, &conditioning, progress)?;
         Ok(FillOutput {
-            image: {
-                debug_assert_eq!(image.dimensions(), (width, height));
-                image
-            },
+            image,
             truncation: conditioning.truncation_warnings(),
         })
     }

@@ -26,16 +26,7 @@ fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    icedit_flux::compare::max_abs_diff(a, b).unwrap()
 }
 
 #[test]

@@ -46,16 +46,7 @@ fn ids(ids: &[u32]) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    icedit_flux::compare::max_abs_diff(a, b).unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {

@@ -25,5 +25,6 @@ pub use linear::{Linear, LinearAdapter, VisitLinears};
 pub use model::{FluxInput, FluxTransformer};
 pub use vae::{AutoencoderKl, Posterior, VaeConfig};
 pub use weights::{
-    check_model_dtype, parse_dtype, Checkpoint, Layout, MappedTensors, SafetensorsFiles,
+    bfl_linear, check_model_dtype, parse_dtype, BflPart, Checkpoint, Layout, MappedTensors,
+    SafetensorsFiles,
 };

@@ -276,6 +276,35 @@ fn bfl_source(name: &str, cfg: &FluxConfig) -> Option<Source> {
     }
 }
 
+/// How one diffusers linear layer is stored in BFL naming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BflPart {
+    /// The whole BFL module.
+    Whole,
+    /// Rows `rows` of a fused module with `total_rows` rows (qkv, single-block `linear1`).
+    Rows {
+        rows: Range<usize>,
+        total_rows: usize,
+    },
+    /// The BFL module with its two output halves swapped (the final layer's modulation).
+    SwappedHalves,
+}
+
+/// The BFL module (e.g. `double_blocks.0.img_attn.qkv`) holding the diffusers linear layer
+/// `module` (e.g. `transformer_blocks.0.attn.to_q`), for adapters named after BFL modules.
+pub fn bfl_linear(module: &str, cfg: &FluxConfig) -> Option<(String, BflPart)> {
+    let source = bfl_source(&format!("{module}.weight"), cfg)?;
+    let bfl_module = source.name().strip_suffix(".weight")?.to_string();
+    let part = match source {
+        Source::Whole(_) => BflPart::Whole,
+        Source::Rows {
+            rows, total_rows, ..
+        } => BflPart::Rows { rows, total_rows },
+        Source::SwappedHalves(_) => BflPart::SwappedHalves,
+    };
+    Some((bfl_module, part))
+}
+
 /// A located, opened transformer checkpoint with its config.
 pub struct Checkpoint {
     files: SafetensorsFiles,

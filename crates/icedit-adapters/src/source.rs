@@ -1,0 +1,295 @@
+//! Where an adapter comes from: a manifest name (adapters/*.toml, built in), a Hub reference
+//! `hf:OWNER/REPO[@REVISION][/FILE]`, or a local file or folder.
+
+use std::path::{Path, PathBuf};
+
+use icedit_hub::{HubOptions, ModelRepo};
+use serde::Deserialize;
+
+use crate::error::{AdapterError, Result};
+
+/// The manifests shipped in the repo's `adapters/` folder, compiled in.
+const BUILT_IN: [(&str, &str); 2] = [
+    (
+        "adapters/icedit-normal.toml",
+        include_str!("../../../adapters/icedit-normal.toml"),
+    ),
+    (
+        "adapters/icedit-moe.toml",
+        include_str!("../../../adapters/icedit-moe.toml"),
+    ),
+];
+
+/// The adapter `icedit edit` uses when none is given.
+pub const DEFAULT_ADAPTER: &str = "icedit-moe";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdapterKind {
+    Lora,
+    MoeLora,
+}
+
+/// An adapter manifest: a Hub repo and file with defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub repo: String,
+    pub revision: Option<String>,
+    /// The file in the repo; without it, the repo's only `.safetensors` file.
+    pub file: Option<String>,
+    pub kind: AdapterKind,
+    #[serde(default = "one")]
+    pub scale: f64,
+    pub top_k: Option<usize>,
+    pub base_model: Option<String>,
+    /// The prompt template (prompts/NAME.txt) the adapter was trained with.
+    pub prompt: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Manifest {
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| AdapterError::Manifest {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The built-in manifests.
+    pub fn built_in() -> Vec<Manifest> {
+        BUILT_IN
+            .iter()
+            .map(|(origin, text)| Self::parse(text, origin).expect("built-in manifests parse"))
+            .collect()
+    }
+
+    pub fn find(name: &str) -> Option<Manifest> {
+        Self::built_in().into_iter().find(|m| m.name == name)
+    }
+}
+
+/// A parsed `--lora` argument.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterSpec {
+    Manifest(String),
+    Hub {
+        repo: String,
+        revision: Option<String>,
+        file: Option<String>,
+    },
+    Path(PathBuf),
+}
+
+impl AdapterSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        if let Some(rest) = spec.strip_prefix("hf:") {
+            let mut parts = rest.splitn(3, '/');
+            let (owner, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let file = parts.next().filter(|f| !f.is_empty()).map(str::to_string);
+            let (name, revision) = match name.split_once('@') {
+                Some((n, r)) => (n, Some(r.to_string())),
+                None => (name, None),
+            };
+            if owner.is_empty() || name.is_empty() {
+                return Err(AdapterError::UnknownAdapter {
+                    name: spec.to_string(),
+                    known: known_names(),
+                });
+            }
+            return Ok(Self::Hub {
+                repo: format!("{owner}/{name}"),
+                revision,
+                file,
+            });
+        }
+        if Manifest::find(spec).is_some() {
+            return Ok(Self::Manifest(spec.to_string()));
+        }
+        let path = Path::new(spec);
+        if path.exists() {
+            return Ok(Self::Path(path.to_path_buf()));
+        }
+        Err(AdapterError::UnknownAdapter {
+            name: spec.to_string(),
+            known: known_names(),
+        })
+    }
+}
+
+fn known_names() -> String {
+    Manifest::built_in()
+        .iter()
+        .map(|m| m.name.clone())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// An adapter made local: its file and the defaults its manifest gives.
+#[derive(Debug, Clone)]
+pub struct ResolvedAdapter {
+    /// Manifest name, `hf:` reference or path, as given.
+    pub name: String,
+    pub path: PathBuf,
+    /// Where it came from, for recipes: `owner/repo@rev/file` or the local path.
+    pub origin: String,
+    pub manifest: Option<Manifest>,
+}
+
+impl ResolvedAdapter {
+    pub fn default_scale(&self) -> f64 {
+        self.manifest.as_ref().map_or(1.0, |m| m.scale)
+    }
+}
+
+/// Makes the adapter file local (downloading it into the Hub cache if needed).
+pub fn resolve(spec: &str, hub: &HubOptions) -> Result<ResolvedAdapter> {
+    let (manifest, repo, revision, file) = match AdapterSpec::parse(spec)? {
+        AdapterSpec::Manifest(name) => manifest_source(Manifest::find(&name).expect("parsed")),
+        AdapterSpec::Path(path) if path.extension().is_some_and(|e| e == "toml") => {
+            let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            manifest_source(Manifest::parse(&text, &path.display().to_string())?)
+        }
+        AdapterSpec::Path(path) => return resolve_local(spec, &path),
+        AdapterSpec::Hub {
+            repo,
+            revision,
+            file,
+        } => (None, repo, revision, file),
+    };
+    let repo_spec = match &revision {
+        Some(r) => format!("{repo}@{r}"),
+        None => repo.clone(),
+    };
+    let model_repo = ModelRepo::open(&repo_spec, hub)?;
+    let file = match file {
+        Some(f) => f,
+        None => single_safetensors(&repo_spec, model_repo.list()?)?,
+    };
+    let path = model_repo.file(&file)?;
+    Ok(ResolvedAdapter {
+        name: spec.to_string(),
+        origin: format!("{}/{file}", model_repo.describe()),
+        path,
+        manifest,
+    })
+}
+
+type HubSource = (Option<Manifest>, String, Option<String>, Option<String>);
+
+fn manifest_source(m: Manifest) -> HubSource {
+    let (repo, revision, file) = (m.repo.clone(), m.revision.clone(), m.file.clone());
+    (Some(m), repo, revision, file)
+}
+
+fn resolve_local(spec: &str, path: &Path) -> Result<ResolvedAdapter> {
+    let file = if path.is_dir() {
+        let names = std::fs::read_dir(path)
+            .map_err(|source| AdapterError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        path.join(single_safetensors(&path.display().to_string(), names)?)
+    } else {
+        path.to_path_buf()
+    };
+    Ok(ResolvedAdapter {
+        name: spec.to_string(),
+        origin: file.display().to_string(),
+        path: file,
+        manifest: None,
+    })
+}
+
+/// The one `.safetensors` file of a repo or folder listing.
+fn single_safetensors(repo: &str, listing: Vec<String>) -> Result<String> {
+    let mut found: Vec<String> = listing
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(AdapterError::RepoListing {
+            repo: repo.to_string(),
+            message: "holds no .safetensors file".into(),
+        }),
+        _ => Err(AdapterError::RepoListing {
+            repo: repo.to_string(),
+            message: format!(
+                "holds several .safetensors files ({}); name one, e.g. hf:{repo}/{}",
+                found.join(", "),
+                found[0]
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_manifests_parse_and_name_the_issue_repos() {
+        let normal = Manifest::find("icedit-normal").unwrap();
+        assert_eq!(normal.repo, "RiverZ/normal-lora");
+        assert_eq!(
+            normal.file.as_deref(),
+            Some("pytorch_lora_weights.safetensors")
+        );
+        assert_eq!(normal.kind, AdapterKind::Lora);
+        let moe = Manifest::find(DEFAULT_ADAPTER).unwrap();
+        assert_eq!(moe.repo, "sanaka87/ICEdit-MoE-LoRA");
+        assert_eq!(moe.file, None);
+        assert_eq!(moe.kind, AdapterKind::MoeLora);
+        assert_eq!(moe.top_k, Some(1));
+    }
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(
+            AdapterSpec::parse("icedit-normal").unwrap(),
+            AdapterSpec::Manifest("icedit-normal".into())
+        );
+        assert_eq!(
+            AdapterSpec::parse("hf:RiverZ/normal-lora").unwrap(),
+            AdapterSpec::Hub {
+                repo: "RiverZ/normal-lora".into(),
+                revision: None,
+                file: None
+            }
+        );
+        assert_eq!(
+            AdapterSpec::parse("hf:a/b@v2/sub/x.safetensors").unwrap(),
+            AdapterSpec::Hub {
+                repo: "a/b".into(),
+                revision: Some("v2".into()),
+                file: Some("sub/x.safetensors".into())
+            }
+        );
+        let err = AdapterSpec::parse("icedit-nromal").unwrap_err().to_string();
+        assert!(err.contains("icedit-normal, icedit-moe"), "{err}");
+        assert!(AdapterSpec::parse("hf:onlyowner").is_err());
+    }
+
+    #[test]
+    fn listing_picks_the_single_safetensors_file() {
+        let one = vec!["README.md".into(), "moe.safetensors".into()];
+        assert_eq!(single_safetensors("a/b", one).unwrap(), "moe.safetensors");
+        let two = vec!["x.safetensors".into(), "y.safetensors".into()];
+        let err = single_safetensors("a/b", two).unwrap_err().to_string();
+        assert!(err.contains("hf:a/b/x.safetensors"), "{err}");
+        assert!(single_safetensors("a/b", vec![]).is_err());
+    }
+}

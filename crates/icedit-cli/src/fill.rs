@@ -1,9 +1,8 @@
 //! `icedit fill`: inpainting and outpainting with FLUX.1 Fill.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
 use icedit_flux::parse_dtype;
 use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::canvas::{self, Margins};
@@ -11,6 +10,7 @@ use icedit_pipeline::image_io::{self, load_mask, load_rgb, save_png};
 use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
 
+use crate::inputs::{check_output, random_seed, read_latents};
 use crate::progress::Reporter;
 use crate::{device, DeviceArg};
 
@@ -66,7 +66,11 @@ pub struct FillArgs {
 
 pub fn run(args: FillArgs) -> Result<()> {
     let reporter = Reporter::new(args.quiet);
-    check_output(&args)?;
+    let inputs = [Some(&args.image), args.mask.as_ref(), args.latents.as_ref()];
+    check_output(&args.out, inputs.into_iter().flatten())?;
+    if args.prompt.trim().is_empty() {
+        bail!("--prompt is empty; describe what the masked area should show");
+    }
     let dtype = parse_dtype(&args.dtype)?;
     let device = device(args.device)?;
     let margins = args.expand.as_deref().map(Margins::parse).transpose()?;
@@ -183,66 +187,4 @@ pub fn run(args: FillArgs) -> Result<()> {
     save_png(&args.out, &output.image, &recipe.png_metadata())?;
     reporter.done(&format!("wrote {}", args.out.display()));
     Ok(())
-}
-
-/// The output must be a PNG and must not overwrite an input.
-fn check_output(args: &FillArgs) -> Result<()> {
-    let is_png = args
-        .out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    if !is_png {
-        bail!(
-            "--out {}: icedit writes PNG (lossless, with the recipe in its metadata); use a .png name",
-            args.out.display()
-        );
-    }
-    let same = |input: &Path| match (input.canonicalize(), args.out.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    let inputs = [Some(&args.image), args.mask.as_ref(), args.latents.as_ref()];
-    if let Some(input) = inputs.into_iter().flatten().find(|p| same(p)) {
-        bail!(
-            "--out {} is one of the inputs; icedit never overwrites its inputs, choose another name",
-            input.display()
-        );
-    }
-    if args.prompt.trim().is_empty() {
-        bail!("--prompt is empty; describe what the masked area should show");
-    }
-    Ok(())
-}
-
-/// `--latents`: a safetensors file with a float32 tensor `latents` [1, 16, H/8, W/8].
-fn read_latents(path: &Path) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("cannot read the latents file {}", path.display()))?;
-    let latents = tensors.get("latents").with_context(|| {
-        let names: Vec<_> = tensors.keys().cloned().collect();
-        format!(
-            "{} has no tensor named `latents` (it has: {})",
-            path.display(),
-            names.join(", ")
-        )
-    })?;
-    if latents.dtype() != DType::F32 {
-        bail!(
-            "{}: `latents` must be float32, it is {:?}",
-            path.display(),
-            latents.dtype()
-        );
-    }
-    Ok(latents.clone())
-}
-
-fn random_seed() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    // Mixed so that runs started in the same second differ; kept within 32 bits for readability.
-    ((nanos as u64) ^ ((nanos >> 64) as u64) ^ (std::process::id() as u64).rotate_left(17))
-        % 4_294_967_296
 }

@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransformer};
 use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
 
+mod edit;
 mod fill;
+mod inputs;
 mod progress;
 
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
@@ -34,6 +36,9 @@ enum Command {
     /// Load a FLUX transformer checkpoint, report what it is, and optionally time one forward
     /// pass on random inputs (a check that weights, dtype and device work together).
     Inspect(InspectArgs),
+    /// Edit a photo by instruction ("make it night"): ICEdit's in-context diptych on FLUX.1 Fill
+    /// with LoRA or MoE-LoRA adapters.
+    Edit(edit::EditArgs),
     /// Inpaint (regenerate the masked area) or outpaint (--expand) an image with FLUX.1 Fill.
     Fill(fill::FillArgs),
 }
@@ -76,6 +81,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
+        Command::Edit(args) => edit::run(args),
         Command::Fill(args) => fill::run(args),
     }
 }

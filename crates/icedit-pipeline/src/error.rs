@@ -25,6 +25,8 @@ pub enum PipelineError {
     #[error(transparent)]
     Hub(#[from] icedit_hub::HubError),
     #[error(transparent)]
+    Adapter(#[from] icedit_adapters::AdapterError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -6,6 +6,7 @@
 //! keeps them for serving several prompts.
 
 use candle_core::{DType, Device, Tensor};
+use icedit_adapters::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
 use icedit_flux::{AutoencoderKl, Checkpoint, FluxInput, FluxTransformer};
 use icedit_hub::ModelRepo;
 use icedit_text::{TextConditioning, TextEncoders};
@@ -84,6 +85,10 @@ pub struct FillPipeline {
     text: Option<TextEncoders>,
     transformer: Option<FluxTransformer>,
     vae: Option<AutoencoderKl>,
+    /// Adapters to apply when the transformer loads, and what applying them did.
+    pending_adapters: Vec<AdapterChoice>,
+    adapter_mode: ApplyMode,
+    applied_adapters: Vec<AppliedAdapter>,
 }
 
 impl FillPipeline {
@@ -102,6 +107,9 @@ impl FillPipeline {
             text: None,
             transformer: None,
             vae: None,
+            pending_adapters: Vec::new(),
+            adapter_mode: ApplyMode::Merge,
+            applied_adapters: Vec::new(),
         })
     }
 
@@ -110,6 +118,30 @@ impl FillPipeline {
     pub fn keep_text_encoders(mut self, keep: bool) -> Self {
         self.keep_text_encoders = keep;
         self
+    }
+
+    /// Adapters (LoRA, MoE-LoRA) for the transformer, applied in order when it loads. Must be
+    /// set before the first denoising run.
+    pub fn set_adapters(&mut self, adapters: Vec<AdapterChoice>, mode: ApplyMode) -> Result<()> {
+        if self.transformer.is_some() {
+            return Err(PipelineError::Input(
+                "adapters must be set before the transformer loads".into(),
+            ));
+        }
+        self.pending_adapters = adapters;
+        self.adapter_mode = mode;
+        Ok(())
+    }
+
+    /// What applying the adapters did (empty until the transformer has loaded).
+    pub fn applied_adapters(&self) -> &[AppliedAdapter] {
+        &self.applied_adapters
+    }
+
+    /// Loads the transformer and applies the adapters now (otherwise this happens at the first
+    /// denoising step), so that adapter errors show before any other work.
+    pub fn load_transformer(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+        self.transformer(progress).map(|_| ())
     }
 
     pub fn repo(&self) -> &ModelRepo {
@@ -166,11 +198,15 @@ impl FillPipeline {
             self.repo
                 .safetensors_set("transformer", "diffusion_pytorch_model")?;
             let checkpoint = Checkpoint::open(folder_of(&config))?;
-            self.transformer = Some(FluxTransformer::load(
-                &checkpoint,
-                self.dtype,
-                &self.device,
-            )?);
+            let mut transformer = FluxTransformer::load(&checkpoint, self.dtype, &self.device)?;
+            drop(checkpoint);
+            let adapters = std::mem::take(&mut self.pending_adapters);
+            if !adapters.is_empty() {
+                progress(Progress::Loading("adapters"));
+                self.applied_adapters =
+                    apply_adapters(&mut transformer, adapters, self.adapter_mode)?;
+            }
+            self.transformer = Some(transformer);
         }
         Ok(self.transformer.as_ref().expect("loaded above"))
     }

@@ -2,6 +2,7 @@
 //! computes it, with inpainting and outpainting ([`canvas::expand`]) as first-class jobs.
 
 pub mod canvas;
+pub mod edit;
 mod error;
 pub mod fill;
 pub mod image_io;
@@ -10,5 +11,6 @@ pub mod recipe;
 pub mod scheduler;
 pub mod torch_rng;
 
+pub use edit::{Diptych, EditOutput, EditSettings};
 pub use error::{PipelineError, Result};
 pub use fill::{FillOutput, FillPipeline, FillRequest, InitialNoise, Progress};

@@ -33,8 +33,15 @@ pub struct Recipe {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterUse {
+    /// As given: manifest name, `hf:` reference or path.
     pub name: String,
+    /// The file used: `owner/repo@revision/file` or a local path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub scale: f32,
+    /// Experts per token, for mixture-of-experts adapters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
 }
 
 impl Recipe {

@@ -1,0 +1,474 @@
+//! `icedit edit`: instruction-based editing, ICEdit's in-context diptych on FLUX.1 Fill with
+//! LoRA / MoE-LoRA adapters.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use icedit_adapters::{
+    resolve, AdapterChoice, AdapterFile, AdapterKind, AppliedAdapter, ApplyMode, ResolvedAdapter,
+    DEFAULT_ADAPTER,
+};
+use icedit_flux::parse_dtype;
+use icedit_hub::{HubOptions, ModelRepo};
+use icedit_pipeline::edit::{diptych_prompt, DEFAULT_WIDTH};
+use icedit_pipeline::image_io::{load_rgb, save_png};
+use icedit_pipeline::latents::VAE_SCALE;
+use icedit_pipeline::recipe::{AdapterUse, Recipe};
+use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
+use image::imageops;
+use serde_json::json;
+
+use crate::fill::DEFAULT_MODEL;
+use crate::inputs::{check_output, read_latents};
+use crate::progress::Reporter;
+use crate::{device, DeviceArg};
+
+#[derive(clap::Args)]
+pub struct EditArgs {
+    /// Hub repo id (`owner/name[@revision]`) or a local folder in diffusers layout.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// The photo to edit (PNG, JPEG, WebP, BMP, TIFF).
+    #[arg(long)]
+    image: PathBuf,
+    /// What to change, e.g. "make it night"; it completes ICEdit's in-context prompt
+    /// (prompts/icedit-diptych.txt).
+    #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt")]
+    instruction: Option<String>,
+    /// The whole prompt instead of the templated instruction.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Adapter: a known name (icedit-moe, icedit-normal), `hf:OWNER/REPO[/FILE]`, or a local
+    /// .safetensors file, folder or .toml manifest. Repeat to combine. Default: icedit-moe.
+    #[arg(long = "lora", value_name = "SPEC")]
+    loras: Vec<String>,
+    /// Strength of each --lora, in order (default: the manifest's, else 1).
+    #[arg(long = "lora-scale", value_name = "X")]
+    lora_scales: Vec<f64>,
+    /// Run the bare model without any adapter.
+    #[arg(long, conflicts_with_all = ["loras", "lora_scales"])]
+    no_lora: bool,
+    /// Experts per token for mixture-of-experts adapters (default: the file's, else 1).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// merge: LoRA folded into the weights at load (fast); runtime: computed at each layer, as
+    /// PEFT does. MoE layers always run at run time.
+    #[arg(long, value_enum, default_value = "merge")]
+    lora_mode: LoraMode,
+    /// Width of each half of the diptych (the adapters were trained at 512).
+    #[arg(long, default_value_t = DEFAULT_WIDTH)]
+    width: u32,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    #[arg(long, default_value_t = 50.0)]
+    guidance: f32,
+    /// Noise seed (torch-compatible).
+    #[arg(long, conflicts_with = "seeds", default_value_t = 42)]
+    seed: u64,
+    /// Several seeds, comma separated: one output each (`{seed}` in --out is replaced).
+    #[arg(long, value_delimiter = ',', value_name = "S1,S2,..")]
+    seeds: Vec<u64>,
+    /// Initial latents instead of seeded noise: a safetensors file with a float32 tensor
+    /// `latents` [1, 16, H/8, 2W/8] for the whole diptych.
+    #[arg(long, value_name = "FILE")]
+    latents: Option<PathBuf>,
+    /// T5 prompt length in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Where to write the edited image (PNG); `{seed}` is replaced by the seed.
+    #[arg(long)]
+    out: PathBuf,
+    /// Resize the result back to the source image's size.
+    #[arg(long)]
+    keep_size: bool,
+    /// Also write the whole generated diptych, as OUT-diptych.png.
+    #[arg(long)]
+    save_diptych: bool,
+    /// Print a machine-readable summary (JSON) on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Also print the MoE routing histogram.
+    #[arg(long)]
+    verbose: bool,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LoraMode {
+    Merge,
+    Runtime,
+}
+
+pub fn run(args: EditArgs) -> Result<()> {
+    let reporter = Reporter::new(args.quiet);
+    let started = Instant::now();
+    let dtype = parse_dtype(&args.dtype)?;
+    let device = device(args.device)?;
+    let prompt = match (&args.instruction, &args.prompt) {
+        (Some(instruction), _) => diptych_prompt(instruction)?,
+        (None, Some(p)) if p.trim().is_empty() => {
+            bail!("--prompt is empty; describe the edit, or give --instruction")
+        }
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("give --instruction (what to change)"),
+    };
+    let seeds = if args.seeds.is_empty() {
+        vec![args.seed]
+    } else {
+        args.seeds.clone()
+    };
+    let outputs = output_paths(&args.out, &seeds)?;
+    let inputs = [Some(&args.image), args.latents.as_ref()];
+    for out in &outputs {
+        check_output(&out.edit, inputs.into_iter().flatten())?;
+    }
+
+    // Inputs and adapters first: a bad image or adapter should fail before the model loads.
+    let source = load_rgb(&args.image)?;
+    if let Some(note) = &source.conversion {
+        reporter.note(&format!("{}: {note}", args.image.display()));
+    }
+    let diptych = Diptych::new(&source.rgb, args.width)?;
+    let latents = match &args.latents {
+        Some(path) => {
+            let latents = read_latents(path)?;
+            let expected = [
+                1,
+                16,
+                (diptych.height as usize) / VAE_SCALE,
+                (2 * diptych.half_width as usize) / VAE_SCALE,
+            ];
+            if latents.dims() != expected {
+                bail!(
+                    "{}: the latents are {:?}; this {}x{} diptych needs {expected:?}",
+                    path.display(),
+                    latents.dims(),
+                    2 * diptych.half_width,
+                    diptych.height
+                );
+            }
+            Some(latents)
+        }
+        None => None,
+    };
+    let hub = HubOptions::from_env();
+    let adapters = load_adapters(&args, &hub, &reporter)?;
+
+    let repo = ModelRepo::open(&args.model, &hub)
+        .with_context(|| format!("cannot open the model {}", args.model))?;
+    let model_name = repo.describe();
+    let mut pipeline = FillPipeline::new(repo, dtype, device)
+        .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
+    pipeline.fetch_all()?;
+    let adapter_uses: Vec<AdapterUse> = adapters
+        .iter()
+        .map(|(resolved, choice)| AdapterUse {
+            name: resolved.name.clone(),
+            source: Some(resolved.origin.clone()),
+            scale: choice.scale as f32,
+            top_k: choice
+                .file
+                .is_moe()
+                .then(|| choice.top_k.or(choice.file.metadata_top_k()).unwrap_or(1)),
+        })
+        .collect();
+    let mode = match args.lora_mode {
+        LoraMode::Merge => ApplyMode::Merge,
+        LoraMode::Runtime => ApplyMode::Runtime,
+    };
+    pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
+
+    let settings = EditSettings {
+        steps: args.steps,
+        guidance: args.guidance,
+        max_sequence_length: args.max_seq_len,
+    };
+    reporter.note(&format!(
+        "diptych {}x{}, {} steps, guidance {}, seed(s) {}",
+        2 * diptych.half_width,
+        diptych.height,
+        args.steps,
+        args.guidance,
+        seeds
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
+    let mut callback = reporter.callback();
+    let text = pipeline.encode_prompt(&prompt, args.max_seq_len, &mut callback)?;
+    for dropped in text.truncation_warnings() {
+        reporter.warn(&dropped);
+    }
+    // Loads the transformer and applies the adapters: a mismatched adapter fails here.
+    pipeline.load_transformer(&mut callback)?;
+    for applied in pipeline.applied_adapters() {
+        reporter.note(&describe_applied(applied));
+    }
+
+    let mut results = Vec::new();
+    for (seed, paths) in seeds.iter().zip(&outputs) {
+        let seed_started = Instant::now();
+        let noise = match &latents {
+            Some(latents) => InitialNoise::Latents {
+                latents: latents.clone(),
+                seed: *seed,
+            },
+            None => InitialNoise::Seed(*seed),
+        };
+        let output = pipeline.edit(&diptych, &prompt, &text, &settings, noise, &mut callback)?;
+        let edited = if args.keep_size {
+            let (w, h) = source.rgb.dimensions();
+            imageops::resize(&output.edited, w, h, imageops::FilterType::CatmullRom)
+        } else {
+            output.edited
+        };
+        let recipe = Recipe {
+            task: "edit".into(),
+            prompt: prompt.clone(),
+            instruction: args.instruction.clone(),
+            seed: *seed,
+            latents: args.latents.as_ref().map(|p| p.display().to_string()),
+            steps: args.steps,
+            guidance: args.guidance,
+            max_sequence_length: args.max_seq_len,
+            width: edited.width(),
+            height: edited.height(),
+            expand: None,
+            model: model_name.clone(),
+            adapters: adapter_uses.clone(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+        };
+        save_png(&paths.edit, &edited, &recipe.png_metadata())?;
+        if args.save_diptych {
+            save_png(&paths.diptych, &output.diptych, &recipe.png_metadata())?;
+        }
+        reporter.done(&format!("wrote {}", paths.edit.display()));
+        results.push(json!({
+            "seed": seed,
+            "path": paths.edit,
+            "diptych": args.save_diptych.then_some(&paths.diptych),
+            "width": edited.width(),
+            "height": edited.height(),
+            "seconds": seed_started.elapsed().as_secs_f64(),
+        }));
+    }
+
+    let applied = pipeline.applied_adapters();
+    if args.verbose {
+        for adapter in applied.iter().filter(|a| a.moe_layers > 0) {
+            for line in routing_lines(adapter) {
+                eprintln!("{line}");
+            }
+        }
+    }
+    if args.json {
+        let adapters: Vec<_> = applied
+            .iter()
+            .zip(&adapter_uses)
+            .map(|(a, used)| {
+                json!({
+                    "name": used.name,
+                    "source": used.source,
+                    "scale": used.scale,
+                    "lora_layers": a.lora_layers,
+                    "merged_layers": a.merged_layers,
+                    "moe_layers": a.moe_layers,
+                    "experts": a.experts,
+                    "top_k": used.top_k,
+                    "routing": a.routing_histogram().into_iter().map(|(g, c)| (g, json!(c))).collect::<serde_json::Map<_, _>>(),
+                })
+            })
+            .collect();
+        let summary = json!({
+            "task": "edit",
+            "instruction": args.instruction,
+            "prompt": prompt,
+            "model": model_name,
+            "adapters": adapters,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "diptych": [2 * diptych.half_width, diptych.height],
+            "dtype": format!("{dtype:?}").to_lowercase(),
+            "outputs": results,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+/// Resolves (downloading if needed) and reads every adapter; checks manifests' stated kinds.
+fn load_adapters(
+    args: &EditArgs,
+    hub: &HubOptions,
+    reporter: &Reporter,
+) -> Result<Vec<(ResolvedAdapter, AdapterChoice)>> {
+    if args.no_lora {
+        return Ok(Vec::new());
+    }
+    let specs = if args.loras.is_empty() {
+        vec![DEFAULT_ADAPTER.to_string()]
+    } else {
+        args.loras.clone()
+    };
+    if !args.lora_scales.is_empty() && args.lora_scales.len() != specs.len() {
+        bail!(
+            "{} --lora-scale value(s) for {} adapter(s); give one scale per --lora, in order",
+            args.lora_scales.len(),
+            specs.len()
+        );
+    }
+    if args.top_k == Some(0) {
+        bail!("--top-k must be at least 1");
+    }
+    let mut adapters = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let resolved =
+            resolve(spec, hub).with_context(|| format!("cannot get the adapter `{spec}`"))?;
+        let file = AdapterFile::read(&resolved.path)?;
+        if let Some(manifest) = &resolved.manifest {
+            let kind = if file.is_moe() {
+                AdapterKind::MoeLora
+            } else {
+                AdapterKind::Lora
+            };
+            if kind != manifest.kind {
+                bail!(
+                    "{}: the manifest `{}` says {:?} but the file holds a {kind:?} adapter",
+                    resolved.path.display(),
+                    manifest.name,
+                    manifest.kind
+                );
+            }
+        }
+        if !file.text_encoder_keys().is_empty() {
+            reporter.warn(&format!(
+                "{}: {} text-encoder LoRA tensor(s) are NOT applied (icedit adapts the \
+                 transformer only)",
+                resolved.path.display(),
+                file.text_encoder_keys().len()
+            ));
+        }
+        let scale = args
+            .lora_scales
+            .get(i)
+            .copied()
+            .unwrap_or_else(|| resolved.default_scale());
+        if !scale.is_finite() {
+            bail!("--lora-scale must be a finite number");
+        }
+        let top_k = args
+            .top_k
+            .or(resolved.manifest.as_ref().and_then(|m| m.top_k));
+        let choice = AdapterChoice {
+            name: resolved.name.clone(),
+            file,
+            scale,
+            top_k,
+        };
+        adapters.push((resolved, choice));
+    }
+    Ok(adapters)
+}
+
+fn describe_applied(a: &AppliedAdapter) -> String {
+    let mut text = format!("adapter {}: {} LoRA layer(s)", a.name, a.lora_layers);
+    if a.lora_layers > 0 {
+        text += &format!(" ({} merged)", a.merged_layers);
+    }
+    if a.moe_layers > 0 {
+        text += &format!(
+            ", {} MoE layer(s) with {} experts, top-{}",
+            a.moe_layers, a.experts, a.top_k
+        );
+    }
+    text
+}
+
+/// One line per layer group: the share of tokens each expert received.
+fn routing_lines(a: &AppliedAdapter) -> Vec<String> {
+    let mut lines = vec![format!(
+        "MoE routing of {} (tokens per expert, all steps):",
+        a.name
+    )];
+    for (group, counts) in a.routing_histogram() {
+        let total: u64 = counts.iter().sum::<u64>().max(1);
+        let shares: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .map(|(e, &c)| format!("e{e} {:5.1}%", 100.0 * c as f64 / total as f64))
+            .collect();
+        lines.push(format!(
+            "  {group:<40} {}  ({total} selections)",
+            shares.join("  ")
+        ));
+    }
+    lines
+}
+
+struct OutputPaths {
+    edit: PathBuf,
+    diptych: PathBuf,
+}
+
+/// `--out` per seed: `{seed}` replaced; with several seeds and no `{seed}`, `-SEED` is added
+/// before the extension so that no result overwrites another.
+fn output_paths(out: &Path, seeds: &[u64]) -> Result<Vec<OutputPaths>> {
+    let text = out.to_string_lossy();
+    let mut seen = std::collections::HashSet::new();
+    let mut paths = Vec::new();
+    for seed in seeds {
+        if !seen.insert(seed) {
+            bail!("--seeds lists {seed} twice");
+        }
+        let edit = if text.contains("{seed}") {
+            PathBuf::from(text.replace("{seed}", &seed.to_string()))
+        } else if seeds.len() > 1 {
+            with_suffix(out, &format!("-{seed}"))
+        } else {
+            out.to_path_buf()
+        };
+        let diptych = with_suffix(&edit, "-diptych");
+        paths.push(OutputPaths { edit, diptych });
+    }
+    Ok(paths)
+}
+
+/// `dir/name.png` -> `dir/name{suffix}.png`.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}{suffix}.{}", ext.to_string_lossy()),
+        None => format!("{stem}{suffix}"),
+    };
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_per_seed() {
+        let one = output_paths(Path::new("out/cat.png"), &[42]).unwrap();
+        assert_eq!(one[0].edit, Path::new("out/cat.png"));
+        assert_eq!(one[0].diptych, Path::new("out/cat-diptych.png"));
+        let many = output_paths(Path::new("cat.png"), &[1, 2]).unwrap();
+        assert_eq!(many[1].edit, Path::new("cat-2.png"));
+        let templated = output_paths(Path::new("cat_{seed}.png"), &[7, 9]).unwrap();
+        assert_eq!(templated[0].edit, Path::new("cat_7.png"));
+        assert_eq!(templated[1].diptych, Path::new("cat_9-diptych.png"));
+        assert!(output_paths(Path::new("a.png"), &[3, 3]).is_err());
+    }
+}

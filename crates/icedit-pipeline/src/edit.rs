@@ -1,0 +1,212 @@
+//! In-context diptych editing (ICEdit, ../shared/SPEC.md section 4), a thin layer on the Fill
+//! pipeline: the source goes on the left of a diptych, the right half is masked and inpainted
+//! under the in-context prompt, and the right half of the result is the edit.
+
+use icedit_text::TextConditioning;
+use image::{imageops, GrayImage, Luma, RgbImage};
+
+use crate::error::{PipelineError, Result};
+use crate::fill::{FillPipeline, FillRequest, InitialNoise, Progress};
+use crate::image_io::check_size;
+use crate::latents::PIXELS_PER_TOKEN;
+
+/// The prompt template the ICEdit adapters were trained with (prompts/icedit-diptych.txt), with
+/// `{instruction}` where the instruction goes, as typed.
+pub const DIPTYCH_TEMPLATE: &str = include_str!("../../../prompts/icedit-diptych.txt");
+
+/// The width the ICEdit adapters were trained at.
+pub const DEFAULT_WIDTH: u32 = 512;
+
+/// The in-context prompt for an instruction.
+pub fn diptych_prompt(instruction: &str) -> Result<String> {
+    if instruction.trim().is_empty() {
+        return Err(PipelineError::Input(
+            "the instruction is empty; say what to change, e.g. \"make it night\"".into(),
+        ));
+    }
+    Ok(DIPTYCH_TEMPLATE.replace("{instruction}", instruction))
+}
+
+/// Size of each half: `width` wide (a multiple of 16), the height keeping the source's aspect
+/// ratio, rounded to the nearest multiple of 16 and at least 16.
+pub fn half_size(source_width: u32, source_height: u32, width: u32) -> Result<(u32, u32)> {
+    let g = PIXELS_PER_TOKEN as u32;
+    if width < g || width % g != 0 {
+        return Err(PipelineError::Input(format!(
+            "--width {width}: the width must be a positive multiple of {g} (the adapters were \
+             trained at {DEFAULT_WIDTH})"
+        )));
+    }
+    if source_width == 0 || source_height == 0 {
+        return Err(PipelineError::Input("the source image is empty".into()));
+    }
+    let exact = source_height as f64 * width as f64 / source_width as f64;
+    let height = ((exact / g as f64).round() as u32).max(1) * g;
+    check_size(2 * width, height, "the diptych")?;
+    Ok((width, height))
+}
+
+/// The diptych canvas and mask for one source image.
+#[derive(Debug, Clone)]
+pub struct Diptych {
+    /// `2W x H`: the resized source on both halves (the right half is masked, so its content
+    /// does not matter; ICEdit's reference puts the source there too).
+    pub canvas: RgbImage,
+    /// White on the right half.
+    pub mask: GrayImage,
+    /// The source at the half size (no copy made when it already had that size).
+    pub half_width: u32,
+    pub height: u32,
+}
+
+impl Diptych {
+    /// Resizes the source (bicubic, like PIL's default) to `width` wide and builds the diptych.
+    pub fn new(source: &RgbImage, width: u32) -> Result<Self> {
+        let (w, h) = half_size(source.width(), source.height(), width)?;
+        let resized;
+        let half = if source.dimensions() == (w, h) {
+            source
+        } else {
+            resized = imageops::resize(source, w, h, imageops::FilterType::CatmullRom);
+            &resized
+        };
+        let mut canvas = RgbImage::new(2 * w, h);
+        imageops::replace(&mut canvas, half, 0, 0);
+        imageops::replace(&mut canvas, half, w as i64, 0);
+        let mask = GrayImage::from_fn(2 * w, h, |x, _| Luma([if x >= w { 255 } else { 0 }]));
+        Ok(Self {
+            canvas,
+            mask,
+            half_width: w,
+            height: h,
+        })
+    }
+
+    /// The right half of a generated diptych: the edited image.
+    pub fn right_half(&self, output: &RgbImage) -> RgbImage {
+        imageops::crop_imm(output, self.half_width, 0, self.half_width, self.height).to_image()
+    }
+}
+
+/// Denoising settings of an edit.
+#[derive(Debug, Clone)]
+pub struct EditSettings {
+    pub steps: usize,
+    pub guidance: f32,
+    pub max_sequence_length: usize,
+}
+
+impl Default for EditSettings {
+    /// ICEdit's reference call: 28 steps, guidance 50, 512 T5 tokens.
+    fn default() -> Self {
+        Self {
+            steps: 28,
+            guidance: 50.0,
+            max_sequence_length: 512,
+        }
+    }
+}
+
+pub struct EditOutput {
+    /// The right half: the edited image at the diptych's half size.
+    pub edited: RgbImage,
+    /// The whole generated diptych.
+    pub diptych: RgbImage,
+}
+
+impl FillPipeline {
+    /// One edit of a diptych with an encoded prompt (encode once with
+    /// [`FillPipeline::encode_prompt`], then run as many seeds as wanted).
+    pub fn edit(
+        &mut self,
+        diptych: &Diptych,
+        prompt: &str,
+        text: &TextConditioning,
+        settings: &EditSettings,
+        noise: InitialNoise,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<EditOutput> {
+        let request = FillRequest {
+            image: &diptych.canvas,
+            mask: &diptych.mask,
+            prompt,
+            steps: settings.steps,
+            guidance: settings.guidance,
+            noise,
+            max_sequence_length: settings.max_sequence_length,
+        };
+        let output = self.denoise(&request, text, progress)?;
+        Ok(EditOutput {
+            edited: diptych.right_half(&output),
+            diptych: output,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_is_icedit_byte_for_byte() {
+        assert_eq!(
+            diptych_prompt("make it night").unwrap(),
+            "A diptych with two side-by-side images of the same scene. On the right, the scene \
+             is exactly the same as on the left but make it night"
+        );
+        // As typed: no trimming, no punctuation added.
+        assert!(diptych_prompt(" Give him a red scarf.")
+            .unwrap()
+            .ends_with("left but  Give him a red scarf."));
+        assert!(diptych_prompt("  ").is_err());
+    }
+
+    #[test]
+    fn half_sizes_keep_the_aspect_ratio_on_the_16_grid() {
+        // (source w, h, width) -> (w, h)
+        let cases = [
+            ((1024, 768, 512), (512, 384)), // landscape, exact
+            ((768, 1024, 512), (512, 688)), // portrait: 682.7 -> 688
+            ((500, 333, 512), (512, 336)),  // odd: 341.0 -> 336
+            ((640, 427, 512), (512, 336)),  // 341.6 -> 336
+            ((4000, 100, 512), (512, 16)),  // 12.8 -> 16 (at least one row of tokens)
+            ((3, 2, 512), (512, 336)),      // tiny source, upscaled
+            ((64, 48, 64), (64, 48)),       // already the size
+            ((100, 3000, 64), (64, 1920)),  // tall
+            ((512, 520, 512), (512, 528)),  // 520 is a tie between 512 and 528: rounds up
+        ];
+        for ((sw, sh, width), expected) in cases {
+            assert_eq!(
+                half_size(sw, sh, width).unwrap(),
+                expected,
+                "{sw}x{sh} @ {width}"
+            );
+        }
+        for bad_width in [0, 8, 500] {
+            let err = half_size(100, 100, bad_width).unwrap_err().to_string();
+            assert!(err.contains("multiple of 16"), "{err}");
+        }
+        assert!(
+            half_size(100, 100_000, 512).is_err(),
+            "over the pixel limit"
+        );
+    }
+
+    #[test]
+    fn diptych_has_source_left_and_masked_right() {
+        let source = RgbImage::from_fn(50, 30, |x, y| image::Rgb([x as u8 * 5, y as u8 * 8, 7]));
+        let d = Diptych::new(&source, 64).unwrap();
+        assert_eq!((d.half_width, d.height), (64, 32)); // 38.4 -> 32
+        assert_eq!(d.canvas.dimensions(), (128, d.height));
+        assert_eq!(d.mask.dimensions(), (128, d.height));
+        for x in [0, 63] {
+            assert_eq!(d.mask.get_pixel(x, 5)[0], 0);
+            assert_eq!(d.mask.get_pixel(x + 64, 5)[0], 255);
+            assert_eq!(d.canvas.get_pixel(x, 5), d.canvas.get_pixel(x + 64, 5));
+        }
+        // A source already at the half size is used as is.
+        let exact = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 1]));
+        let d = Diptych::new(&exact, 64).unwrap();
+        assert_eq!(d.right_half(&d.canvas), exact);
+    }
+}

@@ -51,9 +51,17 @@ impl AppliedAdapter {
     pub fn routing_histogram(&self) -> Vec<(String, Vec<u64>)> {
         let mut groups: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for (module, stats) in &self.routing {
+            // The block index is the first number in the path.
+            let mut replaced = false;
             let group = module
                 .split('.')
-                .map(|p| if p.parse::<usize>().is_ok() { "*" } else { p })
+                .map(|p| match p.parse::<usize>() {
+                    Ok(_) if !replaced => {
+                        replaced = true;
+                        "*"
+                    }
+                    _ => p,
+                })
                 .collect::<Vec<_>>()
                 .join(".");
             let counts = stats.counts();

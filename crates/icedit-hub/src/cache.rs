@@ -93,3 +93,35 @@ pub(crate) fn is_commit_hash(revision: &str) -> bool {
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\'])
 }
+
+/// Copies a local folder into the cache as `repo_id` at revision `main` (blobs, `refs/main`,
+/// relative snapshot links), as a download would have left it; returns the snapshot folder.
+/// Lets a machine without network use a model or adapter by its repo id, and lets tests exercise
+/// the cache code path. The commit name is a placeholder derived from the repo id.
+pub fn import_folder(cache_dir: &Path, repo_id: &str, folder: &Path) -> std::io::Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    repo_id.hash(&mut hasher);
+    let commit = format!("{:016x}{:024x}", hasher.finish(), 0);
+    let repo_dir = cache_dir.join(folder_name(repo_id));
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    std::fs::create_dir_all(repo_dir.join("refs"))?;
+    std::fs::create_dir_all(repo_dir.join("blobs"))?;
+    std::fs::write(repo_dir.join("refs/main"), &commit)?;
+    for (n, relative) in list_files(folder)?.iter().enumerate() {
+        let blob = repo_dir.join("blobs").join(format!("imported{n:05}"));
+        std::fs::copy(folder.join(relative), &blob)?;
+        let link = snapshot.join(relative);
+        std::fs::create_dir_all(link.parent().expect("inside the snapshot"))?;
+        // From the link's folder up to the repo folder: one level per path component.
+        let depth = relative.split('/').count() + 1;
+        let target = Path::new(&"../".repeat(depth))
+            .join("blobs")
+            .join(blob.file_name().expect("a file name"));
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(target, &link)?;
+        #[cfg(not(unix))]
+        std::fs::copy(&blob, &link).map(|_| ())?;
+    }
+    Ok(snapshot)
+}

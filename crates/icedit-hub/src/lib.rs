@@ -20,6 +20,7 @@ mod remote;
 mod repo;
 mod source;
 
+pub use cache::import_folder;
 pub use error::{HubError, MissingFiles, MissingReason, Result};
 pub use options::{HubOptions, DEFAULT_ENDPOINT};
 pub use repo::ModelRepo;

@@ -213,40 +213,17 @@ fn outpaint_canvas_matches_the_reference_canvas() {
     assert_eq!(mask, load_mask(&dir.join("mask.png")).unwrap());
 }
 
-/// Copies the tiny pipeline into a Hugging Face cache layout (blobs, refs/main, snapshot links)
+/// Imports the tiny pipeline into a Hugging Face cache layout (blobs, refs/main, snapshot links)
 /// and loads it by repo id with the Hub offline: the real Hub code path without a network.
 #[test]
 fn loads_through_the_hub_cache_offline() {
     let cache = tempfile::tempdir().unwrap();
-    let repo_dir = cache.path().join("models--tiny-org--flux-fill-tiny");
-    let commit = "0123456789abcdef0123456789abcdef01234567";
-    let snapshot = repo_dir.join("snapshots").join(commit);
-    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
-    std::fs::create_dir_all(repo_dir.join("blobs")).unwrap();
-    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
-    let tiny = root().join("tiny");
-    let mut stack = vec![tiny.clone()];
-    let mut n = 0;
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path.strip_prefix(&tiny).unwrap();
-            let blob = repo_dir.join("blobs").join(format!("blob{n:04}"));
-            n += 1;
-            std::fs::copy(&path, &blob).unwrap();
-            let link = snapshot.join(rel);
-            std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-            let depth = rel.components().count() + 1; // up to the repo folder
-            let target = Path::new(&"../".repeat(depth))
-                .join("blobs")
-                .join(blob.file_name().unwrap());
-            std::os::unix::fs::symlink(target, &link).unwrap();
-        }
-    }
+    icedit_hub::import_folder(
+        cache.path(),
+        "tiny-org/flux-fill-tiny",
+        &root().join("tiny"),
+    )
+    .unwrap();
     let options = HubOptions::new(cache.path()).with_offline(true);
     let repo = ModelRepo::open("tiny-org/flux-fill-tiny", &options).unwrap();
     assert_eq!(repo.describe(), "tiny-org/flux-fill-tiny@main");

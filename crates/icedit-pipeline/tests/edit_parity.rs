@@ -1,0 +1,138 @@
+//! In-context diptych edits on the tiny FLUX.1 Fill pipeline against diffusers' `FluxFillPipeline`
+//! with each adapter (tests/reference/gen_edit_adapters.py): the diptych and prompt the
+//! reference built, then whole runs from a seed, compared as float images and as PNGs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
+use icedit_hub::{HubOptions, ModelRepo};
+use icedit_pipeline::edit::diptych_prompt;
+use icedit_pipeline::image_io::{load_mask, load_rgb};
+use icedit_pipeline::latents::pixels_to_tensor;
+use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn edit_fixture(rel: &str) -> PathBuf {
+    fixtures().join("edit").join(rel)
+}
+
+fn runs() -> Vec<Value> {
+    let runs: Value =
+        serde_json::from_str(&std::fs::read_to_string(edit_fixture("runs.json")).unwrap()).unwrap();
+    runs["runs"].as_array().unwrap().clone()
+}
+
+fn pipeline(adapters: Vec<AdapterChoice>, mode: ApplyMode) -> FillPipeline {
+    let repo = ModelRepo::open(
+        fixtures().join("fill_pipeline/tiny").to_str().unwrap(),
+        &HubOptions::new(std::env::temp_dir()).with_offline(true),
+    )
+    .unwrap();
+    let mut pipeline = FillPipeline::new(repo, DType::F32, Device::Cpu).unwrap();
+    pipeline.set_adapters(adapters, mode).unwrap();
+    pipeline
+}
+
+fn adapters_of(run: &Value) -> Vec<AdapterChoice> {
+    let Some(file) = run["adapter_file"].as_str() else {
+        return Vec::new();
+    };
+    vec![AdapterChoice {
+        name: file.into(),
+        file: AdapterFile::read(&edit_fixture(file)).unwrap(),
+        scale: run["adapter_weight"].as_f64().unwrap_or(1.0),
+        top_k: run["top_k"].as_u64().map(|k| k as usize),
+    }]
+}
+
+fn max_png_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn diptych_and_prompt_are_the_references() {
+    let source = load_rgb(&edit_fixture("source.png")).unwrap().rgb;
+    let diptych = Diptych::new(&source, 64).unwrap();
+    assert_eq!(
+        diptych.canvas,
+        load_rgb(&edit_fixture("diptych.png")).unwrap().rgb
+    );
+    assert_eq!(diptych.mask, load_mask(&edit_fixture("mask.png")).unwrap());
+    for run in runs() {
+        assert_eq!(
+            diptych_prompt("make it night").unwrap(),
+            run["prompt"].as_str().unwrap()
+        );
+    }
+}
+
+/// Every run of the reference: float image within 3e-3 (the f32 pipeline's 8-bit-level
+/// agreement, as for `icedit fill`), PNG within 1/255, and each adapter's effect far larger.
+#[test]
+fn edits_match_diffusers_for_every_adapter() {
+    let source = load_rgb(&edit_fixture("source.png")).unwrap().rgb;
+    let diptych = Diptych::new(&source, 64).unwrap();
+    let settings = EditSettings {
+        steps: 4,
+        ..EditSettings::default()
+    };
+    let prompt = diptych_prompt("make it night").unwrap();
+    for run in runs() {
+        let name = run["name"].as_str().unwrap();
+        assert_eq!(run["steps"].as_u64(), Some(settings.steps as u64));
+        assert_eq!(run["guidance"].as_f64(), Some(settings.guidance as f64));
+        let mut p = pipeline(adapters_of(&run), ApplyMode::Merge);
+        let text = p
+            .encode_prompt(&prompt, settings.max_sequence_length, &mut |_| {})
+            .unwrap();
+        let seed = run["seed"].as_u64().unwrap();
+        let out = p
+            .edit(
+                &diptych,
+                &prompt,
+                &text,
+                &settings,
+                InitialNoise::Seed(seed),
+                &mut |_| {},
+            )
+            .unwrap();
+
+        let reference: HashMap<String, Tensor> = candle_core::safetensors::load(
+            edit_fixture(&format!("runs/{name}/image.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ours = pixels_to_tensor(out.diptych.as_raw(), 48, 128, &Device::Cpu)
+            .unwrap()
+            .affine(0.5, 0.5)
+            .unwrap();
+        let float_err = icedit_flux::compare::max_abs_diff(&ours, &reference["image"]).unwrap();
+        let png = load_rgb(&edit_fixture(&format!("runs/{name}/edit.png")))
+            .unwrap()
+            .rgb;
+        let png_err = max_png_diff(&out.edited, &png);
+        let effect = run["max_abs_diff_vs_bare"].as_f64().unwrap();
+        eprintln!("{name}: float {float_err:.2e}, PNG {png_err}/255, adapter effect {effect:.3}");
+        // Our image is 8-bit; the reference float is not: half a level plus the f32 noise.
+        assert!(
+            float_err < 3e-3,
+            "{name}: float image differs by {float_err}"
+        );
+        assert!(png_err <= 1, "{name}: PNG differs by {png_err}/255");
+        if name != "bare" {
+            assert!(effect > 0.1, "{name}: the adapter should change the image");
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! `icedit edit` end to end on the tiny pipeline and the reference's adapters
+//! (tests/reference/gen_edit_adapters.py): the default adapter and a manifest name resolved from
+//! an offline Hub cache, local files, several seeds, the recipe and JSON summary, and the bad
+//! inputs, each exiting 1 with a reason and leaving no file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn edit_fixture(rel: &str) -> String {
+    fixtures()
+        .join("edit")
+        .join(rel)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn model() -> String {
+    fixtures()
+        .join("fill_pipeline/tiny")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// An HF_HOME whose cache holds the two ICEdit adapter repos, made from the fixture adapters.
+fn hf_home_with_adapters() -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let cache = home.path().join("hub");
+    for (repo, src, name) in [
+        (
+            "sanaka87/ICEdit-MoE-LoRA",
+            "moe_lora.safetensors",
+            "moe.safetensors",
+        ),
+        (
+            "RiverZ/normal-lora",
+            "lora_peft.safetensors",
+            "pytorch_lora_weights.safetensors",
+        ),
+    ] {
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            edit_fixture(&format!("adapters/{src}")),
+            folder.path().join(name),
+        )
+        .unwrap();
+        std::fs::write(folder.path().join("README.md"), "adapter").unwrap();
+        icedit_hub::import_folder(&cache, repo, folder.path()).unwrap();
+    }
+    home
+}
+
+fn icedit(args: &[String], hf_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_icedit"))
+        .arg("edit")
+        .args(args)
+        // Never touch the user's cache or the network from a test.
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .expect("run icedit")
+}
+
+/// The reference's settings: tiny model, 64-pixel halves, 4 steps, f32.
+fn base_args(out: &Path) -> Vec<String> {
+    [
+        "--model",
+        &model(),
+        "--image",
+        &edit_fixture("source.png"),
+        "--instruction",
+        "make it night",
+        "--width",
+        "64",
+        "--steps",
+        "4",
+        "--dtype",
+        "f32",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn max_png_diff(a: &Path, b: &Path) -> u8 {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+fn recipe(path: &Path) -> serde_json::Value {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let chunk = reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "icedit")
+        .expect("recipe chunk")
+        .get_text()
+        .unwrap();
+    serde_json::from_str(&chunk).unwrap()
+}
+
+fn reference_png(run: &str, file: &str) -> PathBuf {
+    PathBuf::from(edit_fixture(&format!("runs/{run}/{file}")))
+}
+
+#[test]
+fn default_adapter_and_manifest_names_resolve_from_the_hub_cache() {
+    let home = hf_home_with_adapters();
+    let dir = tempfile::tempdir().unwrap();
+
+    // No --lora: icedit-moe, its file found from the cached repo's listing.
+    let out = dir.path().join("moe.png");
+    let run = icedit(
+        &with(base_args(&out), &["--json", "--verbose"]),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(max_png_diff(&out, &reference_png("moe", "edit.png")) <= 1);
+    let r = recipe(&out);
+    assert_eq!(r["task"], "edit");
+    assert_eq!(r["instruction"], "make it night");
+    assert_eq!(r["seed"], 42);
+    assert_eq!(r["steps"], 4);
+    assert_eq!(r["guidance"], 50.0);
+    assert_eq!(r["adapters"][0]["name"], "icedit-moe");
+    assert_eq!(r["adapters"][0]["top_k"], 1);
+    let source = r["adapters"][0]["source"].as_str().unwrap();
+    assert!(
+        source.starts_with("sanaka87/ICEdit-MoE-LoRA@main/moe.safetensors"),
+        "{source}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["outputs"][0]["path"], out.to_str().unwrap());
+    assert_eq!(summary["adapters"][0]["moe_layers"], 3);
+    assert_eq!(summary["adapters"][0]["experts"], 4);
+    let routing = summary["adapters"][0]["routing"]
+        .as_object()
+        .expect("routing histogram");
+    assert!(routing.contains_key("single_transformer_blocks.*.proj_out"));
+    assert!(
+        stderr(&run).contains("MoE routing of icedit-moe"),
+        "{}",
+        stderr(&run)
+    );
+
+    // A manifest by name, at run time instead of merged: the PEFT LoRA's reference.
+    let out = dir.path().join("normal.png");
+    let run = icedit(
+        &with(
+            base_args(&out),
+            &["--lora", "icedit-normal", "--lora-mode", "runtime"],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(max_png_diff(&out, &reference_png("lora_peft", "edit.png")) <= 1);
+}
+
+#[test]
+fn local_files_scales_seeds_and_diptychs() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A kohya file with a scale: the weighted PEFT reference (same LoRA, 0.75).
+    let out = dir.path().join("kohya.png");
+    let run = icedit(
+        &with(
+            base_args(&out),
+            &[
+                "--lora",
+                &edit_fixture("adapters/lora_kohya.safetensors"),
+                "--lora-scale",
+                "0.75",
+            ],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(max_png_diff(&out, &reference_png("lora_peft_weighted", "edit.png")) <= 1);
+    assert_eq!(recipe(&out)["adapters"][0]["scale"], 0.75);
+
+    // Several seeds, top-2 routing, diptychs kept: seed 7 is the moe_top2 reference.
+    let pattern = dir.path().join("e_{seed}.png");
+    let run = icedit(
+        &with(
+            base_args(&pattern),
+            &[
+                "--lora",
+                &edit_fixture("adapters/moe_lora.safetensors"),
+                "--top-k",
+                "2",
+                "--seeds",
+                "7,8",
+                "--save-diptych",
+            ],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (e7, e8) = (dir.path().join("e_7.png"), dir.path().join("e_8.png"));
+    assert!(max_png_diff(&e7, &reference_png("moe_top2", "edit.png")) <= 1);
+    assert!(
+        max_png_diff(
+            &dir.path().join("e_7-diptych.png"),
+            &reference_png("moe_top2", "diptych_out.png")
+        ) <= 1
+    );
+    assert!(max_png_diff(&e7, &e8) > 10, "another seed, another image");
+    assert_eq!(recipe(&e8)["seed"], 8);
+    assert_eq!(recipe(&e8)["adapters"][0]["top_k"], 2);
+
+    // The bare model, resized back to the source size.
+    let out = dir.path().join("bare.png");
+    let run = icedit(
+        &with(base_args(&out), &["--no-lora", "--keep-size"]),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(max_png_diff(&out, &reference_png("bare", "edit.png")) <= 1);
+    assert!(recipe(&out)["adapters"].is_null());
+}
+
+#[test]
+fn bad_inputs_exit_1_with_a_reason_and_leave_nothing() {
+    let home = hf_home_with_adapters();
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"<html>503</html>").unwrap();
+    let dev_lora = dir.path().join("dev.safetensors");
+    let x_embedder_for_dev: std::collections::HashMap<String, candle_core::Tensor> = [
+        ("transformer.x_embedder.lora_A.weight", (4, 64)),
+        ("transformer.x_embedder.lora_B.weight", (32, 4)),
+    ]
+    .into_iter()
+    .map(|(k, shape)| {
+        let t =
+            candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu);
+        (k.to_string(), t.unwrap())
+    })
+    .collect();
+    candle_core::safetensors::save(&x_embedder_for_dev, &dev_lora).unwrap();
+    let latents = dir.path().join("latents.safetensors");
+    let wrong: std::collections::HashMap<String, candle_core::Tensor> = [(
+        "latents".to_string(),
+        candle_core::Tensor::zeros(
+            (1, 16, 6, 8),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    )]
+    .into();
+    candle_core::safetensors::save(&wrong, &latents).unwrap();
+
+    let out = dir.path().join("out.png");
+    let moe = edit_fixture("adapters/moe_lora.safetensors");
+    let replace = |args: Vec<String>, flag: &str, value: &str| -> Vec<String> {
+        let mut args = args;
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value.to_string();
+        args
+    };
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "empty instruction",
+            replace(base_args(&out), "--instruction", " "),
+            "instruction is empty",
+        ),
+        (
+            "unknown adapter name",
+            with(base_args(&out), &["--lora", "icedit-nromal"]),
+            "icedit-normal, icedit-moe",
+        ),
+        (
+            "corrupt adapter",
+            with(base_args(&out), &["--lora", garbage.to_str().unwrap()]),
+            "truncated or corrupt",
+        ),
+        (
+            "adapter for another base model",
+            with(base_args(&out), &["--lora", dev_lora.to_str().unwrap()]),
+            "another base model",
+        ),
+        (
+            "scales do not pair with adapters",
+            with(
+                base_args(&out),
+                &["--lora", &moe, "--lora-scale", "1", "--lora-scale", "2"],
+            ),
+            "one scale per --lora",
+        ),
+        (
+            "top-k beyond the experts",
+            with(base_args(&out), &["--lora", &moe, "--top-k", "9"]),
+            "out of range for 4 experts",
+        ),
+        (
+            "width off the grid",
+            replace(base_args(&out), "--width", "50"),
+            "multiple of 16",
+        ),
+        (
+            "seed twice",
+            with(base_args(&out), &["--seeds", "3,3"]),
+            "lists 3 twice",
+        ),
+        (
+            "latents for another size",
+            with(base_args(&out), &["--latents", latents.to_str().unwrap()]),
+            "needs [1, 16, 6, 16]",
+        ),
+        (
+            "output not a PNG",
+            replace(
+                base_args(&out),
+                "--out",
+                dir.path().join("o.jpg").to_str().unwrap(),
+            ),
+            "use a .png name",
+        ),
+        (
+            "output over the input",
+            replace(base_args(&out), "--out", &edit_fixture("source.png")),
+            "never overwrites its inputs",
+        ),
+        (
+            "missing image",
+            replace(base_args(&out), "--image", "/nonexistent/photo.jpg"),
+            "/nonexistent/photo.jpg",
+        ),
+        (
+            "adapter repo not cached offline",
+            with(base_args(&out), &["--lora", "hf:someone/missing-lora"]),
+            "HF_HUB_OFFLINE",
+        ),
+    ];
+    for (what, args, expected) in cases {
+        let run = icedit(&args, home.path());
+        let err = stderr(&run);
+        assert_eq!(run.status.code(), Some(1), "{what}: {err}");
+        assert!(
+            err.contains(expected),
+            "{what}: expected {expected:?} in:\n{err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".png") || n.contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+    }
+}

@@ -128,7 +128,7 @@ def main():
     torch_cmd = [sys.executable, __file__, "--config", a.config, "--dtype", a.dtype,
                  "--device", a.device, "--threads", str(a.threads), "--reps", str(a.reps),
                  "--torch-side", str(model_dir), str(inputs), str(torch_out)]
-    cargo = ["cargo", "bench", "-q", "-p", "icedit-flux", "--bench", "transformer_forward"]
+    cargo = ["cargo", "bench", "-q", "-p", "icedit-adapters", "--bench", "transformer_forward"]
     if a.cargo_features:
         cargo += ["--features", a.cargo_features]
     # Build first so that compiling is not timed or interleaved with a round.

@@ -1,13 +1,15 @@
 //! Rust side of the transformer benchmark (driven by benches/transformer_bench.py, which runs
 //! PyTorch on the same checkpoint and inputs in the same run and prints the ratio).
 //!
-//! cargo bench -p icedit-flux --bench transformer_forward -- MODEL_DIR INPUTS.safetensors OUT.safetensors REPS [DTYPE] [cpu|cuda]
+//! cargo bench -p icedit-adapters --bench transformer_forward -- MODEL_DIR INPUTS.safetensors OUT.safetensors REPS [DTYPE] [cpu|cuda] [ADAPTER.safetensors merge|runtime [TOP_K]]
 //!
 //! Prints one JSON line: load time, median forward time, resident memory after loading and at peak.
+//! With an adapter (benches/adapter_bench.py), it is applied after loading, merged or at run time.
 
 use std::time::Instant;
 
 use candle_core::Device;
+use icedit_adapters::{apply_adapters, AdapterChoice, AdapterFile, ApplyMode};
 use icedit_flux::{parse_dtype, Checkpoint, FluxInput, FluxTransformer};
 
 // Large tensors come and go every op: an allocator that keeps freed pages mapped saves a
@@ -33,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let [model_dir, inputs, out_path, reps, rest @ ..] = args.as_slice() else {
         return Err(
-            "usage: transformer_forward MODEL_DIR INPUTS OUT REPS [DTYPE] [cpu|cuda]".into(),
+            "usage: transformer_forward MODEL_DIR INPUTS OUT REPS [DTYPE] [cpu|cuda] [ADAPTER merge|runtime [TOP_K]]".into(),
         );
     };
     let reps: usize = reps.parse()?;
@@ -45,8 +47,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let start = Instant::now();
     let checkpoint = Checkpoint::open(model_dir.as_ref())?;
-    let model = FluxTransformer::load(&checkpoint, dtype, &device)?;
+    let mut model = FluxTransformer::load(&checkpoint, dtype, &device)?;
     drop(checkpoint);
+    if let Some(adapter) = rest.get(2) {
+        let mode = match rest.get(3).map(String::as_str) {
+            Some("runtime") => ApplyMode::Runtime,
+            _ => ApplyMode::Merge,
+        };
+        let choice = AdapterChoice {
+            name: adapter.clone(),
+            file: AdapterFile::read(adapter.as_ref())?,
+            scale: 1.0,
+            top_k: rest.get(4).map(|k| k.parse()).transpose()?,
+        };
+        apply_adapters(&mut model, vec![choice], mode)?;
+    }
     let load_s = start.elapsed().as_secs_f64();
     let rss_after_load = rss_kib("VmRSS:");
 

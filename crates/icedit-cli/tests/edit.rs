@@ -103,13 +103,7 @@ fn stderr(out: &Output) -> String {
 fn max_png_diff(a: &Path, b: &Path) -> u8 {
     let a = image::open(a).unwrap().to_rgb8();
     let b = image::open(b).unwrap().to_rgb8();
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap()
+    icedit_pipeline::image_io::max_pixel_diff(&a, &b).unwrap()
 }
 
 fn recipe(path: &Path) -> serde_json::Value {

@@ -1412,7 +1412,15 @@ mod tests {
                 let ours = norm.forward_cpu(&x, silu).unwrap();
                 let ops = norm.forward_ops(&x, silu).unwrap();
                 assert_eq!(ours.dtype(), dtype);
-                let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                // Two half-precision steps (ulps) at the largest output: the inputs are random
+                // (outputs reach about 10), and one rounding may differ between the two paths.
+                let largest = ops.to_dtype(DType::F32).unwrap().abs().unwrap();
+                let largest = largest.max_all().unwrap().to_scalar::<f32>().unwrap();
+                let tol = match dtype {
+                    DType::BF16 => largest / 64.0,
+                    DType::F16 => largest / 512.0,
+                    _ => 1e-5,
+                };
                 let err = max_abs_diff(&ours, &ops);
                 assert!(err < tol, "{dtype:?} silu {silu}: {err}");
             }

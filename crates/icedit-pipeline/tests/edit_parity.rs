@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
 use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::edit::diptych_prompt;
-use icedit_pipeline::image_io::{load_mask, load_rgb};
+use icedit_pipeline::image_io::{load_mask, load_rgb, max_pixel_diff};
 use icedit_pipeline::latents::pixels_to_tensor;
 use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
 use serde_json::Value;
@@ -49,16 +49,6 @@ fn adapters_of(run: &Value) -> Vec<AdapterChoice> {
         scale: run["adapter_weight"].as_f64().unwrap_or(1.0),
         top_k: run["top_k"].as_u64().map(|k| k as usize),
     }]
-}
-
-fn max_png_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap()
 }
 
 #[test]
@@ -122,7 +112,7 @@ fn edits_match_diffusers_for_every_adapter() {
         let png = load_rgb(&edit_fixture(&format!("runs/{name}/edit.png")))
             .unwrap()
             .rgb;
-        let png_err = max_png_diff(&out.edited, &png);
+        let png_err = max_pixel_diff(&out.edited, &png).unwrap();
         let effect = run["max_abs_diff_vs_bare"].as_f64().unwrap();
         eprintln!("{name}: float {float_err:.2e}, PNG {png_err}/255, adapter effect {effect:.3}");
         // Our image is 8-bit; the reference float is not: half a level plus the f32 noise.

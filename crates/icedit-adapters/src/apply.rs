@@ -129,7 +129,7 @@ fn install(
     report: &mut AppliedAdapter,
     module: &str,
 ) -> Result<()> {
-    let (dtype, device) = (linear.weight().dtype(), linear.weight().device().clone());
+    let (dtype, device) = (linear.dtype(), linear.device().clone());
     let convert = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
     match layer {
         BoundLayer::Lora(delta) => {
@@ -147,7 +147,7 @@ fn install(
                     up_bias: delta.up_bias.as_ref().map(convert).transpose()?,
                     scale: delta.scale,
                 };
-                linear.attach(Arc::new(delta) as Arc<dyn LinearAdapter>);
+                linear.attach(Arc::new(delta) as Arc<dyn LinearAdapter>)?;
             }
         }
         BoundLayer::Moe(moe) => {
@@ -162,12 +162,12 @@ fn install(
                 experts,
                 moe.scale,
                 moe.top_k,
-            );
+            )?;
             report.moe_layers += 1;
             report.experts = report.experts.max(moe.experts.len());
             report.top_k = moe.top_k;
             report.routing.push((module.to_string(), moe.stats.clone()));
-            linear.attach(Arc::new(moe) as Arc<dyn LinearAdapter>);
+            linear.attach(Arc::new(moe) as Arc<dyn LinearAdapter>)?;
         }
     }
     Ok(())
@@ -461,7 +461,7 @@ impl BindContext<'_> {
             return Ok(None);
         }
         let scale = self.file.scaling.scale(target, ranks[0], t.alpha) * self.user_scale;
-        let moe = MoeLoraLayer::new(route.clone(), t.route_bias.clone(), experts, scale, top_k);
+        let moe = MoeLoraLayer::new(route.clone(), t.route_bias.clone(), experts, scale, top_k)?;
         Ok(Some((target.clone(), moe)))
     }
 }

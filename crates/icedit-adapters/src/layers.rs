@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor};
-use icedit_flux::LinearAdapter;
+use icedit_flux::{matmul_selected_rows, LinearAdapter};
 
 /// `scale * (B A x + b)`, as PEFT computes a LoRA layer's contribution.
 #[derive(Debug, Clone)]
@@ -85,6 +85,8 @@ pub struct MoeLoraLayer {
     pub scale: f64,
     pub top_k: usize,
     pub stats: Arc<RoutingStats>,
+    /// Each expert's down matrix transposed, `[in, rank]`, as the row-selecting matmul takes it.
+    downs_t: Vec<Tensor>,
 }
 
 impl MoeLoraLayer {
@@ -94,24 +96,30 @@ impl MoeLoraLayer {
         experts: Vec<(Tensor, Tensor)>,
         scale: f64,
         top_k: usize,
-    ) -> Self {
+    ) -> Result<Self> {
         let stats = Arc::new(RoutingStats::new(experts.len()));
-        Self {
+        let downs_t = experts
+            .iter()
+            .map(|(down, _)| down.t()?.contiguous())
+            .collect::<Result<_>>()?;
+        Ok(Self {
             route,
             route_bias,
             experts,
             scale,
             top_k,
             stats,
-        }
+            downs_t,
+        })
     }
 
-    /// For each of the `top_k` ranks, every token's (expert, weight).
-    fn route_tokens(&self, x2: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
-        let mut logits = x2.matmul(&self.route.t()?)?;
-        if let Some(b) = &self.route_bias {
-            logits = logits.broadcast_add(b)?;
-        }
+    /// For each of the `top_k` ranks, every token's (expert, weight), from the router logits
+    /// `[tokens, experts]` (without the router bias).
+    fn route_tokens(&self, logits: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
+        let logits = match &self.route_bias {
+            Some(b) => logits.broadcast_add(b)?,
+            None => logits.clone(),
+        };
         let (tokens, experts) = logits.dims2()?;
         let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let k = self.top_k;
@@ -133,49 +141,67 @@ impl MoeLoraLayer {
         }
         Ok(ranks)
     }
-}
 
-impl LinearAdapter for MoeLoraLayer {
-    fn forward_delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x2 = rows(x)?;
+    /// The experts' contribution for tokens `x2` `[tokens, in]` routed by `logits`.
+    fn experts_delta(&self, x2: &Tensor, logits: &Tensor) -> Result<Tensor> {
         let device = x2.device();
         let mut total: Option<Tensor> = None;
-        for choices in self.route_tokens(&x2)? {
-            // Tokens sorted by expert (stable), so that each expert sees one contiguous slice.
+        for choices in self.route_tokens(logits)? {
+            // Tokens sorted by expert (stable): each expert takes one slice of the order, reads
+            // its tokens' rows in place, and the results are put back in token order.
             let mut order: Vec<u32> = (0..choices.len() as u32).collect();
             order.sort_by_key(|&t| choices[t as usize].0);
-            let sorted = x2.index_select(&Tensor::new(order.as_slice(), device)?, 0)?;
-            let mut outputs = Vec::with_capacity(self.experts.len());
-            let mut start = 0;
-            for (e, (down, up)) in self.experts.iter().enumerate() {
-                let count = order[start..]
-                    .iter()
-                    .take_while(|&&t| choices[t as usize].0 == e)
-                    .count();
-                if count > 0 {
-                    let xe = sorted.narrow(0, start, count)?;
-                    outputs.push(xe.matmul(&down.t()?)?.matmul(&up.t()?)?);
-                    start += count;
-                }
-            }
+            // Routing weight times scale, applied in the rank space where it is cheapest.
             let weights: Vec<f32> = order
                 .iter()
                 .map(|&t| choices[t as usize].1 * self.scale as f32)
                 .collect();
             let weights =
-                Tensor::from_vec(weights, (order.len(), 1), device)?.to_dtype(x.dtype())?;
-            let y = Tensor::cat(&outputs, 0)?.broadcast_mul(&weights)?;
+                Tensor::from_vec(weights, (order.len(), 1), device)?.to_dtype(x2.dtype())?;
+            let mut outputs = Vec::with_capacity(self.experts.len());
+            let mut start = 0;
+            for (e, ((_, up), down_t)) in self.experts.iter().zip(&self.downs_t).enumerate() {
+                let count = order[start..]
+                    .iter()
+                    .take_while(|&&t| choices[t as usize].0 == e)
+                    .count();
+                if count > 0 {
+                    let h = matmul_selected_rows(x2, &order[start..start + count], down_t)?;
+                    let h = h.broadcast_mul(&weights.narrow(0, start, count)?)?;
+                    outputs.push(h.matmul(&up.t()?)?);
+                    start += count;
+                }
+            }
             let mut inverse = vec![0u32; order.len()];
             for (position, &t) in order.iter().enumerate() {
                 inverse[t as usize] = position as u32;
             }
-            let y = y.index_select(&Tensor::new(inverse.as_slice(), device)?, 0)?;
+            let y = Tensor::cat(&outputs, 0)?
+                .index_select(&Tensor::new(inverse.as_slice(), device)?, 0)?;
             total = Some(match total {
                 None => y,
                 Some(t) => (t + y)?,
             });
         }
-        restore(total.expect("top_k >= 1"), x)
+        Ok(total.expect("top_k >= 1"))
+    }
+}
+
+impl LinearAdapter for MoeLoraLayer {
+    fn forward_delta(&self, x: &Tensor) -> Result<Tensor> {
+        let x2 = rows(x)?;
+        let logits = x2.matmul(&self.route.t()?)?;
+        restore(self.experts_delta(&x2, &logits)?, x)
+    }
+
+    /// The router rides along in the base layer's matmul: one pass over the input, not two.
+    fn input_projection(&self) -> Option<&Tensor> {
+        Some(&self.route)
+    }
+
+    fn forward_delta_with(&self, x: &Tensor, logits: &Tensor) -> Result<Tensor> {
+        let x2 = rows(x)?;
+        restore(self.experts_delta(&x2, logits)?, x)
     }
 }
 
@@ -256,7 +282,8 @@ mod tests {
             .collect();
         let route = Tensor::randn(0f32, 1.0, (experts, d_in), &dev).unwrap();
         for top_k in 1..=experts {
-            let layer = MoeLoraLayer::new(route.clone(), None, experts_w.clone(), 0.5, top_k);
+            let layer =
+                MoeLoraLayer::new(route.clone(), None, experts_w.clone(), 0.5, top_k).unwrap();
             let y = layer
                 .forward_delta(&x.unsqueeze(0).unwrap())
                 .unwrap()

@@ -20,6 +20,7 @@ mod vae;
 mod weights;
 
 pub use config::{FluxConfig, MLP_RATIO, ROPE_THETA};
+pub use cpu_kernels::matmul_selected_rows;
 pub use error::{FluxError, Result};
 pub use linear::{Linear, LinearAdapter, VisitLinears};
 pub use model::{FluxInput, FluxTransformer};

@@ -516,11 +516,11 @@ impl FluxTransformer {
     }
 
     pub fn dtype(&self) -> DType {
-        self.x_embedder.weight().dtype()
+        self.x_embedder.dtype()
     }
 
     pub fn device(&self) -> &Device {
-        self.x_embedder.weight().device()
+        self.x_embedder.device()
     }
 
     /// Every linear layer, with its diffusers module path (`transformer_blocks.0.attn.to_q`, ...).

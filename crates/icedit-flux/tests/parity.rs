@@ -200,7 +200,7 @@ fn every_linear_is_visited_with_its_diffusers_name_and_runs_through_the_hook() {
             value: if name == "proj_out" { 1.0 } else { 0.0 },
             out_features: linear.out_features(),
         });
-        linear.attach(adapter.clone());
+        linear.attach(adapter.clone()).unwrap();
         adapters.push((name.to_string(), adapter));
     });
     // 2 double blocks x 14, 4 single blocks x 6, x/context embedders, 3 MLP embedders x 2,

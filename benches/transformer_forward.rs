@@ -66,15 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rss_after_load = rss_kib("VmRSS:");
 
     let io = candle_core::safetensors::load(inputs, &device)?;
-    let input = FluxInput {
-        img: &io["img"],
-        img_ids: &io["img_ids"],
-        txt: &io["txt"],
-        txt_ids: &io["txt_ids"],
-        pooled: &io["pooled"],
-        timestep: &io["timestep"],
-        guidance: io.get("guidance"),
-    };
+    let input = FluxInput::from_named(&io)?;
     let mut out = model.forward(&input)?; // warm-up
     device.synchronize()?;
     let mut times = Vec::with_capacity(reps);

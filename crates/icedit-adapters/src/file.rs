@@ -396,6 +396,30 @@ mod tests {
     }
 
     #[test]
+    fn moe_top_k_comes_from_the_metadata() {
+        let route = Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap();
+        let tensors = || {
+            vec![(
+                "transformer.proj_out.lora_route.weight".to_string(),
+                route.clone(),
+            )]
+        };
+        let path = Path::new("moe.safetensors");
+        let plain = HashMap::from([("top_k".to_string(), "2".to_string())]);
+        let file = AdapterFile::from_tensors(path, tensors(), plain).unwrap();
+        assert_eq!(file.metadata_top_k(), Some(2));
+        assert!(file.is_moe());
+        let peft = HashMap::from([(
+            "lora_adapter_metadata".to_string(),
+            r#"{"transformer.top_k": 3}"#.to_string(),
+        )]);
+        let file = AdapterFile::from_tensors(path, tensors(), peft).unwrap();
+        assert_eq!(file.metadata_top_k(), Some(3));
+        let none = AdapterFile::from_tensors(path, tensors(), HashMap::new()).unwrap();
+        assert_eq!(none.metadata_top_k(), None);
+    }
+
+    #[test]
     fn diffusers_metadata_prefix_is_stripped() {
         let meta = HashMap::from([(
             "lora_adapter_metadata".to_string(),

@@ -284,6 +284,34 @@ mod tests {
     }
 
     #[test]
+    fn hub_references_resolve_through_the_cache() {
+        let cache = tempfile::tempdir().unwrap();
+        let folder = tempfile::tempdir().unwrap();
+        std::fs::write(folder.path().join("moe.safetensors"), b"weights").unwrap();
+        std::fs::write(folder.path().join("README.md"), b"card").unwrap();
+        icedit_hub::import_folder(cache.path(), "sanaka87/ICEdit-MoE-LoRA", folder.path()).unwrap();
+        let hub = HubOptions::new(cache.path()).with_offline(true);
+        // The manifest names no file: the listing's only .safetensors file is taken.
+        let resolved = resolve("icedit-moe", &hub).unwrap();
+        assert!(
+            resolved.path.ends_with("moe.safetensors"),
+            "{:?}",
+            resolved.path
+        );
+        assert_eq!(
+            resolved.origin,
+            "sanaka87/ICEdit-MoE-LoRA@main/moe.safetensors"
+        );
+        assert_eq!(resolved.manifest.unwrap().kind, AdapterKind::MoeLora);
+        let by_ref = resolve("hf:sanaka87/ICEdit-MoE-LoRA/moe.safetensors", &hub).unwrap();
+        assert_eq!(by_ref.path, resolved.path);
+        assert!(by_ref.manifest.is_none());
+        // Not cached and offline: the Hub's error, which says how to fix it.
+        let err = resolve("icedit-normal", &hub).unwrap_err().to_string();
+        assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[test]
     fn listing_picks_the_single_safetensors_file() {
         let one = vec!["README.md".into(), "moe.safetensors".into()];
         assert_eq!(single_safetensors("a/b", one).unwrap(), "moe.safetensors");

@@ -30,17 +30,7 @@ fn io() -> HashMap<String, Tensor> {
 }
 
 fn forward(model: &FluxTransformer, io: &HashMap<String, Tensor>) -> Tensor {
-    model
-        .forward(&FluxInput {
-            img: &io["img"],
-            img_ids: &io["img_ids"],
-            txt: &io["txt"],
-            txt_ids: &io["txt_ids"],
-            pooled: &io["pooled"],
-            timestep: &io["timestep"],
-            guidance: Some(&io["guidance"]),
-        })
-        .unwrap()
+    model.forward(&FluxInput::from_named(io).unwrap()).unwrap()
 }
 
 /// Max abs error relative to the reference's largest magnitude. The tiny model's outputs reach

@@ -20,16 +20,12 @@ use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
 use image::imageops;
 use serde_json::json;
 
-use crate::fill::DEFAULT_MODEL;
 use crate::inputs::{check_output, read_latents};
 use crate::progress::Reporter;
-use crate::{device, DeviceArg};
+use crate::{device, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct EditArgs {
-    /// Hub repo id (`owner/name[@revision]`) or a local folder in diffusers layout.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: String,
     /// The photo to edit (PNG, JPEG, WebP, BMP, TIFF).
     #[arg(long)]
     image: PathBuf,
@@ -74,14 +70,8 @@ pub struct EditArgs {
     /// `latents` [1, 16, H/8, 2W/8] for the whole diptych.
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
-    /// T5 prompt length in tokens.
-    #[arg(long, default_value_t = 512)]
-    max_seq_len: usize,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Where to write the edited image (PNG); `{seed}` is replaced by the seed.
     #[arg(long)]
     out: PathBuf,
@@ -111,8 +101,8 @@ enum LoraMode {
 pub fn run(args: EditArgs) -> Result<()> {
     let reporter = Reporter::new(args.quiet);
     let started = Instant::now();
-    let dtype = parse_dtype(&args.dtype)?;
-    let device = device(args.device)?;
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let device = device(args.model.device)?;
     let prompt = match (&args.instruction, &args.prompt) {
         (Some(instruction), _) => diptych_prompt(instruction)?,
         (None, Some(p)) if p.trim().is_empty() => {
@@ -163,8 +153,8 @@ pub fn run(args: EditArgs) -> Result<()> {
     let hub = HubOptions::from_env();
     let adapters = load_adapters(&args, &hub, &reporter)?;
 
-    let repo = ModelRepo::open(&args.model, &hub)
-        .with_context(|| format!("cannot open the model {}", args.model))?;
+    let repo = ModelRepo::open(&args.model.model, &hub)
+        .with_context(|| format!("cannot open the model {}", args.model.model))?;
     let model_name = repo.describe();
     let mut pipeline = FillPipeline::new(repo, dtype, device)
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
@@ -190,7 +180,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     let settings = EditSettings {
         steps: args.steps,
         guidance: args.guidance,
-        max_sequence_length: args.max_seq_len,
+        max_sequence_length: args.model.max_seq_len,
     };
     reporter.note(&format!(
         "diptych {}x{}, {} steps, guidance {}, seed(s) {}",
@@ -205,7 +195,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             .join(",")
     ));
     let mut callback = reporter.callback();
-    let text = pipeline.encode_prompt(&prompt, args.max_seq_len, &mut callback)?;
+    let text = pipeline.encode_prompt(&prompt, args.model.max_seq_len, &mut callback)?;
     for dropped in text.truncation_warnings() {
         reporter.warn(&dropped);
     }
@@ -240,7 +230,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             latents: args.latents.as_ref().map(|p| p.display().to_string()),
             steps: args.steps,
             guidance: args.guidance,
-            max_sequence_length: args.max_seq_len,
+            max_sequence_length: args.model.max_seq_len,
             width: edited.width(),
             height: edited.height(),
             expand: None,

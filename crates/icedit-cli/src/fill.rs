@@ -12,15 +12,10 @@ use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
 
 use crate::inputs::{check_output, random_seed, read_latents};
 use crate::progress::Reporter;
-use crate::{device, DeviceArg};
-
-pub const DEFAULT_MODEL: &str = "black-forest-labs/FLUX.1-Fill-dev";
+use crate::{device, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct FillArgs {
-    /// Hub repo id (`owner/name[@revision]`) or a local folder in diffusers layout.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: String,
     /// The image to inpaint or outpaint (PNG, JPEG, WebP, BMP, TIFF).
     #[arg(long)]
     image: PathBuf,
@@ -45,14 +40,8 @@ pub struct FillArgs {
     /// `latents` of shape [1, 16, H/8, W/8]. --seed still seeds the VAE sampling (default 0).
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
-    /// T5 prompt length in tokens (longer prompts are truncated, with a warning).
-    #[arg(long, default_value_t = 512)]
-    max_seq_len: usize,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Resize a mask of another size to the image's size instead of failing.
     #[arg(long)]
     resize_mask: bool,
@@ -71,8 +60,8 @@ pub fn run(args: FillArgs) -> Result<()> {
     if args.prompt.trim().is_empty() {
         bail!("--prompt is empty; describe what the masked area should show");
     }
-    let dtype = parse_dtype(&args.dtype)?;
-    let device = device(args.device)?;
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let device = device(args.model.device)?;
     let margins = args.expand.as_deref().map(Margins::parse).transpose()?;
 
     // Inputs first: a bad image should fail before minutes of model loading.
@@ -135,8 +124,8 @@ pub fn run(args: FillArgs) -> Result<()> {
         None => InitialNoise::Seed(seed),
     };
 
-    let repo = ModelRepo::open(&args.model, &HubOptions::from_env())
-        .with_context(|| format!("cannot open the model {}", args.model))?;
+    let repo = ModelRepo::open(&args.model.model, &HubOptions::from_env())
+        .with_context(|| format!("cannot open the model {}", args.model.model))?;
     let model_name = repo.describe();
     let mut pipeline = FillPipeline::new(repo, dtype, device)
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
@@ -148,7 +137,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         steps: args.steps,
         guidance: args.guidance,
         noise,
-        max_sequence_length: args.max_seq_len,
+        max_sequence_length: args.model.max_seq_len,
     };
     reporter.note(&format!(
         "{}x{}, {} steps, guidance {}, seed {seed}",
@@ -175,7 +164,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         latents: args.latents.as_ref().map(|p| p.display().to_string()),
         steps: args.steps,
         guidance: args.guidance,
-        max_sequence_length: args.max_seq_len,
+        max_sequence_length: args.model.max_seq_len,
         width: image.width(),
         height: image.height(),
         expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),

@@ -43,6 +43,25 @@ enum Command {
     Fill(fill::FillArgs),
 }
 
+/// The default model of the generating commands.
+pub const DEFAULT_MODEL: &str = "black-forest-labs/FLUX.1-Fill-dev";
+
+/// Which pipeline, in which precision, on which device: shared by `edit` and `fill`.
+#[derive(clap::Args)]
+pub(crate) struct ModelArgs {
+    /// Hub repo id (`owner/name[@revision]`) or a local folder in diffusers layout.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// T5 prompt length in tokens (longer prompts are truncated, with a warning).
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum DeviceArg {
     Cpu,

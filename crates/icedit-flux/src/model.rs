@@ -448,6 +448,27 @@ pub struct FluxInput<'a> {
     pub guidance: Option<&'a Tensor>,
 }
 
+impl<'a> FluxInput<'a> {
+    /// The inputs from tensors named after the fields (`img`, `img_ids`, `txt`, `txt_ids`,
+    /// `pooled`, `timestep`, optional `guidance`), as saved inputs (fixtures, benchmarks) hold them.
+    pub fn from_named(tensors: &'a std::collections::HashMap<String, Tensor>) -> Result<Self> {
+        let get = |name: &str| {
+            tensors.get(name).ok_or_else(|| {
+                FluxError::Input(format!("no tensor named `{name}` among the saved inputs"))
+            })
+        };
+        Ok(Self {
+            img: get("img")?,
+            img_ids: get("img_ids")?,
+            txt: get("txt")?,
+            txt_ids: get("txt_ids")?,
+            pooled: get("pooled")?,
+            timestep: get("timestep")?,
+            guidance: tensors.get("guidance"),
+        })
+    }
+}
+
 /// The FLUX.1 transformer. Build it with [`FluxTransformer::new`] from any `VarBuilder`, or
 /// [`FluxTransformer::load`] from a checkpoint.
 #[derive(Debug, Clone)]

@@ -32,15 +32,7 @@ impl Reference {
     }
 
     fn input(&self) -> FluxInput<'_> {
-        FluxInput {
-            img: &self.io["img"],
-            img_ids: &self.io["img_ids"],
-            txt: &self.io["txt"],
-            txt_ids: &self.io["txt_ids"],
-            pooled: &self.io["pooled"],
-            timestep: &self.io["timestep"],
-            guidance: self.io.get("guidance"),
-        }
+        FluxInput::from_named(&self.io).unwrap()
     }
 
     fn reference_error(&self, dtype: &str) -> f32 {

@@ -16,8 +16,8 @@ use icedit_pipeline::edit::{diptych_prompt, DEFAULT_WIDTH};
 use icedit_pipeline::image_io::{load_rgb, save_png};
 use icedit_pipeline::latents::VAE_SCALE;
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
+use icedit_pipeline::resize::{resize_rgb, Filter};
 use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
-use image::imageops;
 use serde_json::json;
 
 use crate::inputs::{check_output, read_latents};
@@ -218,7 +218,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         let output = pipeline.edit(&diptych, &prompt, &text, &settings, noise, &mut callback)?;
         let edited = if args.keep_size {
             let (w, h) = source.rgb.dimensions();
-            imageops::resize(&output.edited, w, h, imageops::FilterType::CatmullRom)
+            resize_rgb(&output.edited, w, h, Filter::Bicubic)
         } else {
             output.edited
         };

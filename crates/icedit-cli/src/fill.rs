@@ -8,6 +8,7 @@ use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::canvas::{self, Margins};
 use icedit_pipeline::image_io::{self, load_mask, load_rgb, save_png};
 use icedit_pipeline::recipe::Recipe;
+use icedit_pipeline::resize::{resize_gray, Filter};
 use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
 
 use crate::inputs::{check_output, random_seed, read_latents};
@@ -85,12 +86,7 @@ pub fn run(args: FillArgs) -> Result<()> {
                 );
             }
             reporter.note(&format!("mask resized from {mw}x{mh} to {iw}x{ih}"));
-            mask = Some(image::imageops::resize(
-                m,
-                iw,
-                ih,
-                image::imageops::FilterType::Lanczos3,
-            ));
+            mask = Some(resize_gray(m, iw, ih, Filter::Lanczos));
         }
     }
     let (image, mask) = match margins {

@@ -4,6 +4,7 @@ use image::{imageops, GrayImage, Luma, Rgb, RgbImage};
 
 use crate::error::{PipelineError, Result};
 use crate::latents::PIXELS_PER_TOKEN;
+use crate::resize::{resize_gray, resize_rgb, Filter};
 
 /// Margins to add around an image for outpainting, in pixels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,8 +82,8 @@ pub fn grid_size(width: u32, height: u32) -> (u32, u32) {
     (width / g * g, height / g * g)
 }
 
-/// Resizes image and mask to the 16-pixel grid when they are not on it (as diffusers' image
-/// processor does, with a Lanczos filter; PIL's Lanczos and ours differ by a level or so).
+/// Resizes image and mask to the 16-pixel grid when they are not on it, as diffusers' image
+/// processors do (PIL's Lanczos, reproduced exactly).
 /// Returns a note for the user when a resize happened.
 pub fn fit_to_grid(image: RgbImage, mask: GrayImage) -> (RgbImage, GrayImage, Option<String>) {
     let (w, h) = image.dimensions();
@@ -90,8 +91,8 @@ pub fn fit_to_grid(image: RgbImage, mask: GrayImage) -> (RgbImage, GrayImage, Op
     if (gw, gh) == (w, h) {
         return (image, mask, None);
     }
-    let image = imageops::resize(&image, gw, gh, imageops::FilterType::Lanczos3);
-    let mask = imageops::resize(&mask, gw, gh, imageops::FilterType::Lanczos3);
+    let image = resize_rgb(&image, gw, gh, Filter::Lanczos);
+    let mask = resize_gray(&mask, gw, gh, Filter::Lanczos);
     let note = format!("resized {w}x{h} to {gw}x{gh}: the model works on multiples of 16 pixels");
     (image, mask, Some(note))
 }

@@ -9,6 +9,7 @@ use crate::error::{PipelineError, Result};
 use crate::fill::{FillPipeline, FillRequest, InitialNoise, Progress};
 use crate::image_io::check_size;
 use crate::latents::PIXELS_PER_TOKEN;
+use crate::resize::{resize_rgb, Filter};
 
 /// The prompt template the ICEdit adapters were trained with (prompts/icedit-diptych.txt), with
 /// `{instruction}` where the instruction goes, as typed.
@@ -60,14 +61,15 @@ pub struct Diptych {
 }
 
 impl Diptych {
-    /// Resizes the source (bicubic, like PIL's default) to `width` wide and builds the diptych.
+    /// Resizes the source (PIL's default bicubic, exactly, as ICEdit's script resizes) to
+    /// `width` wide and builds the diptych.
     pub fn new(source: &RgbImage, width: u32) -> Result<Self> {
         let (w, h) = half_size(source.width(), source.height(), width)?;
         let resized;
         let half = if source.dimensions() == (w, h) {
             source
         } else {
-            resized = imageops::resize(source, w, h, imageops::FilterType::CatmullRom);
+            resized = resize_rgb(source, w, h, Filter::Bicubic);
             &resized
         };
         let mut canvas = RgbImage::new(2 * w, h);

@@ -8,6 +8,7 @@ pub mod fill;
 pub mod image_io;
 pub mod latents;
 pub mod recipe;
+pub mod resize;
 pub mod scheduler;
 pub mod torch_rng;
 

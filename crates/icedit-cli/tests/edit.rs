@@ -371,3 +371,58 @@ fn bad_inputs_exit_1_with_a_reason_and_leave_nothing() {
         assert!(left.is_empty(), "{what}: left {left:?}");
     }
 }
+
+/// Photos of other sizes (tests/reference/gen_edit_geometry.py): resized to the half size with
+/// PIL's bicubic, height rounded to the nearest multiple of 16, edited, and with --keep-size
+/// resized back, as the reference does it.
+#[test]
+fn photos_of_any_size_match_the_reference() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(edit_fixture("geometry/cases.json")).unwrap(),
+    )
+    .unwrap();
+    for case in cases["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let source = edit_fixture(&format!("geometry/{name}/source.png"));
+        for (keep, reference) in [(false, "edit.png"), (true, "edit_keep.png")] {
+            let out = dir.path().join(format!("{name}-{keep}.png"));
+            let mut args = base_args(&out);
+            let i = args.iter().position(|a| a == "--image").unwrap();
+            args[i + 1] = source.clone();
+            let i = args.iter().position(|a| a == "--steps").unwrap();
+            args[i + 1] = case["steps"].to_string();
+            let mut extra = vec![
+                "--lora".to_string(),
+                edit_fixture("adapters/moe_lora.safetensors"),
+                "--seed".to_string(),
+                case["seed"].to_string(),
+            ];
+            if keep {
+                extra.push("--keep-size".into());
+            }
+            args.extend(extra);
+            let run = icedit(&args, home.path());
+            assert!(run.status.success(), "{name}: {}", stderr(&run));
+            let expected = PathBuf::from(edit_fixture(&format!("geometry/{name}/{reference}")));
+            let diff = max_png_diff(&out, &expected);
+            assert!(diff <= 1, "{name} keep-size {keep}: {diff}/255");
+        }
+        let edit = image::open(edit_fixture(&format!("geometry/{name}/edit.png")))
+            .unwrap()
+            .to_rgb8();
+        let keep = image::open(edit_fixture(&format!("geometry/{name}/edit_keep.png")))
+            .unwrap()
+            .to_rgb8();
+        // The resize back alone is PIL's, pixel for pixel.
+        let (w, h) = keep.dimensions();
+        let resized = icedit_pipeline::resize::resize_rgb(
+            &edit,
+            w,
+            h,
+            icedit_pipeline::resize::Filter::Bicubic,
+        );
+        assert_eq!(resized, keep, "{name}: --keep-size resize differs from PIL");
+    }
+}

@@ -2,7 +2,7 @@
 //! any size enters the model with the same pixels as in the Python pipelines (diffusers' image
 //! processor uses Lanczos, ICEdit's script PIL's default bicubic).
 //!
-//! PIL convolves separably, horizontal pass first, each output pixel from a window of input
+//! PIL convolves separably, one axis after the other, each output pixel from a window of input
 //! pixels whose filter is stretched by the scale factor when shrinking (antialiasing); the
 //! weights are normalised, turned into 22-bit fixed point, and each pass rounds to 8 bits.
 
@@ -39,7 +39,7 @@ impl Filter {
                 }
             }
             Filter::Lanczos => {
-                if -3.0 < x && x < 3.0 {
+                if (-3.0..3.0).contains(&x) {
                     sinc(x) * sinc(x / 3.0)
                 } else {
                     0.0
@@ -167,12 +167,24 @@ fn resize_samples<P: Pixel<Subpixel = u8>>(
     let (ow, oh) = (width as usize, height as usize);
     let channels = P::CHANNEL_COUNT as usize;
     let mut data = image.as_raw().clone();
-    // Horizontal first, then vertical, as PIL does; an axis that keeps its size is not touched.
-    if ow != w {
-        data = resample_horizontal(&data, w, h, channels, ow, filter);
-    }
-    if oh != h {
-        data = resample_vertical(&data, ow, h, channels, oh, filter);
+    // Each pass rounds to 8 bits, so the order matters. Pillow (13.0) runs the vertical pass
+    // first when the height shrinks while the width grows, or when more than twice as many rows
+    // as columns are removed; otherwise horizontal first. This rule was established against
+    // Pillow on about 500 random sizes of four source shapes; tests/fixtures/resize covers both
+    // orders. An axis that keeps its size is not resampled.
+    let vertical_first = oh < h && (ow > w || h - oh > 2 * (w - ow));
+    if vertical_first {
+        data = resample_vertical(&data, w, h, channels, oh, filter);
+        if ow != w {
+            data = resample_horizontal(&data, w, oh, channels, ow, filter);
+        }
+    } else {
+        if ow != w {
+            data = resample_horizontal(&data, w, h, channels, ow, filter);
+        }
+        if oh != h {
+            data = resample_vertical(&data, ow, h, channels, oh, filter);
+        }
     }
     ImageBuffer::from_raw(width, height, data).expect("sized above")
 }

@@ -28,15 +28,29 @@ fn runs() -> Vec<Value> {
     runs["runs"].as_array().unwrap().clone()
 }
 
-fn pipeline(adapters: Vec<AdapterChoice>, mode: ApplyMode) -> FillPipeline {
+fn pipeline(dtype: DType, adapters: Vec<AdapterChoice>, mode: ApplyMode) -> FillPipeline {
     let repo = ModelRepo::open(
         fixtures().join("fill_pipeline/tiny").to_str().unwrap(),
         &HubOptions::new(std::env::temp_dir()).with_offline(true),
     )
     .unwrap();
-    let mut pipeline = FillPipeline::new(repo, DType::F32, Device::Cpu).unwrap();
+    let mut pipeline = FillPipeline::new(repo, dtype, Device::Cpu).unwrap();
     pipeline.set_adapters(adapters, mode).unwrap();
     pipeline
+}
+
+/// The reference's edit: the fixture photo's diptych at width 64, 4 steps, ICEdit's prompt.
+fn reference_edit() -> (Diptych, EditSettings, String) {
+    let source = load_rgb(&edit_fixture("source.png")).unwrap().rgb;
+    let settings = EditSettings {
+        steps: 4,
+        ..EditSettings::default()
+    };
+    (
+        Diptych::new(&source, 64).unwrap(),
+        settings,
+        diptych_prompt("make it night").unwrap(),
+    )
 }
 
 fn adapters_of(run: &Value) -> Vec<AdapterChoice> {
@@ -72,18 +86,12 @@ fn diptych_and_prompt_are_the_references() {
 /// agreement, as for `icedit fill`), PNG within 1/255, and each adapter's effect far larger.
 #[test]
 fn edits_match_diffusers_for_every_adapter() {
-    let source = load_rgb(&edit_fixture("source.png")).unwrap().rgb;
-    let diptych = Diptych::new(&source, 64).unwrap();
-    let settings = EditSettings {
-        steps: 4,
-        ..EditSettings::default()
-    };
-    let prompt = diptych_prompt("make it night").unwrap();
+    let (diptych, settings, prompt) = reference_edit();
     for run in runs() {
         let name = run["name"].as_str().unwrap();
         assert_eq!(run["steps"].as_u64(), Some(settings.steps as u64));
         assert_eq!(run["guidance"].as_f64(), Some(settings.guidance as f64));
-        let mut p = pipeline(adapters_of(&run), ApplyMode::Merge);
+        let mut p = pipeline(DType::F32, adapters_of(&run), ApplyMode::Merge);
         let text = p
             .encode_prompt(&prompt, settings.max_sequence_length, &mut |_| {})
             .unwrap();
@@ -132,13 +140,7 @@ fn edits_match_diffusers_for_every_adapter() {
 /// result than that, merged and at run time.
 #[test]
 fn bf16_edits_stay_close_to_diffusers_bf16() {
-    let source = load_rgb(&edit_fixture("source.png")).unwrap().rgb;
-    let diptych = Diptych::new(&source, 64).unwrap();
-    let settings = EditSettings {
-        steps: 4,
-        ..EditSettings::default()
-    };
-    let prompt = diptych_prompt("make it night").unwrap();
+    let (diptych, settings, prompt) = reference_edit();
     let runs: Value =
         serde_json::from_str(&std::fs::read_to_string(edit_fixture("bf16/runs.json")).unwrap())
             .unwrap();
@@ -152,19 +154,13 @@ fn bf16_edits_stay_close_to_diffusers_bf16() {
             .unwrap()
             .rgb;
         for mode in [ApplyMode::Runtime, ApplyMode::Merge] {
-            let repo = ModelRepo::open(
-                fixtures().join("fill_pipeline/tiny").to_str().unwrap(),
-                &HubOptions::new(std::env::temp_dir()).with_offline(true),
-            )
-            .unwrap();
-            let mut p = FillPipeline::new(repo, DType::BF16, Device::Cpu).unwrap();
             let choice = AdapterChoice {
                 name: name.into(),
                 file: AdapterFile::read(&edit_fixture(file)).unwrap(),
                 scale: 1.0,
                 top_k: None,
             };
-            p.set_adapters(vec![choice], mode).unwrap();
+            let mut p = pipeline(DType::BF16, vec![choice], mode);
             let text = p
                 .encode_prompt(&prompt, settings.max_sequence_length, &mut |_| {})
                 .unwrap();

@@ -301,7 +301,9 @@ fn an_adapter_for_another_base_model_is_a_shape_error() {
 #[test]
 fn incomplete_or_unknown_tensors_are_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Vec<(&str, Tensor)>, &str)> = vec![
+    // (what, the file's tensors, what the error must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, Tensor)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "half a pair",
             vec![("transformer.x_embedder.lora_A.weight", randn((4, 384)))],

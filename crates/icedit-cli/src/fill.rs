@@ -107,11 +107,7 @@ pub fn run(args: FillArgs) -> Result<()> {
     if image_io::binarize(&mask).iter().all(|&v| v == 0.0) {
         reporter.warn("the mask is empty (all black): nothing will be regenerated on purpose");
     }
-    let latents = args
-        .latents
-        .as_deref()
-        .map(|p| read_latents(p))
-        .transpose()?;
+    let latents = args.latents.as_deref().map(read_latents).transpose()?;
     let seed = args
         .seed
         .unwrap_or_else(|| if latents.is_some() { 0 } else { random_seed() });

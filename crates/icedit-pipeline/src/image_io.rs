@@ -204,6 +204,24 @@ pub fn read_png_metadata(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The largest per-channel difference between two images of one size, in 8-bit levels (how
+/// results are compared with a reference).
+pub fn max_pixel_diff(a: &RgbImage, b: &RgbImage) -> Result<u8> {
+    if a.dimensions() != b.dimensions() {
+        return Err(PipelineError::Input(format!(
+            "cannot compare a {:?} image with a {:?} one",
+            a.dimensions(),
+            b.dimensions()
+        )));
+    }
+    Ok(a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,22 +277,4 @@ mod tests {
         assert!(err.contains("resize it first"), "{err}");
         assert!(check_size(8, 64, "image").is_err());
     }
-}
-
-/// The largest per-channel difference between two images of one size, in 8-bit levels (how
-/// results are compared with a reference).
-pub fn max_pixel_diff(a: &RgbImage, b: &RgbImage) -> Result<u8> {
-    if a.dimensions() != b.dimensions() {
-        return Err(PipelineError::Input(format!(
-            "cannot compare a {:?} image with a {:?} one",
-            a.dimensions(),
-            b.dimensions()
-        )));
-    }
-    Ok(a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0))
 }

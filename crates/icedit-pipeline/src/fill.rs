@@ -249,6 +249,22 @@ impl FillPipeline {
         text: &TextConditioning,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<RgbImage> {
+        let mut state = self.start(request, text, progress)?;
+        let total = state.total_steps();
+        self.advance(&mut state, total, progress)?;
+        progress(Progress::Decoding);
+        self.decode(&state)
+    }
+
+    /// Prepares a run up to its first step: the initial noise, the masked-image condition, the
+    /// schedule and the text inputs. [`FillPipeline::advance`] then runs steps, so that a run
+    /// can stop part way (to preview it) and go on later exactly as if it had not stopped.
+    pub fn start(
+        &mut self,
+        request: &FillRequest,
+        text: &TextConditioning,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Denoising> {
         check_request(request)?;
         let (dtype, device) = (self.dtype, self.device.clone());
         let (width, height) = request.image.dimensions();
@@ -266,7 +282,7 @@ impl FillPipeline {
                 rng.randn(&latent_shape, dtype, &device)?
             }
         };
-        let mut latents = pack(&latents)?;
+        let latents = pack(&latents)?;
 
         // Masked image latents | mask channels, fixed through the loop.
         let mask = binarize(request.mask);
@@ -292,40 +308,131 @@ impl FillPipeline {
         };
 
         let tokens = (height as usize / PIXELS_PER_TOKEN) * (width as usize / PIXELS_PER_TOKEN);
-        let schedule = FlowMatchSchedule::new(&self.scheduler, request.steps, tokens)?;
-        let img_ids = image_ids(h / 2, w / 2, &device)?;
         let txt = text.t5.to_device(&device)?.to_dtype(dtype)?;
-        let txt_ids = text_ids(txt.dim(1)?, &device)?;
-        let pooled = text.pooled.to_device(&device)?.to_dtype(dtype)?;
-        let guidance = Tensor::new(&[request.guidance], &device)?;
+        Ok(Denoising {
+            latents,
+            velocity: None,
+            step: 0,
+            evaluations: 0,
+            schedule: FlowMatchSchedule::new(&self.scheduler, request.steps, tokens)?,
+            condition,
+            img_ids: image_ids(h / 2, w / 2, &device)?,
+            txt_ids: text_ids(txt.dim(1)?, &device)?,
+            txt,
+            pooled: text.pooled.to_device(&device)?.to_dtype(dtype)?,
+            guidance: Tensor::new(&[request.guidance], &device)?,
+            latent_size: (h, w),
+        })
+    }
+
+    /// Runs the steps of `state` up to `until` (at most its last step), one transformer
+    /// evaluation each.
+    pub fn advance(
+        &mut self,
+        state: &mut Denoising,
+        until: usize,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let dtype = self.dtype;
         let transformer = self.transformer(progress)?;
-        let total = schedule.steps();
-        for step in 0..total {
-            let timestep = Tensor::new(&[schedule.model_timestep(step, dtype)], &device)?;
-            let img = Tensor::cat(&[&latents, &condition], 2)?;
+        let device = transformer.device().clone();
+        let total = state.total_steps();
+        while state.step < until.min(total) {
+            let step = state.step;
+            let timestep = Tensor::new(&[state.schedule.model_timestep(step, dtype)], &device)?;
+            let img = Tensor::cat(&[&state.latents, &state.condition], 2)?;
             let velocity = transformer.forward(&FluxInput {
                 img: &img,
-                img_ids: &img_ids,
-                txt: &txt,
-                txt_ids: &txt_ids,
-                pooled: &pooled,
+                img_ids: &state.img_ids,
+                txt: &state.txt,
+                txt_ids: &state.txt_ids,
+                pooled: &state.pooled,
                 timestep: &timestep,
-                guidance: transformer.config().guidance_embeds.then_some(&guidance),
+                guidance: transformer
+                    .config()
+                    .guidance_embeds
+                    .then_some(&state.guidance),
             })?;
-            latents = schedule.step(step, &latents, &velocity)?;
+            state.latents = state.schedule.step(step, &state.latents, &velocity)?;
+            state.velocity = Some(velocity);
+            state.step += 1;
+            state.evaluations += 1;
             progress(Progress::Step {
                 done: step + 1,
                 total,
             });
         }
+        Ok(())
+    }
 
-        progress(Progress::Decoding);
-        let vae = self.vae(progress)?;
-        let z = vae.unscale_latents(&unpack(&latents, h, w)?)?;
+    /// The image the run is heading for, as seen from where it stands: the clean-image
+    /// estimate `x0 = x_t - sigma_t * v` of the last evaluation, decoded. Before any step it is
+    /// the noise itself.
+    pub fn preview(&mut self, state: &Denoising) -> Result<RgbImage> {
+        let estimate = match &state.velocity {
+            Some(v) => {
+                let sigma = state.schedule.sigma(state.step) as f64;
+                let x = state.latents.to_dtype(candle_core::DType::F32)?;
+                let v = v.to_dtype(candle_core::DType::F32)?;
+                (x - (v * sigma)?)?.to_dtype(self.dtype)?
+            }
+            None => state.latents.clone(),
+        };
+        self.decode_latents(&estimate, state.latent_size)
+    }
+
+    /// Decodes where the run stands (after its last step: the result).
+    pub fn decode(&mut self, state: &Denoising) -> Result<RgbImage> {
+        self.decode_latents(&state.latents, state.latent_size)
+    }
+
+    fn decode_latents(&mut self, packed: &Tensor, (h, w): (usize, usize)) -> Result<RgbImage> {
+        let vae = self.vae(&mut |_| {})?;
+        let z = vae.unscale_latents(&unpack(packed, h, w)?)?;
         let decoded = vae.decode(&z)?;
         let (rgb, out_h, out_w) = tensor_to_pixels(&decoded)?;
         RgbImage::from_raw(out_w as u32, out_h as u32, rgb)
             .ok_or_else(|| PipelineError::Input("decoded image has an unexpected size".into()))
+    }
+}
+
+/// A run in progress: everything needed to take its next step, so that runs can be paused,
+/// previewed, compared and continued (the early-filter seed search).
+#[derive(Debug, Clone)]
+pub struct Denoising {
+    /// Packed latents after `step` steps.
+    latents: Tensor,
+    /// The last evaluation's velocity, for the clean-image estimate.
+    velocity: Option<Tensor>,
+    step: usize,
+    evaluations: usize,
+    schedule: FlowMatchSchedule,
+    condition: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    pooled: Tensor,
+    guidance: Tensor,
+    latent_size: (usize, usize),
+}
+
+impl Denoising {
+    /// Steps taken so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.schedule.steps()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step == self.total_steps()
+    }
+
+    /// Transformer evaluations spent on this run.
+    pub fn evaluations(&self) -> usize {
+        self.evaluations
     }
 }
 

@@ -14,4 +14,4 @@ pub mod torch_rng;
 
 pub use edit::{Diptych, EditOutput, EditSettings};
 pub use error::{PipelineError, Result};
-pub use fill::{FillOutput, FillPipeline, FillRequest, InitialNoise, Progress};
+pub use fill::{Denoising, FillOutput, FillPipeline, FillRequest, InitialNoise, Progress};

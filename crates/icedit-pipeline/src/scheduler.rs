@@ -163,6 +163,11 @@ impl FlowMatchSchedule {
         self.timesteps.len()
     }
 
+    /// The noise level before `step` (`steps()` gives the final 0).
+    pub fn sigma(&self, step: usize) -> f32 {
+        self.sigmas[step]
+    }
+
     /// The value the transformer receives for `step`: diffusers casts the timestep to the
     /// latents' dtype and divides by 1000 in that dtype (the model multiplies back).
     pub fn model_timestep(&self, step: usize, dtype: DType) -> f32 {

@@ -11,7 +11,7 @@ use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::edit::diptych_prompt;
 use icedit_pipeline::image_io::{load_mask, load_rgb, max_pixel_diff};
 use icedit_pipeline::latents::pixels_to_tensor;
-use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
+use icedit_pipeline::{Diptych, EditSettings, FillPipeline, FillRequest, InitialNoise};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -191,4 +191,54 @@ fn bf16_edits_stay_close_to_diffusers_bf16() {
             );
         }
     }
+}
+
+/// A run paused part way (and previewed) then continued is the uninterrupted run, bit for bit:
+/// what lets the seed search keep each candidate's state and finish only the winner.
+#[test]
+fn paused_and_continued_runs_equal_uninterrupted_ones() {
+    let (diptych, settings, prompt) = reference_edit();
+    let moe = || AdapterChoice {
+        name: "moe".into(),
+        file: AdapterFile::read(&edit_fixture("adapters/moe_lora.safetensors")).unwrap(),
+        scale: 1.0,
+        top_k: None,
+    };
+    let mut p = pipeline(DType::F32, vec![moe()], ApplyMode::Merge);
+    let text = p
+        .encode_prompt(&prompt, settings.max_sequence_length, &mut |_| {})
+        .unwrap();
+    let request = |seed| FillRequest {
+        image: &diptych.canvas,
+        mask: &diptych.mask,
+        prompt: &prompt,
+        steps: settings.steps,
+        guidance: settings.guidance,
+        noise: InitialNoise::Seed(seed),
+        max_sequence_length: settings.max_sequence_length,
+    };
+    let whole = p.denoise(&request(42), &text, &mut |_| {}).unwrap();
+
+    let mut state = p.start(&request(42), &text, &mut |_| {}).unwrap();
+    p.advance(&mut state, 2, &mut |_| {}).unwrap();
+    assert_eq!((state.step(), state.evaluations()), (2, 2));
+    let preview = p.preview(&state).unwrap();
+    assert_eq!(preview.dimensions(), whole.dimensions());
+    assert!(
+        max_pixel_diff(&preview, &whole).unwrap() > 0,
+        "a preview is not the result"
+    );
+    // Another candidate in between must not disturb this one.
+    let mut other = p.start(&request(7), &text, &mut |_| {}).unwrap();
+    p.advance(&mut other, 2, &mut |_| {}).unwrap();
+    p.advance(&mut state, usize::MAX, &mut |_| {}).unwrap();
+    assert!(state.is_done());
+    assert_eq!(state.evaluations(), settings.steps);
+    let continued = p.decode(&state).unwrap();
+    assert_eq!(
+        continued, whole,
+        "continued run differs from the uninterrupted one"
+    );
+    // At the end the clean-image estimate is the result itself (sigma is 0).
+    assert_eq!(p.preview(&state).unwrap(), whole);
 }

@@ -10,6 +10,7 @@ pub mod latents;
 pub mod recipe;
 pub mod resize;
 pub mod scheduler;
+pub mod search;
 pub mod torch_rng;
 
 pub use edit::{Diptych, EditOutput, EditSettings};

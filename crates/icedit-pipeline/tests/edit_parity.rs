@@ -242,3 +242,166 @@ fn paused_and_continued_runs_equal_uninterrupted_ones() {
     // At the end the clean-image estimate is the result itself (sigma is 0).
     assert_eq!(p.preview(&state).unwrap(), whole);
 }
+
+/// A judge answering from a script, recording what it was shown.
+struct ScriptedJudge {
+    answers: Vec<icedit_judge::Preference>,
+    shown: Vec<(image::RgbImage, image::RgbImage, image::RgbImage)>,
+}
+
+impl icedit_judge::Judge for ScriptedJudge {
+    fn name(&self) -> String {
+        "scripted".into()
+    }
+    fn compare(
+        &mut self,
+        c: &icedit_judge::Comparison,
+    ) -> icedit_judge::Result<icedit_judge::Verdict> {
+        assert_eq!(c.instruction, "make it night");
+        self.shown
+            .push((c.first.clone(), c.second.clone(), c.original.clone()));
+        let preference = self.answers[self.shown.len() - 1];
+        Ok(icedit_judge::Verdict {
+            preference,
+            judge: "scripted".into(),
+            answer: format!("{preference:?}"),
+            latency: std::time::Duration::ZERO,
+            warnings: vec![],
+        })
+    }
+}
+
+/// The seed search on the tiny pipeline: the winner is what the judge chose, finished exactly
+/// as a plain edit of its seed (continuing its saved state), at the cost the formulas promise.
+#[test]
+fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
+    use icedit_judge::Preference::{First, Second};
+    use icedit_pipeline::search::{search_cost, EarlyFilter, SearchSettings, Selection};
+    let (diptych, settings, prompt) = reference_edit();
+    let mut p = pipeline(DType::F32, vec![], ApplyMode::Merge);
+    let text = p
+        .encode_prompt(&prompt, settings.max_sequence_length, &mut |_| {})
+        .unwrap();
+    let seeds = vec![3, 5, 8];
+    let plain = |p: &mut FillPipeline, seed| {
+        p.edit(
+            &diptych,
+            &prompt,
+            &text,
+            &settings,
+            InitialNoise::Seed(seed),
+            &mut |_| {},
+        )
+        .unwrap()
+        .edited
+    };
+    let original = image::imageops::crop_imm(&diptych.canvas, 0, 0, 64, 48).to_image();
+    let cases = [
+        // (filter, selection, answers, winner)
+        (
+            EarlyFilter::Continue,
+            Selection::Tournament,
+            vec![Second, First],
+            5,
+        ),
+        (
+            EarlyFilter::Continue,
+            Selection::Tournament,
+            vec![First, Second],
+            8,
+        ),
+        (
+            EarlyFilter::Restart,
+            Selection::Tournament,
+            vec![Second, Second],
+            8,
+        ),
+        (
+            EarlyFilter::Continue,
+            Selection::Halving,
+            vec![Second, Second],
+            8,
+        ),
+    ];
+    for (filter, selection, answers, winner) in cases {
+        let search = SearchSettings {
+            seeds: seeds.clone(),
+            early_steps: 2,
+            filter,
+            selection,
+        };
+        let mut judge = ScriptedJudge {
+            answers,
+            shown: vec![],
+        };
+        let out = p
+            .edit_search(
+                &diptych,
+                &prompt,
+                "make it night",
+                &text,
+                &settings,
+                &search,
+                &mut judge,
+                &mut |_| {},
+            )
+            .unwrap();
+        let what = format!("{filter:?} {selection:?}");
+        assert_eq!(out.winner_seed, winner, "{what}");
+        assert_eq!(
+            out.calls.len(),
+            seeds.len() - 1,
+            "{what}: N - 1 judge calls"
+        );
+        assert_eq!(
+            out.result.edited,
+            plain(&mut p, winner),
+            "{what}: winner as a plain edit"
+        );
+        for (first, second, shown_original) in &judge.shown {
+            assert_eq!(shown_original, &original, "{what}: the original goes third");
+            assert_eq!(first.dimensions(), (64, 48));
+            assert_ne!(first, second);
+        }
+        let expected_cost = match selection {
+            Selection::Tournament => search_cost(filter, seeds.len(), 2, settings.steps),
+            // All three at 2 steps; the first pair's loser stops there, its winner and the bye
+            // go on to 4 (the end) for the final: 2 + 4 + 4.
+            Selection::Halving => 2 + 4 + 4,
+        };
+        assert_eq!(
+            out.evaluations, expected_cost,
+            "{what}: transformer evaluations"
+        );
+        // Previews are the judged images: the first call compares the first two candidates.
+        assert_eq!(judge.shown[0].0, out.candidates[0].previews[0].1);
+        assert_eq!(judge.shown[0].1, out.candidates[1].previews[0].1);
+    }
+    assert_eq!(search_cost(EarlyFilter::Continue, 3, 2, 4), 4 + 2 * 2);
+
+    let bad = SearchSettings {
+        seeds: vec![1],
+        early_steps: 2,
+        filter: EarlyFilter::Continue,
+        selection: Selection::Tournament,
+    };
+    let mut judge = ScriptedJudge {
+        answers: vec![],
+        shown: vec![],
+    };
+    let err = p
+        .edit_search(
+            &diptych,
+            &prompt,
+            "make it night",
+            &text,
+            &settings,
+            &bad,
+            &mut judge,
+            &mut |_| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("at least 2"), "{err}");
+}

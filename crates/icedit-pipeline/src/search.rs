@@ -1,0 +1,296 @@
+//! Best-of-N editing, ICEdit's early filter: several seeds denoise a few steps, a judge compares
+//! their previews, and only the best is finished.
+//!
+//! Two ways to get the previews:
+//! - [`EarlyFilter::Continue`] (default): each candidate runs the first `early_steps` of the full
+//!   schedule; its preview is the clean-image estimate there; the winner goes on from its saved
+//!   state. Cost: `steps + (N - 1) * early_steps` transformer evaluations.
+//! - [`EarlyFilter::Restart`] (the paper): each candidate runs a separate short schedule of
+//!   `early_steps`; the winner is then run again from scratch. Cost: `N * early_steps + steps`.
+//!
+//! Two ways to choose: the paper's running-best tournament (N - 1 judge calls), or successive
+//! halving (pairs compared, the better half kept, at twice the steps each round; also N - 1
+//! calls, with later rounds judged on clearer previews).
+
+use std::time::Duration;
+
+use icedit_judge::{Comparison, Judge, Preference};
+use icedit_text::TextConditioning;
+use image::{imageops, RgbImage};
+
+use crate::edit::{Diptych, EditOutput, EditSettings};
+use crate::error::{PipelineError, Result};
+use crate::fill::{Denoising, FillPipeline, FillRequest, InitialNoise, Progress};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyFilter {
+    Continue,
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    Tournament,
+    Halving,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchSettings {
+    pub seeds: Vec<u64>,
+    pub early_steps: usize,
+    pub filter: EarlyFilter,
+    pub selection: Selection,
+}
+
+/// Transformer evaluations a search costs, by the formulas above (tournament selection).
+pub fn search_cost(
+    filter: EarlyFilter,
+    candidates: usize,
+    early_steps: usize,
+    steps: usize,
+) -> usize {
+    match filter {
+        EarlyFilter::Continue => steps + candidates.saturating_sub(1) * early_steps,
+        EarlyFilter::Restart => candidates * early_steps + steps,
+    }
+}
+
+/// One candidate: its previews as the search saw them, and how far it went.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub seed: u64,
+    /// (steps taken, right half of the clean-image estimate).
+    pub previews: Vec<(usize, RgbImage)>,
+    pub evaluations: usize,
+}
+
+/// One judge call.
+#[derive(Debug, Clone)]
+pub struct JudgeCall {
+    pub first_seed: u64,
+    pub second_seed: u64,
+    pub winner_seed: u64,
+    /// Steps of the previews compared.
+    pub at_step: usize,
+    pub judge: String,
+    pub answer: String,
+    pub latency: Duration,
+    pub warnings: Vec<String>,
+}
+
+pub struct SearchOutcome {
+    pub winner_seed: u64,
+    pub result: EditOutput,
+    pub candidates: Vec<Candidate>,
+    pub calls: Vec<JudgeCall>,
+    /// Transformer evaluations, all candidates and the finish included.
+    pub evaluations: usize,
+}
+
+impl FillPipeline {
+    /// Best-of-N edit of a diptych: see the module docs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn edit_search(
+        &mut self,
+        diptych: &Diptych,
+        prompt: &str,
+        instruction: &str,
+        text: &TextConditioning,
+        settings: &EditSettings,
+        search: &SearchSettings,
+        judge: &mut dyn Judge,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<SearchOutcome> {
+        check(search, settings)?;
+        let original =
+            imageops::crop_imm(&diptych.canvas, 0, 0, diptych.half_width, diptych.height)
+                .to_image();
+        let request = |seed: u64, steps: usize| FillRequest {
+            image: &diptych.canvas,
+            mask: &diptych.mask,
+            prompt,
+            steps,
+            guidance: settings.guidance,
+            noise: InitialNoise::Seed(seed),
+            max_sequence_length: settings.max_sequence_length,
+        };
+        let mut candidates: Vec<Candidate> = search
+            .seeds
+            .iter()
+            .map(|&seed| Candidate {
+                seed,
+                previews: Vec::new(),
+                evaluations: 0,
+            })
+            .collect();
+        let mut calls = Vec::new();
+        let mut judge_pair = |candidates: &[Candidate],
+                              a: usize,
+                              b: usize,
+                              calls: &mut Vec<JudgeCall>|
+         -> Result<usize> {
+            let (step, first) = candidates[a].previews.last().expect("previewed");
+            let (_, second) = candidates[b].previews.last().expect("previewed");
+            let verdict = judge
+                .compare(&Comparison {
+                    instruction,
+                    first,
+                    second,
+                    original: &original,
+                })
+                .map_err(|e| PipelineError::Input(e.to_string()))?;
+            let winner = match verdict.preference {
+                Preference::First => a,
+                Preference::Second => b,
+            };
+            calls.push(JudgeCall {
+                first_seed: candidates[a].seed,
+                second_seed: candidates[b].seed,
+                winner_seed: candidates[winner].seed,
+                at_step: *step,
+                judge: verdict.judge,
+                answer: verdict.answer,
+                latency: verdict.latency,
+                warnings: verdict.warnings,
+            });
+            Ok(winner)
+        };
+
+        let (winner, result) = match search.filter {
+            EarlyFilter::Restart => {
+                for c in candidates.iter_mut() {
+                    let mut short =
+                        self.start(&request(c.seed, search.early_steps), text, progress)?;
+                    self.advance(&mut short, usize::MAX, progress)?;
+                    let preview = diptych.right_half(&self.decode(&short)?);
+                    c.previews.push((search.early_steps, preview));
+                    c.evaluations += short.evaluations();
+                }
+                let winner = tournament(&candidates, &mut calls, &mut judge_pair)?;
+                let mut run = self.start(
+                    &request(candidates[winner].seed, settings.steps),
+                    text,
+                    progress,
+                )?;
+                self.advance(&mut run, usize::MAX, progress)?;
+                candidates[winner].evaluations += run.evaluations();
+                (winner, self.decode(&run)?)
+            }
+            EarlyFilter::Continue => {
+                let mut states: Vec<Denoising> = Vec::with_capacity(candidates.len());
+                for c in &candidates {
+                    states.push(self.start(&request(c.seed, settings.steps), text, progress)?);
+                }
+                let mut preview_at = |this: &mut Self,
+                                      states: &mut [Denoising],
+                                      candidates: &mut [Candidate],
+                                      i: usize,
+                                      step: usize|
+                 -> Result<()> {
+                    this.advance(&mut states[i], step, progress)?;
+                    let preview = diptych.right_half(&this.preview(&states[i])?);
+                    candidates[i].previews.push((states[i].step(), preview));
+                    Ok(())
+                };
+                let winner = match search.selection {
+                    Selection::Tournament => {
+                        for i in 0..candidates.len() {
+                            preview_at(self, &mut states, &mut candidates, i, search.early_steps)?;
+                        }
+                        tournament(&candidates, &mut calls, &mut judge_pair)?
+                    }
+                    Selection::Halving => {
+                        let mut alive: Vec<usize> = (0..candidates.len()).collect();
+                        let mut steps = search.early_steps;
+                        while alive.len() > 1 {
+                            for &i in &alive {
+                                preview_at(self, &mut states, &mut candidates, i, steps)?;
+                            }
+                            let mut next = Vec::with_capacity(alive.len().div_ceil(2));
+                            for pair in alive.chunks(2) {
+                                next.push(match *pair {
+                                    [a, b] => judge_pair(&candidates, a, b, &mut calls)?,
+                                    [a] => a,
+                                    _ => unreachable!("chunks of two"),
+                                });
+                            }
+                            alive = next;
+                            steps = (steps * 2).min(settings.steps);
+                        }
+                        alive[0]
+                    }
+                };
+                let state = &mut states[winner];
+                self.advance(state, usize::MAX, progress)?;
+                for (c, s) in candidates.iter_mut().zip(&states) {
+                    c.evaluations = s.evaluations();
+                }
+                (winner, self.decode(&states[winner])?)
+            }
+        };
+        progress(Progress::Decoding);
+        Ok(SearchOutcome {
+            winner_seed: candidates[winner].seed,
+            result: EditOutput {
+                edited: diptych.right_half(&result),
+                diptych: result,
+            },
+            evaluations: candidates.iter().map(|c| c.evaluations).sum(),
+            candidates,
+            calls,
+        })
+    }
+}
+
+type PairJudge<'a> =
+    dyn FnMut(&[Candidate], usize, usize, &mut Vec<JudgeCall>) -> Result<usize> + 'a;
+
+/// The paper's running best: the best so far against each next candidate (N - 1 calls).
+fn tournament(
+    candidates: &[Candidate],
+    calls: &mut Vec<JudgeCall>,
+    judge: &mut PairJudge,
+) -> Result<usize> {
+    let mut best = 0;
+    for challenger in 1..candidates.len() {
+        best = judge(candidates, best, challenger, calls)?;
+    }
+    Ok(best)
+}
+
+fn check(search: &SearchSettings, settings: &EditSettings) -> Result<()> {
+    let bad = |m: String| Err(PipelineError::Input(m));
+    if search.seeds.len() < 2 {
+        return bad("a seed search needs at least 2 candidate seeds".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = search.seeds.iter().find(|s| !seen.insert(**s)) {
+        return bad(format!("seed {dup} is listed twice"));
+    }
+    if search.early_steps == 0 || search.early_steps >= settings.steps {
+        return bad(format!(
+            "--early-steps must be between 1 and the step count minus one ({}), got {}",
+            settings.steps.saturating_sub(1),
+            search.early_steps
+        ));
+    }
+    if search.filter == EarlyFilter::Restart && search.selection == Selection::Halving {
+        return bad(
+            "successive halving grows each candidate's run, so it needs --early-filter continue"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_follow_the_formulas() {
+        assert_eq!(search_cost(EarlyFilter::Continue, 6, 10, 28), 28 + 5 * 10);
+        assert_eq!(search_cost(EarlyFilter::Restart, 6, 10, 50), 50 + 6 * 10);
+        assert_eq!(search_cost(EarlyFilter::Continue, 1, 10, 28), 28);
+    }
+}

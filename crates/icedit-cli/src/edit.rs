@@ -12,11 +12,13 @@ use icedit_adapters::{
 };
 use icedit_flux::parse_dtype;
 use icedit_hub::{HubOptions, ModelRepo};
+use icedit_judge::Judge;
 use icedit_pipeline::edit::{diptych_prompt, DEFAULT_WIDTH};
 use icedit_pipeline::image_io::{load_rgb, save_png};
 use icedit_pipeline::latents::VAE_SCALE;
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
 use icedit_pipeline::resize::{resize_rgb, Filter};
+use icedit_pipeline::search::{EarlyFilter, SearchOutcome, SearchSettings, Selection};
 use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
 use serde_json::json;
 
@@ -60,12 +62,40 @@ pub struct EditArgs {
     steps: usize,
     #[arg(long, default_value_t = 50.0)]
     guidance: f32,
-    /// Noise seed (torch-compatible).
-    #[arg(long, conflicts_with = "seeds", default_value_t = 42)]
-    seed: u64,
+    /// Noise seed (torch-compatible) [default: 42]; with --judge and `--seeds N`, the first
+    /// candidate's.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Several seeds, comma separated: one output each (`{seed}` in --out is replaced).
     #[arg(long, value_delimiter = ',', value_name = "S1,S2,..")]
     seeds: Vec<u64>,
+    /// Best-of-N: judge(s) comparing the candidates' previews, e.g.
+    /// `openai:http://localhost:8000/v1#qwen2.5-vl-7b` (any OpenAI-compatible vision server;
+    /// key from ICEDIT_JUDGE_API_KEY or OPENAI_API_KEY). Commas list fallbacks. With a judge,
+    /// `--seeds N` alone means N candidates from --seed on.
+    #[arg(long, value_name = "SPEC")]
+    judge: Option<String>,
+    /// Steps each candidate runs before the judge sees it.
+    #[arg(long, default_value_t = 10)]
+    early_steps: usize,
+    /// continue: candidates run the start of the full schedule and the winner goes on from
+    /// there (cost steps + (N-1) x early steps); restart: the paper's short runs, then a fresh
+    /// full run of the winner (N x early steps + steps).
+    #[arg(long, value_enum, default_value = "continue")]
+    early_filter: EarlyFilterArg,
+    /// tournament: the running best against each next candidate; halving: pairs, the better
+    /// half kept at twice the steps each round.
+    #[arg(long, value_enum, default_value = "tournament")]
+    selection: SelectionArg,
+    /// Keep every candidate's previews and the judge's verdicts (verdicts.json) here.
+    #[arg(long, value_name = "DIR")]
+    save_candidates: Option<PathBuf>,
+    /// Seconds a judge may take per answer.
+    #[arg(long, default_value_t = 120.0)]
+    judge_timeout: f64,
+    /// Tries per comparison before falling back to the next judge.
+    #[arg(long, default_value_t = 3)]
+    judge_tries: usize,
     /// Initial latents instead of seeded noise: a safetensors file with a float32 tensor
     /// `latents` [1, 16, H/8, 2W/8] for the whole diptych.
     #[arg(long, value_name = "FILE")]
@@ -93,6 +123,18 @@ pub struct EditArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum EarlyFilterArg {
+    Continue,
+    Restart,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SelectionArg {
+    Tournament,
+    Halving,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LoraMode {
     Merge,
     Runtime,
@@ -111,12 +153,61 @@ pub fn run(args: EditArgs) -> Result<()> {
         (None, Some(p)) => p.clone(),
         (None, None) => bail!("give --instruction (what to change)"),
     };
-    let seeds = if args.seeds.is_empty() {
-        vec![args.seed]
-    } else {
-        args.seeds.clone()
+    let first_seed = args.seed.unwrap_or(42);
+    let seeds = match (&args.judge, args.seeds.as_slice()) {
+        (Some(_), []) => bail!("--judge compares candidates: give --seeds N (a count) or a list"),
+        (Some(_), [count]) => {
+            if *count < 2 {
+                bail!("--seeds {count}: a seed search needs at least 2 candidates");
+            }
+            (first_seed..first_seed + count).collect()
+        }
+        (_, []) => vec![first_seed],
+        (_, _) if args.seed.is_some() => {
+            bail!("give either --seed or a --seeds list, not both")
+        }
+        (_, list) => list.to_vec(),
     };
-    let outputs = output_paths(&args.out, &seeds)?;
+    if args.judge.is_some() && args.latents.is_some() {
+        bail!("--latents gives one starting point; it cannot be combined with a seed search (--judge)");
+    }
+    let judge = match &args.judge {
+        Some(spec) => Some(icedit_judge::parse_judges(
+            spec,
+            &|k| std::env::var(k).ok(),
+            &icedit_judge::OpenAiOptions {
+                timeout: std::time::Duration::from_secs_f64(args.judge_timeout.max(0.001)),
+                attempts: args.judge_tries.max(1),
+                ..Default::default()
+            },
+        )?),
+        None => None,
+    };
+    let search = SearchSettings {
+        seeds: seeds.clone(),
+        early_steps: args.early_steps,
+        filter: match args.early_filter {
+            EarlyFilterArg::Continue => EarlyFilter::Continue,
+            EarlyFilterArg::Restart => EarlyFilter::Restart,
+        },
+        selection: match args.selection {
+            SelectionArg::Tournament => Selection::Tournament,
+            SelectionArg::Halving => Selection::Halving,
+        },
+    };
+    let settings = EditSettings {
+        steps: args.steps,
+        guidance: args.guidance,
+        max_sequence_length: args.model.max_seq_len,
+    };
+    if judge.is_some() {
+        search.validate(&settings)?;
+    }
+    // A search writes one result, the winner's.
+    let outputs = output_paths(
+        &args.out,
+        if judge.is_some() { &seeds[..1] } else { &seeds },
+    )?;
     let inputs = [Some(&args.image), args.latents.as_ref()];
     for out in &outputs {
         check_output(&out.edit, inputs.into_iter().flatten())?;
@@ -177,11 +268,6 @@ pub fn run(args: EditArgs) -> Result<()> {
     };
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
 
-    let settings = EditSettings {
-        steps: args.steps,
-        guidance: args.guidance,
-        max_sequence_length: args.model.max_seq_len,
-    };
     reporter.note(&format!(
         "diptych {}x{}, {} steps, guidance {}, seed(s) {}",
         2 * diptych.half_width,
@@ -205,17 +291,62 @@ pub fn run(args: EditArgs) -> Result<()> {
         reporter.note(&describe_applied(applied));
     }
 
+    // The edits to write: every seed, or the winner of a seed search.
+    let mut finished = Vec::new();
+    let mut search_summary = None;
+    if let Some(mut judge) = judge {
+        let started = Instant::now();
+        let instruction = args.instruction.clone().unwrap_or_else(|| prompt.clone());
+        let outcome = pipeline.edit_search(
+            &diptych,
+            &prompt,
+            &instruction,
+            &text,
+            &settings,
+            &search,
+            &mut judge,
+            &mut callback,
+        )?;
+        for call in &outcome.calls {
+            for warning in &call.warnings {
+                reporter.warn(warning);
+            }
+        }
+        reporter.note(&format!(
+            "seed {} won over {} candidates: {} transformer evaluations ({} for one edit)",
+            outcome.winner_seed,
+            seeds.len(),
+            outcome.evaluations,
+            args.steps
+        ));
+        let summary = search_json(&outcome, &search, &judge.name(), args.steps);
+        if let Some(dir) = &args.save_candidates {
+            save_candidates(dir, &outcome, &summary)?;
+        }
+        search_summary = Some(summary);
+        finished.push((outcome.winner_seed, outcome.result, started.elapsed()));
+    } else {
+        for seed in &seeds {
+            let started = Instant::now();
+            let noise = match &latents {
+                Some(latents) => InitialNoise::Latents {
+                    latents: latents.clone(),
+                    seed: *seed,
+                },
+                None => InitialNoise::Seed(*seed),
+            };
+            let output =
+                pipeline.edit(&diptych, &prompt, &text, &settings, noise, &mut callback)?;
+            finished.push((*seed, output, started.elapsed()));
+        }
+    }
+
     let mut results = Vec::new();
-    for (seed, paths) in seeds.iter().zip(&outputs) {
-        let seed_started = Instant::now();
-        let noise = match &latents {
-            Some(latents) => InitialNoise::Latents {
-                latents: latents.clone(),
-                seed: *seed,
-            },
-            None => InitialNoise::Seed(*seed),
+    for (i, (seed, output, elapsed)) in finished.into_iter().enumerate() {
+        let paths = match search_summary {
+            Some(_) => output_paths(&args.out, &[seed])?.remove(0),
+            None => outputs[i].clone(),
         };
-        let output = pipeline.edit(&diptych, &prompt, &text, &settings, noise, &mut callback)?;
         let edited = if args.keep_size {
             let (w, h) = source.rgb.dimensions();
             resize_rgb(&output.edited, w, h, Filter::Bicubic)
@@ -226,7 +357,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             task: "edit".into(),
             prompt: prompt.clone(),
             instruction: args.instruction.clone(),
-            seed: *seed,
+            seed,
             latents: args.latents.as_ref().map(|p| p.display().to_string()),
             steps: args.steps,
             guidance: args.guidance,
@@ -250,7 +381,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             "diptych": args.save_diptych.then_some(&paths.diptych),
             "width": edited.width(),
             "height": edited.height(),
-            "seconds": seed_started.elapsed().as_secs_f64(),
+            "seconds": elapsed.as_secs_f64(),
         }));
     }
 
@@ -291,6 +422,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             "diptych": [2 * diptych.half_width, diptych.height],
             "dtype": format!("{dtype:?}").to_lowercase(),
             "outputs": results,
+            "search": search_summary,
             "seconds": started.elapsed().as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -407,6 +539,7 @@ fn routing_lines(a: &AppliedAdapter) -> Vec<String> {
     lines
 }
 
+#[derive(Clone)]
 struct OutputPaths {
     edit: PathBuf,
     diptych: PathBuf,
@@ -461,4 +594,64 @@ mod tests {
         assert_eq!(templated[1].diptych, Path::new("cat_9-diptych.png"));
         assert!(output_paths(Path::new("a.png"), &[3, 3]).is_err());
     }
+}
+
+/// The search for `--json` and verdicts.json: candidates, judge calls with latencies, cost.
+fn search_json(
+    outcome: &SearchOutcome,
+    search: &SearchSettings,
+    judge: &str,
+    steps: usize,
+) -> serde_json::Value {
+    json!({
+        "judge": judge,
+        "early_filter": format!("{:?}", search.filter).to_lowercase(),
+        "selection": format!("{:?}", search.selection).to_lowercase(),
+        "early_steps": search.early_steps,
+        "winner_seed": outcome.winner_seed,
+        "transformer_evaluations": outcome.evaluations,
+        "single_edit_evaluations": steps,
+        "candidates": outcome.candidates.iter().map(|c| json!({
+            "seed": c.seed,
+            "preview_steps": c.previews.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            "transformer_evaluations": c.evaluations,
+        })).collect::<Vec<_>>(),
+        "verdicts": outcome.calls.iter().map(|v| json!({
+            "first_seed": v.first_seed,
+            "second_seed": v.second_seed,
+            "winner_seed": v.winner_seed,
+            "at_step": v.at_step,
+            "judge": v.judge,
+            "answer": v.answer,
+            "seconds": v.latency.as_secs_f64(),
+            "warnings": v.warnings,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `--save-candidates DIR`: every preview as `seed{S}-step{K}.png`, the result as
+/// `winner-seed{S}.png`, and verdicts.json.
+fn save_candidates(dir: &Path, outcome: &SearchOutcome, summary: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create --save-candidates folder {}", dir.display()))?;
+    for c in &outcome.candidates {
+        for (step, preview) in &c.previews {
+            save_png(
+                &dir.join(format!("seed{}-step{step}.png", c.seed)),
+                preview,
+                &[],
+            )?;
+        }
+    }
+    save_png(
+        &dir.join(format!("winner-seed{}.png", outcome.winner_seed)),
+        &outcome.result.edited,
+        &[],
+    )?;
+    let path = dir.join("verdicts.json");
+    let temp = dir.join(".verdicts.json.tmp");
+    std::fs::write(&temp, serde_json::to_string_pretty(summary)?)
+        .and_then(|_| std::fs::rename(&temp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }

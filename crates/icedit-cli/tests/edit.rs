@@ -426,3 +426,166 @@ fn photos_of_any_size_match_the_reference() {
         assert_eq!(resized, keep, "{name}: --keep-size resize differs from PIL");
     }
 }
+
+/// Best-of-N with a judge served on 127.0.0.1: the judge's choice is written, equal to a plain
+/// edit of the winning seed, at steps + (N - 1) x early steps evaluations; candidates and
+/// verdicts are kept on request; a broken judge falls back, and with no usable judge at all the
+/// search still finishes, with warnings.
+#[test]
+fn seed_search_with_a_judge_server() {
+    use icedit_judge::fake_server::{serve, Reply};
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, received) = serve(vec![Reply::Answer("Image 2"), Reply::Answer("1")]);
+    let out = dir.path().join("best_{seed}.png");
+    let candidates = dir.path().join("candidates");
+    let args = with(
+        base_args(&out),
+        &[
+            "--no-lora",
+            "--seed",
+            "5",
+            "--seeds",
+            "3",
+            "--early-steps",
+            "2",
+            "--judge",
+            &format!("openai:{url}#judge-model"),
+            "--save-candidates",
+            candidates.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let run = icedit(&args, home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    // 5 vs 6 -> 6 ("Image 2"), then 6 vs 7 -> 6 ("1").
+    let best = dir.path().join("best_6.png");
+    assert_eq!(recipe(&best)["seed"], 6);
+    let plain = dir.path().join("plain.png");
+    let run_plain = icedit(
+        &with(base_args(&plain), &["--no-lora", "--seed", "6"]),
+        home.path(),
+    );
+    assert!(run_plain.status.success(), "{}", stderr(&run_plain));
+    assert_eq!(
+        max_png_diff(&best, &plain),
+        0,
+        "the winner continued = a plain edit"
+    );
+
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let search = &summary["search"];
+    assert_eq!(search["winner_seed"], 6);
+    assert_eq!(search["transformer_evaluations"], 4 + 2 * 2);
+    assert_eq!(search["verdicts"].as_array().unwrap().len(), 2);
+    assert_eq!(search["verdicts"][0]["answer"], "Image 2");
+    assert!(search["verdicts"][1]["seconds"].as_f64().unwrap() >= 0.0);
+    for name in [
+        "seed5-step2.png",
+        "seed6-step2.png",
+        "seed7-step2.png",
+        "winner-seed6.png",
+        "verdicts.json",
+    ] {
+        assert!(candidates.join(name).exists(), "{name}");
+    }
+    {
+        let received = received.lock().unwrap();
+        assert_eq!(received.len(), 2);
+        assert_eq!(received[0].body["model"], "judge-model");
+        let prompt = received[0].body["messages"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(prompt.contains("\"make it night\""), "{prompt}");
+    }
+
+    // A broken judge first: its retries fail, the next judge decides.
+    let (broken, _) = serve(vec![Reply::Status(500)]);
+    let (working, _) = serve(vec![Reply::Answer("2")]);
+    let out = dir.path().join("fallback.png");
+    let spec = format!("openai:{broken},openai:{working}");
+    let run = icedit(
+        &with(
+            base_args(&out),
+            &[
+                "--no-lora",
+                "--seeds",
+                "7,9",
+                "--early-steps",
+                "1",
+                "--judge",
+                &spec,
+                "--judge-tries",
+                "2",
+            ],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(recipe(&out)["seed"], 9);
+    assert!(
+        stderr(&run).contains("trying the next judge"),
+        "{}",
+        stderr(&run)
+    );
+
+    // No usable judge: the first candidate stands, with a warning, and the job still ends well.
+    let (nonsense, _) = serve(vec![Reply::Answer("both are lovely")]);
+    let out = dir.path().join("nojudge.png");
+    let spec = format!("openai:{nonsense}");
+    let run = icedit(
+        &with(
+            base_args(&out),
+            &[
+                "--no-lora",
+                "--seeds",
+                "7,9",
+                "--early-steps",
+                "1",
+                "--judge",
+                &spec,
+                "--judge-tries",
+                "1",
+            ],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(recipe(&out)["seed"], 7);
+    assert!(
+        stderr(&run).contains("keeping the first edit"),
+        "{}",
+        stderr(&run)
+    );
+
+    // Bad search requests fail before any work.
+    for (extra, expected) in [
+        (
+            vec!["--judge", "openai:http://127.0.0.1:9"],
+            "give --seeds N",
+        ),
+        (
+            vec![
+                "--judge",
+                "openai:http://127.0.0.1:9",
+                "--seeds",
+                "3",
+                "--early-steps",
+                "4",
+            ],
+            "--early-steps must be between 1",
+        ),
+        (vec!["--judge", "ollama", "--seeds", "3"], "unknown judge"),
+    ] {
+        let out = dir.path().join("bad.png");
+        let run = icedit(&with(base_args(&out), &extra), home.path());
+        assert_eq!(run.status.code(), Some(1), "{extra:?}");
+        assert!(
+            stderr(&run).contains(expected),
+            "{extra:?}: {}",
+            stderr(&run)
+        );
+        assert!(!out.exists());
+    }
+}

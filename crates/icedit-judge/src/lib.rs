@@ -5,6 +5,7 @@
 //! after its retries hands over to the next, with a warning, and the search never crashes on
 //! a judge.
 
+pub mod fake_server;
 mod openai;
 
 use std::time::{Duration, Instant};

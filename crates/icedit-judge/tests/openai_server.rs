@@ -2,98 +2,14 @@
 //! 127.0.0.1: what it sends (three PNG images in order, the instruction, the model, the key),
 //! scripted answers, malformed answers, HTTP errors, timeouts, and the fallback chain.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
+use icedit_judge::fake_server::{serve as server, Reply};
 use icedit_judge::{
     parse_judges, Comparison, Judge, JudgeChain, OpenAiJudge, OpenAiOptions, Preference,
 };
 use image::RgbImage;
-use serde_json::{json, Value};
-
-/// What the server answers to one request.
-#[derive(Clone)]
-enum Reply {
-    /// HTTP 200 with this assistant message.
-    Answer(&'static str),
-    Status(u16),
-    /// Waits this long, then answers.
-    Slow(Duration, &'static str),
-}
-
-struct Received {
-    authorization: Option<String>,
-    body: Value,
-}
-
-/// Serves the scripted replies in order (the last one repeats); records every request.
-fn server(script: Vec<Reply>) -> (String, Arc<Mutex<Vec<Received>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let log = received.clone();
-    std::thread::spawn(move || {
-        for (i, stream) in listener.incoming().enumerate() {
-            let Ok(mut stream) = stream else { return };
-            let (log, script) = (log.clone(), script.clone());
-            // One thread per request, so that a slow reply does not hold up the retries.
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut request_line = String::new();
-                reader.read_line(&mut request_line).unwrap();
-                assert!(
-                    request_line.starts_with("POST /v1/chat/completions "),
-                    "{request_line}"
-                );
-                let (mut length, mut authorization) = (0, None);
-                loop {
-                    let mut line = String::new();
-                    reader.read_line(&mut line).unwrap();
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        break;
-                    }
-                    let (name, value) = line.split_once(": ").unwrap();
-                    match name.to_ascii_lowercase().as_str() {
-                        "content-length" => length = value.parse().unwrap(),
-                        "authorization" => authorization = Some(value.to_string()),
-                        _ => {}
-                    }
-                }
-                let mut body = vec![0u8; length];
-                reader.read_exact(&mut body).unwrap();
-                log.lock().unwrap().push(Received {
-                    authorization,
-                    body: serde_json::from_slice(&body).unwrap(),
-                });
-                let reply = script[i.min(script.len() - 1)].clone();
-                let (status, content) = match reply {
-                    Reply::Answer(text) => (200, text),
-                    Reply::Status(code) => (code, "server trouble"),
-                    Reply::Slow(wait, text) => {
-                        std::thread::sleep(wait);
-                        (200, text)
-                    }
-                };
-                let payload = if status == 200 {
-                    json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                        .to_string()
-                } else {
-                    json!({"error": {"message": content}}).to_string()
-                };
-                let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-                payload.len()
-            );
-            });
-        }
-    });
-    (url, received)
-}
 
 fn images() -> [RgbImage; 3] {
     [1u8, 2, 3].map(|k| RgbImage::from_fn(8, 6, |x, y| image::Rgb([k * 40, x as u8, y as u8])))

@@ -101,7 +101,7 @@ impl FillPipeline {
         judge: &mut dyn Judge,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<SearchOutcome> {
-        check(search, settings)?;
+        search.validate(settings)?;
         let original =
             imageops::crop_imm(&diptych.canvas, 0, 0, diptych.half_width, diptych.height)
                 .to_image();
@@ -256,6 +256,13 @@ fn tournament(
         best = judge(candidates, best, challenger, calls)?;
     }
     Ok(best)
+}
+
+impl SearchSettings {
+    /// Whether the search can run with these edit settings (checked before any work).
+    pub fn validate(&self, settings: &EditSettings) -> Result<()> {
+        check(self, settings)
+    }
 }
 
 fn check(search: &SearchSettings, settings: &EditSettings) -> Result<()> {

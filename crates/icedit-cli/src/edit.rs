@@ -578,24 +578,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outputs_per_seed() {
-        let one = output_paths(Path::new("out/cat.png"), &[42]).unwrap();
-        assert_eq!(one[0].edit, Path::new("out/cat.png"));
-        assert_eq!(one[0].diptych, Path::new("out/cat-diptych.png"));
-        let many = output_paths(Path::new("cat.png"), &[1, 2]).unwrap();
-        assert_eq!(many[1].edit, Path::new("cat-2.png"));
-        let templated = output_paths(Path::new("cat_{seed}.png"), &[7, 9]).unwrap();
-        assert_eq!(templated[0].edit, Path::new("cat_7.png"));
-        assert_eq!(templated[1].diptych, Path::new("cat_9-diptych.png"));
-        assert!(output_paths(Path::new("a.png"), &[3, 3]).is_err());
-    }
-}
-
 /// The search for `--json` and verdicts.json: candidates, judge calls with latencies, cost.
 fn search_json(
     outcome: &SearchOutcome,
@@ -654,4 +636,22 @@ fn save_candidates(dir: &Path, outcome: &SearchOutcome, summary: &serde_json::Va
         .and_then(|_| std::fs::rename(&temp, &path))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_per_seed() {
+        let one = output_paths(Path::new("out/cat.png"), &[42]).unwrap();
+        assert_eq!(one[0].edit, Path::new("out/cat.png"));
+        assert_eq!(one[0].diptych, Path::new("out/cat-diptych.png"));
+        let many = output_paths(Path::new("cat.png"), &[1, 2]).unwrap();
+        assert_eq!(many[1].edit, Path::new("cat-2.png"));
+        let templated = output_paths(Path::new("cat_{seed}.png"), &[7, 9]).unwrap();
+        assert_eq!(templated[0].edit, Path::new("cat_7.png"));
+        assert_eq!(templated[1].diptych, Path::new("cat_9-diptych.png"));
+        assert!(output_paths(Path::new("a.png"), &[3, 3]).is_err());
+    }
 }

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
-use icedit_flux::{AutoencoderKl, Checkpoint, FluxInput, FluxTransformer};
+use icedit_flux::{AutoencoderKl, Checkpoint, FluxInput, FluxTransformer, Posterior};
 use icedit_hub::ModelRepo;
 use icedit_text::{TextConditioning, TextEncoders};
 use image::{GrayImage, RgbImage};
@@ -89,6 +89,9 @@ pub struct FillPipeline {
     pending_adapters: Vec<AdapterChoice>,
     adapter_mode: ApplyMode,
     applied_adapters: Vec<AppliedAdapter>,
+    /// The VAE posterior of the last masked image, by a hash of image and mask: seeds of one
+    /// edit (and the candidates of a seed search) share it; only its sample differs.
+    posterior_cache: Option<(u64, Posterior)>,
 }
 
 impl FillPipeline {
@@ -110,6 +113,7 @@ impl FillPipeline {
             pending_adapters: Vec::new(),
             adapter_mode: ApplyMode::Merge,
             applied_adapters: Vec::new(),
+            posterior_cache: None,
         })
     }
 
@@ -287,17 +291,44 @@ impl FillPipeline {
         // Masked image latents | mask channels, fixed through the loop.
         let mask = binarize(request.mask);
         let condition = {
+            let key = {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                (
+                    request.image.dimensions(),
+                    request.image.as_raw(),
+                    request.mask.as_raw(),
+                )
+                    .hash(&mut hasher);
+                hasher.finish()
+            };
+            let cached = match &self.posterior_cache {
+                Some((k, posterior)) if *k == key => Some(posterior.clone()),
+                _ => None,
+            };
+            let posterior = match cached {
+                Some(posterior) => posterior,
+                None => {
+                    let vae = self.vae(progress)?;
+                    let pixels = pixels_to_tensor(
+                        request.image.as_raw(),
+                        height as usize,
+                        width as usize,
+                        &device,
+                    )?;
+                    let keep = Tensor::from_slice(
+                        &mask,
+                        (1, 1, height as usize, width as usize),
+                        &device,
+                    )?
+                    .affine(-1.0, 1.0)?;
+                    let masked = pixels.broadcast_mul(&keep)?.to_dtype(dtype)?;
+                    let posterior = vae.encode(&masked)?;
+                    self.posterior_cache = Some((key, posterior.clone()));
+                    posterior
+                }
+            };
             let vae = self.vae(progress)?;
-            let pixels = pixels_to_tensor(
-                request.image.as_raw(),
-                height as usize,
-                width as usize,
-                &device,
-            )?;
-            let keep = Tensor::from_slice(&mask, (1, 1, height as usize, width as usize), &device)?
-                .affine(-1.0, 1.0)?;
-            let masked = pixels.broadcast_mul(&keep)?.to_dtype(dtype)?;
-            let posterior = vae.encode(&masked)?;
             let noise = rng.randn(&latent_shape, dtype, &device)?;
             let z = vae
                 .scale_latents(&posterior.sample(&noise)?)?

@@ -26,10 +26,6 @@ impl LoraDelta {
         let down = self.down.to_dtype(DType::F32)?;
         up.matmul(&down)?.affine(self.scale, 0.0)
     }
-
-    pub fn rank(&self) -> usize {
-        self.down.dims()[0]
-    }
 }
 
 impl LinearAdapter for LoraDelta {

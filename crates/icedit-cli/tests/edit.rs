@@ -500,28 +500,28 @@ fn seed_search_with_a_judge_server() {
         assert!(prompt.contains("\"make it night\""), "{prompt}");
     }
 
+    // Seeds 7 and 9, one early step, judged by `spec` with `tries` per judge.
+    let two_candidates = |name: &str, spec: &str, tries: &str| {
+        let out = dir.path().join(name);
+        let args = [
+            "--no-lora",
+            "--seeds",
+            "7,9",
+            "--early-steps",
+            "1",
+            "--judge",
+            spec,
+            "--judge-tries",
+            tries,
+        ];
+        (icedit(&with(base_args(&out), &args), home.path()), out)
+    };
+
     // A broken judge first: its retries fail, the next judge decides.
     let (broken, _) = serve(vec![Reply::Status(500)]);
     let (working, _) = serve(vec![Reply::Answer("2")]);
-    let out = dir.path().join("fallback.png");
     let spec = format!("openai:{broken},openai:{working}");
-    let run = icedit(
-        &with(
-            base_args(&out),
-            &[
-                "--no-lora",
-                "--seeds",
-                "7,9",
-                "--early-steps",
-                "1",
-                "--judge",
-                &spec,
-                "--judge-tries",
-                "2",
-            ],
-        ),
-        home.path(),
-    );
+    let (run, out) = two_candidates("fallback.png", &spec, "2");
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(recipe(&out)["seed"], 9);
     assert!(
@@ -532,25 +532,7 @@ fn seed_search_with_a_judge_server() {
 
     // No usable judge: the first candidate stands, with a warning, and the job still ends well.
     let (nonsense, _) = serve(vec![Reply::Answer("both are lovely")]);
-    let out = dir.path().join("nojudge.png");
-    let spec = format!("openai:{nonsense}");
-    let run = icedit(
-        &with(
-            base_args(&out),
-            &[
-                "--no-lora",
-                "--seeds",
-                "7,9",
-                "--early-steps",
-                "1",
-                "--judge",
-                &spec,
-                "--judge-tries",
-                "1",
-            ],
-        ),
-        home.path(),
-    );
+    let (run, out) = two_candidates("nojudge.png", &format!("openai:{nonsense}"), "1");
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(recipe(&out)["seed"], 7);
     assert!(

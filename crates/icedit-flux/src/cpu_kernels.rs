@@ -157,42 +157,51 @@ pub fn matmul_selected_rows(x: &Tensor, rows: &[u32], w_t: &Tensor) -> Result<Te
         return x.index_select(&idx, 0)?.matmul(w_t);
     }
     let rp = r.next_multiple_of(16);
-    // w_t with its columns padded to whole SIMD lanes.
     let w_t = w_t.contiguous()?;
-    let w_flat = w_t.flatten_all()?.to_vec1::<f32>()?;
-    let padded: Vec<f32> = if rp == r {
-        w_flat
-    } else {
-        w_flat
-            .chunks_exact(r)
-            .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, rp - r)))
-            .collect()
-    };
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        candle_core::bail!("matmul_selected_rows: expected f32 CPU storage");
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .expect("checked contiguous above");
-    let x_data = &data[start..end];
-    let mut out = vec![0f32; rows.len() * rp];
-    const ROWS_PER_TASK: usize = 64;
-    out.par_chunks_mut(ROWS_PER_TASK * rp)
-        .zip(rows.par_chunks(ROWS_PER_TASK))
-        .for_each(|(out, rows)| match rp {
-            16 => selected_rows_dispatch16(x_data, d, rows, &padded, out),
-            32 => selected_rows_dispatch32(x_data, d, rows, &padded, out),
-            48 => selected_rows_dispatch48(x_data, d, rows, &padded, out),
-            _ => selected_rows_dispatch64(x_data, d, rows, &padded, out),
-        });
-    drop(storage);
+    let out = with_f32_slice(x, |x_data| {
+        with_f32_slice(&w_t, |w_data| {
+            // Columns padded to whole SIMD lanes; ranks that are multiples of 16 (ICEdit's 32)
+            // are read in place.
+            let padded: std::borrow::Cow<[f32]> = if rp == r {
+                w_data.into()
+            } else {
+                w_data
+                    .chunks_exact(r)
+                    .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, rp - r)))
+                    .collect::<Vec<f32>>()
+                    .into()
+            };
+            let mut out = vec![0f32; rows.len() * rp];
+            const ROWS_PER_TASK: usize = 64;
+            out.par_chunks_mut(ROWS_PER_TASK * rp)
+                .zip(rows.par_chunks(ROWS_PER_TASK))
+                .for_each(|(out, rows)| match rp {
+                    16 => selected_rows_dispatch16(x_data, d, rows, &padded, out),
+                    32 => selected_rows_dispatch32(x_data, d, rows, &padded, out),
+                    48 => selected_rows_dispatch48(x_data, d, rows, &padded, out),
+                    _ => selected_rows_dispatch64(x_data, d, rows, &padded, out),
+                });
+            out
+        })
+    })??;
     let out = Tensor::from_vec(out, (rows.len(), rp), x.device())?;
     if rp == r {
         Ok(out)
     } else {
         out.narrow(1, 0, r)?.contiguous()
     }
+}
+
+/// Runs `f` on the samples of a contiguous f32 CPU tensor, without copying them.
+fn with_f32_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        candle_core::bail!("expected an f32 CPU tensor");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    Ok(f(&data[start..end]))
 }
 
 /// `out[i, :] = x[rows[i], :] · w_t` for `RP` output columns, four rows at a time so that each

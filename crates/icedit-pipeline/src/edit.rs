@@ -84,6 +84,11 @@ impl Diptych {
         })
     }
 
+    /// The left half: the source at the half size, as the judge of a seed search sees it.
+    pub fn source_half(&self) -> RgbImage {
+        imageops::crop_imm(&self.canvas, 0, 0, self.half_width, self.height).to_image()
+    }
+
     /// The right half of a generated diptych: the edited image.
     pub fn right_half(&self, output: &RgbImage) -> RgbImage {
         imageops::crop_imm(output, self.half_width, 0, self.half_width, self.height).to_image()

@@ -403,8 +403,8 @@ impl FillPipeline {
         let estimate = match &state.velocity {
             Some(v) => {
                 let sigma = state.schedule.sigma(state.step) as f64;
-                let x = state.latents.to_dtype(candle_core::DType::F32)?;
-                let v = v.to_dtype(candle_core::DType::F32)?;
+                let x = state.latents.to_dtype(DType::F32)?;
+                let v = v.to_dtype(DType::F32)?;
                 (x - (v * sigma)?)?.to_dtype(self.dtype)?
             }
             None => state.latents.clone(),

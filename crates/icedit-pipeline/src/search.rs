@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use icedit_judge::{Comparison, Judge, Preference};
 use icedit_text::TextConditioning;
-use image::{imageops, RgbImage};
+use image::RgbImage;
 
 use crate::edit::{Diptych, EditOutput, EditSettings};
 use crate::error::{PipelineError, Result};
@@ -102,9 +102,7 @@ impl FillPipeline {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<SearchOutcome> {
         search.validate(settings)?;
-        let original =
-            imageops::crop_imm(&diptych.canvas, 0, 0, diptych.half_width, diptych.height)
-                .to_image();
+        let original = diptych.source_half();
         let request = |seed: u64, steps: usize| FillRequest {
             image: &diptych.canvas,
             mask: &diptych.mask,
@@ -261,33 +259,27 @@ fn tournament(
 impl SearchSettings {
     /// Whether the search can run with these edit settings (checked before any work).
     pub fn validate(&self, settings: &EditSettings) -> Result<()> {
-        check(self, settings)
+        let bad = |m: String| Err(PipelineError::Input(m));
+        if self.seeds.len() < 2 {
+            return bad("a seed search needs at least 2 candidate seeds".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = self.seeds.iter().find(|s| !seen.insert(**s)) {
+            return bad(format!("seed {dup} is listed twice"));
+        }
+        if self.early_steps == 0 || self.early_steps >= settings.steps {
+            return bad(format!(
+                "--early-steps must be between 1 and the step count minus one ({}), got {}",
+                settings.steps.saturating_sub(1),
+                self.early_steps
+            ));
+        }
+        if self.filter == EarlyFilter::Restart && self.selection == Selection::Halving {
+            let why = "successive halving grows each candidate's run";
+            return bad(format!("{why}, so it needs --early-filter continue"));
+        }
+        Ok(())
     }
-}
-
-fn check(search: &SearchSettings, settings: &EditSettings) -> Result<()> {
-    let bad = |m: String| Err(PipelineError::Input(m));
-    if search.seeds.len() < 2 {
-        return bad("a seed search needs at least 2 candidate seeds".into());
-    }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = search.seeds.iter().find(|s| !seen.insert(**s)) {
-        return bad(format!("seed {dup} is listed twice"));
-    }
-    if search.early_steps == 0 || search.early_steps >= settings.steps {
-        return bad(format!(
-            "--early-steps must be between 1 and the step count minus one ({}), got {}",
-            settings.steps.saturating_sub(1),
-            search.early_steps
-        ));
-    }
-    if search.filter == EarlyFilter::Restart && search.selection == Selection::Halving {
-        return bad(
-            "successive halving grows each candidate's run, so it needs --early-filter continue"
-                .into(),
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

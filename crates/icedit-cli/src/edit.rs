@@ -12,12 +12,12 @@ use icedit_adapters::{
 };
 use icedit_flux::parse_dtype;
 use icedit_hub::{HubOptions, ModelRepo};
+use icedit_image::resize::{resize_rgb, Filter};
 use icedit_judge::Judge;
 use icedit_pipeline::edit::{diptych_prompt, DEFAULT_WIDTH};
 use icedit_pipeline::image_io::{load_rgb, save_png};
 use icedit_pipeline::latents::VAE_SCALE;
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
-use icedit_pipeline::resize::{resize_rgb, Filter};
 use icedit_pipeline::search::{EarlyFilter, SearchOutcome, SearchSettings, Selection};
 use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
 use serde_json::json;
@@ -69,10 +69,11 @@ pub struct EditArgs {
     /// Several seeds, comma separated: one output each (`{seed}` in --out is replaced).
     #[arg(long, value_delimiter = ',', value_name = "S1,S2,..")]
     seeds: Vec<u64>,
-    /// Best-of-N: judge(s) comparing the candidates' previews, e.g.
+    /// Best-of-N: judge(s) comparing the candidates' previews:
     /// `openai:http://localhost:8000/v1#qwen2.5-vl-7b` (any OpenAI-compatible vision server;
-    /// key from ICEDIT_JUDGE_API_KEY or OPENAI_API_KEY). Commas list fallbacks. With a judge,
-    /// `--seeds N` alone means N candidates from --seed on.
+    /// key from ICEDIT_JUDGE_API_KEY or OPENAI_API_KEY), or `clip[:MODEL]` (CLIP in-process,
+    /// default openai/clip-vit-large-patch14). Commas list fallbacks. With a judge, `--seeds N`
+    /// alone means N candidates from --seed on.
     #[arg(long, value_name = "SPEC")]
     judge: Option<String>,
     /// Steps each candidate runs before the judge sees it.
@@ -96,6 +97,14 @@ pub struct EditArgs {
     /// Tries per comparison before falling back to the next judge.
     #[arg(long, default_value_t = 3)]
     judge_tries: usize,
+    /// What the photo shows, for the clip judge: edits are scored along the direction from
+    /// this caption to the instruction.
+    #[arg(long, default_value = "a photo")]
+    source_caption: String,
+    /// How much the clip judge rewards similarity to the original (untouched regions)
+    /// against following the instruction.
+    #[arg(long, default_value_t = 0.5)]
+    clip_similarity_weight: f64,
     /// Initial latents instead of seeded noise: a safetensors file with a float32 tensor
     /// `latents` [1, 16, H/8, 2W/8] for the whole diptych.
     #[arg(long, value_name = "FILE")]
@@ -171,18 +180,17 @@ pub fn run(args: EditArgs) -> Result<()> {
     if args.judge.is_some() && args.latents.is_some() {
         bail!("--latents gives one starting point; it cannot be combined with a seed search (--judge)");
     }
-    let judge = match &args.judge {
-        Some(spec) => Some(icedit_judge::parse_judges(
-            spec,
-            &|k| std::env::var(k).ok(),
-            &icedit_judge::OpenAiOptions {
-                timeout: std::time::Duration::from_secs_f64(args.judge_timeout.max(0.001)),
-                attempts: args.judge_tries.max(1),
-                ..Default::default()
-            },
-        )?),
+    // Judge specs are checked now; in-process judges load once the inputs are known good.
+    let judge_specs = match &args.judge {
+        Some(spec) => Some(icedit_judge::parse_judges(spec)?),
         None => None,
     };
+    if !(args.clip_similarity_weight.is_finite() && args.clip_similarity_weight >= 0.0) {
+        bail!(
+            "--clip-similarity-weight {} must be a number >= 0",
+            args.clip_similarity_weight
+        );
+    }
     let search = SearchSettings {
         seeds: seeds.clone(),
         early_steps: args.early_steps,
@@ -200,13 +208,17 @@ pub fn run(args: EditArgs) -> Result<()> {
         guidance: args.guidance,
         max_sequence_length: args.model.max_seq_len,
     };
-    if judge.is_some() {
+    if judge_specs.is_some() {
         search.validate(&settings)?;
     }
     // A search writes one result, the winner's.
     let outputs = output_paths(
         &args.out,
-        if judge.is_some() { &seeds[..1] } else { &seeds },
+        if judge_specs.is_some() {
+            &seeds[..1]
+        } else {
+            &seeds
+        },
     )?;
     let inputs = [Some(&args.image), args.latents.as_ref()];
     for out in &outputs {
@@ -247,9 +259,29 @@ pub fn run(args: EditArgs) -> Result<()> {
     let repo = ModelRepo::open(&args.model.model, &hub)
         .with_context(|| format!("cannot open the model {}", args.model.model))?;
     let model_name = repo.describe();
-    let mut pipeline = FillPipeline::new(repo, dtype, device)
+    let mut pipeline = FillPipeline::new(repo, dtype, device.clone())
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
     pipeline.fetch_all()?;
+    let judge = match &judge_specs {
+        Some(specs) => Some(icedit_judge::build_judges(
+            specs,
+            &icedit_judge::JudgeSettings {
+                lookup: &|k| std::env::var(k).ok(),
+                openai: icedit_judge::OpenAiOptions {
+                    timeout: std::time::Duration::from_secs_f64(args.judge_timeout.max(0.001)),
+                    attempts: args.judge_tries.max(1),
+                    ..Default::default()
+                },
+                hub: hub.clone(),
+                device,
+                clip: icedit_judge::ClipScoring {
+                    source_caption: args.source_caption.clone(),
+                    similarity_weight: args.clip_similarity_weight,
+                },
+            },
+        )?),
+        None => None,
+    };
     let adapter_uses: Vec<AdapterUse> = adapters
         .iter()
         .map(|(resolved, choice)| AdapterUse {

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use icedit_flux::parse_dtype;
 use icedit_hub::{HubOptions, ModelRepo};
+use icedit_image::resize::{resize_gray, Filter};
 use icedit_pipeline::canvas::{self, Margins};
 use icedit_pipeline::image_io::{self, load_mask, load_rgb, save_png};
 use icedit_pipeline::recipe::Recipe;
-use icedit_pipeline::resize::{resize_gray, Filter};
 use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
 
 use crate::inputs::{check_output, random_seed, read_latents};

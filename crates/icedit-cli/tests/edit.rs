@@ -417,12 +417,8 @@ fn photos_of_any_size_match_the_reference() {
             .to_rgb8();
         // The resize back alone is PIL's, pixel for pixel.
         let (w, h) = keep.dimensions();
-        let resized = icedit_pipeline::resize::resize_rgb(
-            &edit,
-            w,
-            h,
-            icedit_pipeline::resize::Filter::Bicubic,
-        );
+        let resized =
+            icedit_image::resize::resize_rgb(&edit, w, h, icedit_image::resize::Filter::Bicubic);
         assert_eq!(resized, keep, "{name}: --keep-size resize differs from PIL");
     }
 }
@@ -530,6 +526,41 @@ fn seed_search_with_a_judge_server() {
         stderr(&run)
     );
 
+    // CLIP in-process (tests/fixtures/clip's tiny model) behind a broken server: it decides,
+    // and the record says so with its scores.
+    let (broken, _) = serve(vec![Reply::Status(500)]);
+    let clip = fixtures().join("clip/model");
+    let spec = format!("openai:{broken},clip:{}", clip.display());
+    let out = dir.path().join("clip.png");
+    let args = [
+        "--no-lora",
+        "--seeds",
+        "7,9",
+        "--early-steps",
+        "1",
+        "--judge",
+        &spec,
+        "--judge-tries",
+        "1",
+        "--source-caption",
+        "a photo of a dog",
+        "--json",
+    ];
+    let run = icedit(&with(base_args(&out), &args), home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let verdict = &summary["search"]["verdicts"][0];
+    assert_eq!(verdict["judge"], format!("clip:{}", clip.display()));
+    assert!(
+        verdict["answer"].as_str().unwrap().contains("similarity"),
+        "{verdict}"
+    );
+    assert_eq!(
+        recipe(&out)["seed"],
+        summary["search"]["winner_seed"],
+        "the written edit is the winner"
+    );
+
     // No usable judge: the first candidate stands, with a warning, and the job still ends well.
     let (nonsense, _) = serve(vec![Reply::Answer("both are lovely")]);
     let (run, out) = two_candidates("nojudge.png", &format!("openai:{nonsense}"), "1");
@@ -559,6 +590,28 @@ fn seed_search_with_a_judge_server() {
             "--early-steps must be between 1",
         ),
         (vec!["--judge", "ollama", "--seeds", "3"], "unknown judge"),
+        (
+            vec![
+                "--no-lora",
+                "--judge",
+                "clip:/no/such/clip",
+                "--seeds",
+                "2",
+                "--early-steps",
+                "1",
+            ],
+            "cannot get the model /no/such/clip",
+        ),
+        (
+            vec![
+                "--judge",
+                "clip",
+                "--seeds",
+                "2",
+                "--clip-similarity-weight=-1",
+            ],
+            "--clip-similarity-weight -1 must be",
+        ),
     ] {
         let out = dir.path().join("bad.png");
         let run = icedit(&with(base_args(&out), &extra), home.path());

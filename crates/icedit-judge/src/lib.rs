@@ -5,13 +5,21 @@
 //! after its retries hands over to the next, with a warning, and the search never crashes on
 //! a judge.
 
+mod clip;
 pub mod fake_server;
 mod openai;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
+use icedit_hub::{HubOptions, ModelRepo};
 use image::RgbImage;
 
+use clip::CLIP_FILES;
+pub use clip::{
+    ClipEmbedder, ClipJudge, ClipPreprocess, ClipScore, ClipScoring, DEFAULT_CLIP_MODEL,
+};
 pub use openai::{OpenAiJudge, OpenAiOptions};
 
 /// The pairwise judge prompt (prompts/judge-pairwise.txt), `{instruction}` filled in.
@@ -23,6 +31,14 @@ pub enum JudgeError {
     Spec { spec: String, message: String },
     #[error("{judge}: {message}")]
     Failed { judge: String, message: String },
+    #[error("judge {judge}: cannot load the model in {path}: {message}")]
+    Load {
+        judge: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("judge computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, JudgeError>;
@@ -155,51 +171,155 @@ pub fn parse_answer(text: &str) -> Option<Preference> {
     found
 }
 
-/// Builds the judges of a `--judge` list, e.g. `openai:http://localhost:8000/v1#qwen2.5-vl,...`.
-/// `lookup` reads environment variables (the API key: `ICEDIT_JUDGE_API_KEY`, else
-/// `OPENAI_API_KEY`); `defaults` gives timeouts and retries.
-pub fn parse_judges(
-    spec: &str,
-    lookup: &dyn Fn(&str) -> Option<String>,
-    defaults: &OpenAiOptions,
-) -> Result<JudgeChain> {
-    let mut judges: Vec<Box<dyn Judge>> = Vec::new();
+/// One judge of a `--judge` list, parsed but not yet built (building may load a model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JudgeSpec {
+    /// `openai:URL[#MODEL]`.
+    OpenAi { url: String, model: Option<String> },
+    /// `clip[:MODEL]`: a Hub repo id or a local folder.
+    Clip { model: String },
+}
+
+impl JudgeSpec {
+    /// How verdicts name the judge.
+    pub fn name(&self) -> String {
+        match self {
+            JudgeSpec::OpenAi { url, model: None } => format!("openai:{url}"),
+            JudgeSpec::OpenAi {
+                url,
+                model: Some(m),
+            } => format!("openai:{url}#{m}"),
+            JudgeSpec::Clip { model } => format!("clip:{model}"),
+        }
+    }
+}
+
+/// Parses a `--judge` list, e.g. `openai:http://localhost:8000/v1#qwen2.5-vl,clip`: every
+/// entry is checked before any judge is built, so that a typo fails before any work.
+pub fn parse_judges(spec: &str) -> Result<Vec<JudgeSpec>> {
+    let mut specs = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = |message: String| JudgeError::Spec {
             spec: part.to_string(),
             message,
         };
-        if let Some(rest) = part.strip_prefix("openai:") {
-            let (url, model) = match rest.split_once('#') {
-                Some((u, m)) => (u, Some(m.to_string())),
-                None => (rest, None),
-            };
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(bad(
-                    "give the server's URL, e.g. openai:http://localhost:8000/v1#MODEL".into(),
-                ));
+        let (kind, rest) = match part.split_once(':') {
+            Some((k, r)) => (k, Some(r)),
+            None => (part, None),
+        };
+        match (kind, rest) {
+            ("openai", Some(rest)) => {
+                let (url, model) = match rest.split_once('#') {
+                    Some((u, m)) => (u, Some(m.to_string())),
+                    None => (rest, None),
+                };
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(bad(
+                        "give the server's URL, e.g. openai:http://localhost:8000/v1#MODEL".into(),
+                    ));
+                }
+                specs.push(JudgeSpec::OpenAi {
+                    url: url.to_string(),
+                    model,
+                });
             }
-            let api_key = lookup("ICEDIT_JUDGE_API_KEY").or_else(|| lookup("OPENAI_API_KEY"));
-            judges.push(Box::new(OpenAiJudge::new(OpenAiOptions {
-                url: url.to_string(),
-                model,
-                api_key,
-                ..defaults.clone()
-            })));
-        } else {
-            return Err(bad(format!(
-                "unknown judge; available: openai:URL[#MODEL] (any OpenAI-compatible vision \
-                 server). Separate fallbacks with commas. (got `{part}`)"
-            )));
+            ("clip", rest) => {
+                let model = rest.map(str::trim).unwrap_or(DEFAULT_CLIP_MODEL);
+                if model.is_empty() {
+                    return Err(bad(format!(
+                        "name the CLIP model after `clip:`, or write `clip` for {DEFAULT_CLIP_MODEL}"
+                    )));
+                }
+                specs.push(JudgeSpec::Clip {
+                    model: model.to_string(),
+                });
+            }
+            _ => {
+                return Err(bad(format!(
+                    "unknown judge; available: openai:URL[#MODEL] (any OpenAI-compatible vision \
+                     server), clip[:MODEL] (CLIP in-process, default {DEFAULT_CLIP_MODEL}). \
+                     Separate fallbacks with commas. (got `{part}`)"
+                )))
+            }
         }
     }
-    if judges.is_empty() {
+    if specs.is_empty() {
         return Err(JudgeError::Spec {
             spec: spec.to_string(),
             message: "no judge given".into(),
         });
     }
+    Ok(specs)
+}
+
+/// What building judges needs besides their specs.
+pub struct JudgeSettings<'a> {
+    /// Reads environment variables (the API key: `ICEDIT_JUDGE_API_KEY`, else
+    /// `OPENAI_API_KEY`).
+    pub lookup: &'a dyn Fn(&str) -> Option<String>,
+    /// Timeouts and retries of the OpenAI-compatible judges.
+    pub openai: OpenAiOptions,
+    /// Where in-process judges' models come from.
+    pub hub: HubOptions,
+    /// Where in-process judges run.
+    pub device: Device,
+    pub clip: ClipScoring,
+}
+
+/// Builds the judges of a parsed list, in order, as one chain; in-process judges load their
+/// models now (from the Hub cache or a folder), so a missing model fails here.
+pub fn build_judges(specs: &[JudgeSpec], settings: &JudgeSettings) -> Result<JudgeChain> {
+    let mut judges: Vec<Box<dyn Judge>> = Vec::new();
+    for spec in specs {
+        match spec {
+            JudgeSpec::OpenAi { url, model } => {
+                let lookup = settings.lookup;
+                let api_key = lookup("ICEDIT_JUDGE_API_KEY").or_else(|| lookup("OPENAI_API_KEY"));
+                judges.push(Box::new(OpenAiJudge::new(OpenAiOptions {
+                    url: url.clone(),
+                    model: model.clone(),
+                    api_key,
+                    ..settings.openai.clone()
+                })));
+            }
+            JudgeSpec::Clip { model } => {
+                let dir = fetch_model(spec, model, CLIP_FILES, &settings.hub)?;
+                judges.push(Box::new(ClipJudge::load(
+                    spec.name(),
+                    &dir,
+                    settings.clip.clone(),
+                    &settings.device,
+                )?));
+            }
+        }
+    }
     Ok(JudgeChain::new(judges))
+}
+
+/// The folder holding a model's files (a local folder, or the Hub cache's snapshot after the
+/// missing files are downloaded): every required file, and the optional ones it has.
+fn fetch_model(
+    spec: &JudgeSpec,
+    model: &str,
+    (required, optional): (&[&str], &[&str]),
+    hub: &HubOptions,
+) -> Result<PathBuf> {
+    let fail = |e: icedit_hub::HubError| JudgeError::Spec {
+        spec: spec.name(),
+        message: format!("cannot get the model {model}: {e}"),
+    };
+    let repo = ModelRepo::open(model, hub).map_err(fail)?;
+    let mut names: Vec<&str> = required.to_vec();
+    for name in optional {
+        if repo.exists(name).map_err(fail)? {
+            names.push(name);
+        }
+    }
+    let paths = repo.files(&names).map_err(fail)?;
+    Ok(paths[0]
+        .parent()
+        .expect("a model file lies in a folder")
+        .to_path_buf())
 }
 
 #[cfg(test)]
@@ -240,14 +360,42 @@ mod tests {
     }
 
     #[test]
-    fn specs_parse_with_keys_from_the_environment() {
+    fn specs_parse_and_build_with_keys_from_the_environment() {
+        let specs = parse_judges("openai:http://127.0.0.1:9/v1#qwen, clip").unwrap();
+        assert_eq!(
+            specs,
+            [
+                JudgeSpec::OpenAi {
+                    url: "http://127.0.0.1:9/v1".into(),
+                    model: Some("qwen".into())
+                },
+                JudgeSpec::Clip {
+                    model: DEFAULT_CLIP_MODEL.into()
+                }
+            ]
+        );
+        assert_eq!(
+            parse_judges("clip:/models/clip").unwrap()[0].name(),
+            "clip:/models/clip"
+        );
+        assert!(parse_judges("openai:localhost:8000").is_err());
+        assert!(parse_judges("clip:").is_err());
+        let err = parse_judges("gpt").err().unwrap().to_string();
+        assert!(
+            err.contains("openai:URL") && err.contains("clip[:MODEL]"),
+            "{err}"
+        );
+        assert!(parse_judges(" , ").is_err());
+
         let env = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-test".to_string());
-        let d = OpenAiOptions::default();
-        let chain = parse_judges("openai:http://127.0.0.1:9/v1#qwen", &env, &d).unwrap();
+        let settings = JudgeSettings {
+            lookup: &env,
+            openai: OpenAiOptions::default(),
+            hub: HubOptions::new(std::env::temp_dir()).with_offline(true),
+            device: Device::Cpu,
+            clip: ClipScoring::default(),
+        };
+        let chain = build_judges(&specs[..1], &settings).unwrap();
         assert_eq!(chain.name(), "openai:http://127.0.0.1:9/v1#qwen");
-        assert!(parse_judges("openai:localhost:8000", &env, &d).is_err());
-        let err = parse_judges("gpt", &env, &d).err().unwrap().to_string();
-        assert!(err.contains("openai:URL"), "{err}");
-        assert!(parse_judges(" , ", &env, &d).is_err());
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use base64::Engine;
 use icedit_judge::fake_server::{serve as server, Reply};
 use icedit_judge::{
-    parse_judges, Comparison, Judge, JudgeChain, OpenAiJudge, OpenAiOptions, Preference,
+    build_judges, parse_judges, ClipScoring, Comparison, Judge, JudgeChain, JudgeSettings,
+    OpenAiJudge, OpenAiOptions, Preference,
 };
 use image::RgbImage;
 
@@ -158,7 +159,14 @@ fn a_failing_judge_hands_over_to_the_next_and_all_failing_keeps_the_first() {
     let env = |k: &str| (k == "ICEDIT_JUDGE_API_KEY").then(|| "sk-env".to_string());
     let (url, received) = server(vec![Reply::Answer("1")]);
     let spec = format!("openai:{url}#m");
-    let mut chain = parse_judges(&spec, &env, &OpenAiOptions::default()).unwrap();
+    let settings = JudgeSettings {
+        lookup: &env,
+        openai: OpenAiOptions::default(),
+        hub: icedit_hub::HubOptions::new(std::env::temp_dir()).with_offline(true),
+        device: candle_core::Device::Cpu,
+        clip: ClipScoring::default(),
+    };
+    let mut chain = build_judges(&parse_judges(&spec).unwrap(), &settings).unwrap();
     assert_eq!(compare(&mut chain).unwrap().preference, Preference::First);
     assert_eq!(
         received.lock().unwrap()[0].authorization.as_deref(),

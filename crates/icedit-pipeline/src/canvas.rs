@@ -4,7 +4,7 @@ use image::{imageops, GrayImage, Luma, Rgb, RgbImage};
 
 use crate::error::{PipelineError, Result};
 use crate::latents::PIXELS_PER_TOKEN;
-use crate::resize::{resize_gray, resize_rgb, Filter};
+use icedit_image::resize::{resize_gray, resize_rgb, Filter};
 
 /// Margins to add around an image for outpainting, in pixels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

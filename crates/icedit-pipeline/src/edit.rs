@@ -9,7 +9,7 @@ use crate::error::{PipelineError, Result};
 use crate::fill::{FillPipeline, FillRequest, InitialNoise, Progress};
 use crate::image_io::check_size;
 use crate::latents::PIXELS_PER_TOKEN;
-use crate::resize::{resize_rgb, Filter};
+use icedit_image::resize::{resize_rgb, Filter};
 
 /// The prompt template the ICEdit adapters were trained with (prompts/icedit-diptych.txt), with
 /// `{instruction}` where the instruction goes, as typed.

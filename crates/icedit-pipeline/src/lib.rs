@@ -8,7 +8,6 @@ pub mod fill;
 pub mod image_io;
 pub mod latents;
 pub mod recipe;
-pub mod resize;
 pub mod scheduler;
 pub mod search;
 pub mod torch_rng;

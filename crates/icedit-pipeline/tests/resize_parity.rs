@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use icedit_image::resize::{resize_gray, resize_rgb, Filter};
 use icedit_pipeline::image_io::max_pixel_diff;
-use icedit_pipeline::resize::{resize_gray, resize_rgb, Filter};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {

@@ -1,4 +1,5 @@
-//! transformers' `CLIPTextModel` (5.23), for its pooled output.
+//! transformers' `CLIPTextModel` (5.23), for its pooled output, and `CLIPModel` (both towers with
+//! their projections), for the CLIP judge.
 //!
 //! Written here rather than taken from candle-transformers, whose CLIP text model hard-codes
 //! the layer-norm epsilon and activation, only pools at `argmax(ids)`, and reports missing
@@ -91,6 +92,7 @@ impl ClipTextConfig {
     }
 }
 
+/// One pre-norm encoder layer; the text and the vision tower are stacks of the same layer.
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
@@ -102,10 +104,77 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
+/// What an encoder layer's computation depends on besides its weights.
+#[derive(Debug, Clone, Copy)]
+struct LayerShape {
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    eps: f64,
+    activation: Activation,
+    dtype: DType,
+}
+
+impl EncoderLayer {
+    fn load(
+        weights: &ModelWeights,
+        prefix: &str,
+        shape: &LayerShape,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, eps, dtype) = (shape.hidden, shape.eps, shape.dtype);
+        let lin = |name: &str, dims| {
+            linear(
+                weights,
+                &format!("{prefix}.{name}"),
+                dims,
+                true,
+                dtype,
+                device,
+            )
+        };
+        let norm =
+            |name: &str| LayerNorm::load(weights, &format!("{prefix}.{name}"), h, eps, device);
+        Ok(Self {
+            layer_norm1: norm("layer_norm1")?,
+            q_proj: lin("self_attn.q_proj", (h, h))?,
+            k_proj: lin("self_attn.k_proj", (h, h))?,
+            v_proj: lin("self_attn.v_proj", (h, h))?,
+            out_proj: lin("self_attn.out_proj", (h, h))?,
+            layer_norm2: norm("layer_norm2")?,
+            fc1: lin("mlp.fc1", (h, shape.intermediate))?,
+            fc2: lin("mlp.fc2", (shape.intermediate, h))?,
+        })
+    }
+
+    /// `mask` is added to the attention scores (the text tower's causal mask).
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>, shape: &LayerShape) -> Result<Tensor> {
+        let heads = shape.heads;
+        let scale = ((shape.hidden / heads) as f64).powf(-0.5);
+
+        let normed = self.layer_norm1.forward(xs)?;
+        let q = split_heads(&apply(&self.q_proj, &normed)?, heads)?;
+        let k = split_heads(&apply(&self.k_proj, &normed)?, heads)?;
+        let v = split_heads(&apply(&self.v_proj, &normed)?, heads)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = softmax_f32(&scores, shape.dtype)?;
+        let attended = merge_heads(&probs.matmul(&v)?)?;
+        let xs = (xs + apply(&self.out_proj, &attended)?)?;
+
+        let normed = self.layer_norm2.forward(&xs)?;
+        let mlp = shape.activation.forward(&apply(&self.fc1, &normed)?)?;
+        Ok((&xs + apply(&self.fc2, &mlp)?)?)
+    }
+}
+
 /// CLIP's text transformer; [`ClipTextEncoder::pooled_output`] is what FLUX conditions on.
 pub struct ClipTextEncoder {
     config: ClipTextConfig,
-    activation: Activation,
+    shape: LayerShape,
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
@@ -138,46 +207,33 @@ impl ClipTextEncoder {
             dtype,
             device,
         )?;
-        let eps = config.layer_norm_eps;
+        let shape = LayerShape {
+            hidden: h,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            eps: config.layer_norm_eps,
+            activation: config.activation(),
+            dtype,
+        };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let p = format!("{prefix}encoder.layers.{i}");
-                let lin = |name: &str, dims| {
-                    linear(&weights, &format!("{p}.{name}"), dims, true, dtype, device)
-                };
-                Ok(EncoderLayer {
-                    layer_norm1: LayerNorm::load(
-                        &weights,
-                        &format!("{p}.layer_norm1"),
-                        h,
-                        eps,
-                        device,
-                    )?,
-                    q_proj: lin("self_attn.q_proj", (h, h))?,
-                    k_proj: lin("self_attn.k_proj", (h, h))?,
-                    v_proj: lin("self_attn.v_proj", (h, h))?,
-                    out_proj: lin("self_attn.out_proj", (h, h))?,
-                    layer_norm2: LayerNorm::load(
-                        &weights,
-                        &format!("{p}.layer_norm2"),
-                        h,
-                        eps,
-                        device,
-                    )?,
-                    fc1: lin("mlp.fc1", (h, config.intermediate_size))?,
-                    fc2: lin("mlp.fc2", (config.intermediate_size, h))?,
-                })
+                EncoderLayer::load(
+                    &weights,
+                    &format!("{prefix}encoder.layers.{i}"),
+                    &shape,
+                    device,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(
             &weights,
             &format!("{prefix}final_layer_norm"),
             h,
-            eps,
+            shape.eps,
             device,
         )?;
         Ok(Self {
-            activation: config.activation(),
+            shape,
             config,
             token_embedding,
             position_embedding,
@@ -242,28 +298,9 @@ impl ClipTextEncoder {
         let mask = Tensor::from_vec(mask, (1, 1, seq, seq), device)?;
 
         for layer in &self.layers {
-            xs = self.layer_forward(layer, &xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask), &self.shape)?;
         }
         self.final_layer_norm.forward(&xs)
-    }
-
-    fn layer_forward(&self, layer: &EncoderLayer, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let heads = self.config.num_attention_heads;
-        let scale = ((self.config.hidden_size / heads) as f64).powf(-0.5);
-
-        let normed = layer.layer_norm1.forward(xs)?;
-        let q = split_heads(&apply(&layer.q_proj, &normed)?, heads)?;
-        let k = split_heads(&apply(&layer.k_proj, &normed)?, heads)?;
-        let v = split_heads(&apply(&layer.v_proj, &normed)?, heads)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = softmax_f32(&scores, self.dtype)?;
-        let attended = merge_heads(&probs.matmul(&v)?)?;
-        let xs = (xs + apply(&layer.out_proj, &attended)?)?;
-
-        let normed = layer.layer_norm2.forward(&xs)?;
-        let mlp = self.activation.forward(&apply(&layer.fc1, &normed)?)?;
-        Ok((&xs + apply(&layer.fc2, &mlp)?)?)
     }
 
     /// Where transformers' `CLIPTextModel` reads the pooled output from.
@@ -278,5 +315,245 @@ impl ClipTextEncoder {
                 .position(|&id| id == self.config.eos_token_id)
                 .unwrap_or(0)
         }
+    }
+}
+
+/// The fields of transformers' `CLIPVisionConfig` the vision tower uses (defaults are
+/// transformers').
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// Reads a `CLIPVisionModel` config.json (or a full `CLIPConfig`'s `vision_config`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let mut value: serde_json::Value = read_json(path)?;
+        if let Some(vision) = value.get_mut("vision_config") {
+            value = vision.take();
+        }
+        let config: Self = serde_json::from_value(value).map_err(|e| TextError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let problem = if Activation::from_name(&config.hidden_act).is_none() {
+            Some(format!(
+                "hidden_act `{}` is not supported",
+                config.hidden_act
+            ))
+        } else if config.num_attention_heads == 0
+            || config.hidden_size % config.num_attention_heads != 0
+        {
+            Some("hidden_size is not a multiple of num_attention_heads".to_string())
+        } else if config.patch_size == 0 || config.image_size % config.patch_size != 0 {
+            Some("image_size is not a multiple of patch_size".to_string())
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => Err(TextError::Config {
+                path: path.to_path_buf(),
+                message,
+            }),
+            None => Ok(config),
+        }
+    }
+}
+
+/// CLIP's vision transformer (`CLIPVisionTransformer`): patches plus a class token, the shared
+/// encoder layers, and the class token's final state as the pooled output.
+pub struct ClipVisionEncoder {
+    config: ClipVisionConfig,
+    shape: LayerShape,
+    /// `[hidden, channels, patch, patch]`, a convolution with stride `patch` and no bias.
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layernorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    post_layernorm: LayerNorm,
+}
+
+impl ClipVisionEncoder {
+    fn from_weights(
+        weights: &ModelWeights,
+        config: ClipVisionConfig,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let h = config.hidden_size;
+        let p = config.patch_size;
+        let positions = (config.image_size / p).pow(2) + 1;
+        let shape = LayerShape {
+            hidden: h,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            eps: config.layer_norm_eps,
+            activation: Activation::from_name(&config.hidden_act)
+                .expect("checked when the config was read"),
+            dtype,
+        };
+        let read = |name: &str, dims: &[usize]| {
+            weights.tensor(&format!("{prefix}{name}"), dims, dtype, device)
+        };
+        let norm =
+            |name: &str| LayerNorm::load(weights, &format!("{prefix}{name}"), h, shape.eps, device);
+        Ok(Self {
+            patch_embedding: read(
+                "embeddings.patch_embedding.weight",
+                &[h, config.num_channels, p, p],
+            )?,
+            class_embedding: read("embeddings.class_embedding", &[h])?,
+            position_embedding: read("embeddings.position_embedding.weight", &[positions, h])?,
+            // Sic: transformers' name.
+            pre_layernorm: norm("pre_layrnorm")?,
+            layers: (0..config.num_hidden_layers)
+                .map(|i| {
+                    EncoderLayer::load(
+                        weights,
+                        &format!("{prefix}encoder.layers.{i}"),
+                        &shape,
+                        device,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            post_layernorm: norm("post_layernorm")?,
+            config,
+            shape,
+        })
+    }
+
+    pub fn config(&self) -> &ClipVisionConfig {
+        &self.config
+    }
+
+    /// `pixel_values` `[batch, channels, image_size, image_size]` -> pooled output
+    /// `[batch, hidden]`.
+    pub fn pooled_output(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (batch, channels, height, width) = pixel_values.dims4()?;
+        if channels != c.num_channels || height != c.image_size || width != c.image_size {
+            return Err(TextError::Input(format!(
+                "CLIP's vision tower takes [batch, {}, {size}, {size}] pixels, got {:?}",
+                c.num_channels,
+                pixel_values.dims(),
+                size = c.image_size
+            )));
+        }
+        let pixels = pixel_values
+            .to_device(self.patch_embedding.device())?
+            .to_dtype(self.shape.dtype)?;
+        let patches = pixels
+            .conv2d(&self.patch_embedding, 0, c.patch_size, 1, 1)?
+            .flatten_from(2)?
+            .transpose(1, 2)?; // [b, patches, hidden]
+        let class = self
+            .class_embedding
+            .reshape((1, 1, c.hidden_size))?
+            .broadcast_as((batch, 1, c.hidden_size))?;
+        let xs = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut xs = self.pre_layernorm.forward(&xs)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, None, &self.shape)?;
+        }
+        self.post_layernorm.forward(&xs.i((.., 0))?)
+    }
+}
+
+/// transformers' `CLIPModel`: both towers and the projections into their shared space.
+pub struct ClipModel {
+    pub text: ClipTextEncoder,
+    pub vision: ClipVisionEncoder,
+    text_projection: Linear,
+    visual_projection: Linear,
+}
+
+#[derive(Deserialize)]
+struct ProjectionConfig {
+    #[serde(default = "default_projection_dim")]
+    projection_dim: usize,
+}
+
+fn default_projection_dim() -> usize {
+    512
+}
+
+impl ClipModel {
+    /// Loads a `CLIPModel` folder (config.json with `text_config` and `vision_config`, and its
+    /// weights), e.g. openai/clip-vit-large-patch14.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let text = ClipTextEncoder::load(dir, dtype, device)?;
+        let (config_path, weights) = ModelWeights::open(dir, "CLIP model")?;
+        let vision_config = ClipVisionConfig::from_file(&config_path)?;
+        let projection: ProjectionConfig = read_json(&config_path)?;
+        let vision = ClipVisionEncoder::from_weights(
+            &weights,
+            vision_config,
+            "vision_model.",
+            dtype,
+            device,
+        )?;
+        let dim = projection.projection_dim;
+        let text_projection = linear(
+            &weights,
+            "text_projection",
+            (text.config().hidden_size, dim),
+            false,
+            dtype,
+            device,
+        )?;
+        let visual_projection = linear(
+            &weights,
+            "visual_projection",
+            (vision.config().hidden_size, dim),
+            false,
+            dtype,
+            device,
+        )?;
+        Ok(Self {
+            text,
+            vision,
+            text_projection,
+            visual_projection,
+        })
+    }
+
+    /// `get_text_features`: pooled text output, projected (not normalised) `[batch, dim]`.
+    pub fn text_features(&self, input_ids: &Tensor) -> Result<Tensor> {
+        apply(&self.text_projection, &self.text.pooled_output(input_ids)?)
+    }
+
+    /// `get_image_features`: pooled image output, projected (not normalised) `[batch, dim]`.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        apply(
+            &self.visual_projection,
+            &self.vision.pooled_output(pixel_values)?,
+        )
     }
 }

@@ -34,7 +34,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use clip::{ClipTextConfig, ClipTextEncoder};
+pub use clip::{ClipModel, ClipTextConfig, ClipTextEncoder, ClipVisionConfig, ClipVisionEncoder};
 pub use error::{Result, TextError};
 pub use layers::Activation;
 pub use t5::{T5Config, T5Encoder};

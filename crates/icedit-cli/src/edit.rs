@@ -71,7 +71,8 @@ pub struct EditArgs {
     seeds: Vec<u64>,
     /// Best-of-N: judge(s) comparing the candidates' previews:
     /// `openai:http://localhost:8000/v1#qwen2.5-vl-7b` (any OpenAI-compatible vision server;
-    /// key from ICEDIT_JUDGE_API_KEY or OPENAI_API_KEY), or `clip[:MODEL]` (CLIP in-process,
+    /// key from ICEDIT_JUDGE_API_KEY or OPENAI_API_KEY), `qwen3-vl[:MODEL]` (Qwen3-VL
+    /// in-process, default Qwen/Qwen3-VL-2B-Instruct) or `clip[:MODEL]` (CLIP in-process,
     /// default openai/clip-vit-large-patch14). Commas list fallbacks. With a judge, `--seeds N`
     /// alone means N candidates from --seed on.
     #[arg(long, value_name = "SPEC")]
@@ -274,6 +275,7 @@ pub fn run(args: EditArgs) -> Result<()> {
                 },
                 hub: hub.clone(),
                 device,
+                dtype,
                 clip: icedit_judge::ClipScoring {
                     source_caption: args.source_caption.clone(),
                     similarity_weight: args.clip_similarity_weight,

@@ -561,6 +561,32 @@ fn seed_search_with_a_judge_server() {
         "the written edit is the winner"
     );
 
+    // Qwen3-VL in-process (tests/fixtures/qwen3vl's tiny model): the verdict is the answer
+    // digits' probabilities.
+    let vlm = fixtures().join("qwen3vl/model");
+    let spec = format!("qwen3-vl:{}", vlm.display());
+    let out = dir.path().join("vlm.png");
+    let args = [
+        "--no-lora",
+        "--seeds",
+        "7,9",
+        "--early-steps",
+        "1",
+        "--judge",
+        &spec,
+        "--json",
+    ];
+    let run = icedit(&with(base_args(&out), &args), home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let verdict = &summary["search"]["verdicts"][0];
+    assert_eq!(verdict["judge"], spec);
+    assert!(
+        verdict["answer"].as_str().unwrap().starts_with("P(1) = "),
+        "{verdict}"
+    );
+    assert_eq!(recipe(&out)["seed"], summary["search"]["winner_seed"]);
+
     // No usable judge: the first candidate stands, with a warning, and the job still ends well.
     let (nonsense, _) = serve(vec![Reply::Answer("both are lovely")]);
     let (run, out) = two_candidates("nojudge.png", &format!("openai:{nonsense}"), "1");

@@ -8,11 +8,13 @@
 mod clip;
 pub mod fake_server;
 mod openai;
+pub mod qwen3_vl;
+mod vlm;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use icedit_hub::{HubOptions, ModelRepo};
 use image::RgbImage;
 
@@ -21,6 +23,8 @@ pub use clip::{
     ClipEmbedder, ClipJudge, ClipPreprocess, ClipScore, ClipScoring, DEFAULT_CLIP_MODEL,
 };
 pub use openai::{OpenAiJudge, OpenAiOptions};
+use vlm::VLM_FILES;
+pub use vlm::{VlmJudge, VlmPreprocess, DEFAULT_VLM_MODEL};
 
 /// The pairwise judge prompt (prompts/judge-pairwise.txt), `{instruction}` filled in.
 pub const PAIRWISE_TEMPLATE: &str = include_str!("../../../prompts/judge-pairwise.txt");
@@ -178,6 +182,8 @@ pub enum JudgeSpec {
     OpenAi { url: String, model: Option<String> },
     /// `clip[:MODEL]`: a Hub repo id or a local folder.
     Clip { model: String },
+    /// `qwen3-vl[:MODEL]`: a Hub repo id or a local folder.
+    Vlm { model: String },
 }
 
 impl JudgeSpec {
@@ -190,6 +196,7 @@ impl JudgeSpec {
                 model: Some(m),
             } => format!("openai:{url}#{m}"),
             JudgeSpec::Clip { model } => format!("clip:{model}"),
+            JudgeSpec::Vlm { model } => format!("qwen3-vl:{model}"),
         }
     }
 }
@@ -223,21 +230,30 @@ pub fn parse_judges(spec: &str) -> Result<Vec<JudgeSpec>> {
                     model,
                 });
             }
-            ("clip", rest) => {
-                let model = rest.map(str::trim).unwrap_or(DEFAULT_CLIP_MODEL);
+            ("clip" | "qwen3-vl", rest) => {
+                let default = if kind == "clip" {
+                    DEFAULT_CLIP_MODEL
+                } else {
+                    DEFAULT_VLM_MODEL
+                };
+                let model = rest.map(str::trim).unwrap_or(default);
                 if model.is_empty() {
                     return Err(bad(format!(
-                        "name the CLIP model after `clip:`, or write `clip` for {DEFAULT_CLIP_MODEL}"
+                        "name the model after `{kind}:`, or write `{kind}` for {default}"
                     )));
                 }
-                specs.push(JudgeSpec::Clip {
-                    model: model.to_string(),
+                let model = model.to_string();
+                specs.push(if kind == "clip" {
+                    JudgeSpec::Clip { model }
+                } else {
+                    JudgeSpec::Vlm { model }
                 });
             }
             _ => {
                 return Err(bad(format!(
                     "unknown judge; available: openai:URL[#MODEL] (any OpenAI-compatible vision \
-                     server), clip[:MODEL] (CLIP in-process, default {DEFAULT_CLIP_MODEL}). \
+                     server), clip[:MODEL] (CLIP in-process, default {DEFAULT_CLIP_MODEL}), \
+                     qwen3-vl[:MODEL] (Qwen3-VL in-process, default {DEFAULT_VLM_MODEL}). \
                      Separate fallbacks with commas. (got `{part}`)"
                 )))
             }
@@ -261,8 +277,10 @@ pub struct JudgeSettings<'a> {
     pub openai: OpenAiOptions,
     /// Where in-process judges' models come from.
     pub hub: HubOptions,
-    /// Where in-process judges run.
+    /// Where in-process judges run; the vision-language model in `dtype` (CLIP is small
+    /// and runs in f32).
     pub device: Device,
+    pub dtype: DType,
     pub clip: ClipScoring,
 }
 
@@ -283,11 +301,21 @@ pub fn build_judges(specs: &[JudgeSpec], settings: &JudgeSettings) -> Result<Jud
                 })));
             }
             JudgeSpec::Clip { model } => {
-                let dir = fetch_model(spec, model, CLIP_FILES, &settings.hub)?;
+                let (_, dir) = fetch_model(spec, model, CLIP_FILES, &settings.hub)?;
                 judges.push(Box::new(ClipJudge::load(
                     spec.name(),
                     &dir,
                     settings.clip.clone(),
+                    &settings.device,
+                )?));
+            }
+            JudgeSpec::Vlm { model } => {
+                let (repo, dir) = fetch_model(spec, model, VLM_FILES, &settings.hub)?;
+                fetch_shards(spec, &repo, &dir)?;
+                judges.push(Box::new(VlmJudge::load(
+                    spec.name(),
+                    &dir,
+                    settings.dtype,
                     &settings.device,
                 )?));
             }
@@ -303,7 +331,7 @@ fn fetch_model(
     model: &str,
     (required, optional): (&[&str], &[&str]),
     hub: &HubOptions,
-) -> Result<PathBuf> {
+) -> Result<(ModelRepo, PathBuf)> {
     let fail = |e: icedit_hub::HubError| JudgeError::Spec {
         spec: spec.name(),
         message: format!("cannot get the model {model}: {e}"),
@@ -316,10 +344,35 @@ fn fetch_model(
         }
     }
     let paths = repo.files(&names).map_err(fail)?;
-    Ok(paths[0]
+    let dir = paths[0]
         .parent()
         .expect("a model file lies in a folder")
-        .to_path_buf())
+        .to_path_buf();
+    Ok((repo, dir))
+}
+
+/// A sharded model's shards, as its `model.safetensors.index.json` names them.
+fn fetch_shards(spec: &JudgeSpec, repo: &ModelRepo, dir: &std::path::Path) -> Result<()> {
+    let index = dir.join("model.safetensors.index.json");
+    if dir.join("model.safetensors").is_file() || !index.is_file() {
+        return Ok(());
+    }
+    let fail = |message: String| JudgeError::Spec {
+        spec: spec.name(),
+        message,
+    };
+    let text = std::fs::read_to_string(&index).map_err(|e| fail(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("{}: {e}", index.display())))?;
+    let mut shards: Vec<&str> = value["weight_map"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    shards.sort_unstable();
+    shards.dedup();
+    repo.files(&shards)
+        .map_err(|e| fail(format!("cannot get the weights: {e}")))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -393,6 +446,7 @@ mod tests {
             openai: OpenAiOptions::default(),
             hub: HubOptions::new(std::env::temp_dir()).with_offline(true),
             device: Device::Cpu,
+            dtype: DType::F32,
             clip: ClipScoring::default(),
         };
         let chain = build_judges(&specs[..1], &settings).unwrap();

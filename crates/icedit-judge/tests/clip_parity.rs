@@ -170,6 +170,7 @@ fn settings(hub: HubOptions) -> JudgeSettings<'static> {
         openai: OpenAiOptions::default(),
         hub,
         device: Device::Cpu,
+        dtype: candle_core::DType::F32,
         clip: ClipScoring::default(),
     }
 }

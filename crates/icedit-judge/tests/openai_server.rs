@@ -164,6 +164,7 @@ fn a_failing_judge_hands_over_to_the_next_and_all_failing_keeps_the_first() {
         openai: OpenAiOptions::default(),
         hub: icedit_hub::HubOptions::new(std::env::temp_dir()).with_offline(true),
         device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
         clip: ClipScoring::default(),
     };
     let mut chain = build_judges(&parse_judges(&spec).unwrap(), &settings).unwrap();

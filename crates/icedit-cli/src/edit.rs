@@ -23,6 +23,7 @@ use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
 use serde_json::json;
 
 use crate::inputs::{check_output, read_latents};
+use crate::judge::JudgeArgs;
 use crate::progress::Reporter;
 use crate::{device, ModelArgs};
 
@@ -69,14 +70,8 @@ pub struct EditArgs {
     /// Several seeds, comma separated: one output each (`{seed}` in --out is replaced).
     #[arg(long, value_delimiter = ',', value_name = "S1,S2,..")]
     seeds: Vec<u64>,
-    /// Best-of-N: judge(s) comparing the candidates' previews:
-    /// `openai:http://localhost:8000/v1#qwen2.5-vl-7b` (any OpenAI-compatible vision server;
-    /// key from ICEDIT_JUDGE_API_KEY or OPENAI_API_KEY), `qwen3-vl[:MODEL]` (Qwen3-VL
-    /// in-process, default Qwen/Qwen3-VL-2B-Instruct) or `clip[:MODEL]` (CLIP in-process,
-    /// default openai/clip-vit-large-patch14). Commas list fallbacks. With a judge, `--seeds N`
-    /// alone means N candidates from --seed on.
-    #[arg(long, value_name = "SPEC")]
-    judge: Option<String>,
+    #[command(flatten)]
+    judging: JudgeArgs,
     /// Steps each candidate runs before the judge sees it.
     #[arg(long, default_value_t = 10)]
     early_steps: usize,
@@ -92,20 +87,6 @@ pub struct EditArgs {
     /// Keep every candidate's previews and the judge's verdicts (verdicts.json) here.
     #[arg(long, value_name = "DIR")]
     save_candidates: Option<PathBuf>,
-    /// Seconds a judge may take per answer.
-    #[arg(long, default_value_t = 120.0)]
-    judge_timeout: f64,
-    /// Tries per comparison before falling back to the next judge.
-    #[arg(long, default_value_t = 3)]
-    judge_tries: usize,
-    /// What the photo shows, for the clip judge: edits are scored along the direction from
-    /// this caption to the instruction.
-    #[arg(long, default_value = "a photo")]
-    source_caption: String,
-    /// How much the clip judge rewards similarity to the original (untouched regions)
-    /// against following the instruction.
-    #[arg(long, default_value_t = 0.5)]
-    clip_similarity_weight: f64,
     /// Initial latents instead of seeded noise: a safetensors file with a float32 tensor
     /// `latents` [1, 16, H/8, 2W/8] for the whole diptych.
     #[arg(long, value_name = "FILE")]
@@ -164,7 +145,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         (None, None) => bail!("give --instruction (what to change)"),
     };
     let first_seed = args.seed.unwrap_or(42);
-    let seeds = match (&args.judge, args.seeds.as_slice()) {
+    let seeds = match (&args.judging.judge, args.seeds.as_slice()) {
         (Some(_), []) => bail!("--judge compares candidates: give --seeds N (a count) or a list"),
         (Some(_), [count]) => {
             if *count < 2 {
@@ -178,20 +159,11 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         (_, list) => list.to_vec(),
     };
-    if args.judge.is_some() && args.latents.is_some() {
+    if args.judging.judge.is_some() && args.latents.is_some() {
         bail!("--latents gives one starting point; it cannot be combined with a seed search (--judge)");
     }
     // Judge specs are checked now; in-process judges load once the inputs are known good.
-    let judge_specs = match &args.judge {
-        Some(spec) => Some(icedit_judge::parse_judges(spec)?),
-        None => None,
-    };
-    if !(args.clip_similarity_weight.is_finite() && args.clip_similarity_weight >= 0.0) {
-        bail!(
-            "--clip-similarity-weight {} must be a number >= 0",
-            args.clip_similarity_weight
-        );
-    }
+    let judge_specs = args.judging.parse()?;
     let search = SearchSettings {
         seeds: seeds.clone(),
         early_steps: args.early_steps,
@@ -264,24 +236,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
     pipeline.fetch_all()?;
     let judge = match &judge_specs {
-        Some(specs) => Some(icedit_judge::build_judges(
-            specs,
-            &icedit_judge::JudgeSettings {
-                lookup: &|k| std::env::var(k).ok(),
-                openai: icedit_judge::OpenAiOptions {
-                    timeout: std::time::Duration::from_secs_f64(args.judge_timeout.max(0.001)),
-                    attempts: args.judge_tries.max(1),
-                    ..Default::default()
-                },
-                hub: hub.clone(),
-                device,
-                dtype,
-                clip: icedit_judge::ClipScoring {
-                    source_caption: args.source_caption.clone(),
-                    similarity_weight: args.clip_similarity_weight,
-                },
-            },
-        )?),
+        Some(specs) => Some(args.judging.build(specs, &hub, &device, dtype)?),
         None => None,
     };
     let adapter_uses: Vec<AdapterUse> = adapters

@@ -13,6 +13,7 @@ use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
 mod edit;
 mod fill;
 mod inputs;
+mod judge;
 mod progress;
 
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
@@ -41,6 +42,9 @@ enum Command {
     Edit(edit::EditArgs),
     /// Inpaint (regenerate the masked area) or outpaint (--expand) an image with FLUX.1 Fill.
     Fill(fill::FillArgs),
+    /// Ask a judge which of two edits of a photo is better: tries a judge setup (a server,
+    /// CLIP or Qwen3-VL) before a seed search relies on it.
+    Judge(judge::JudgeCommandArgs),
 }
 
 /// The default model of the generating commands.
@@ -102,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Edit(args) => edit::run(args),
         Command::Fill(args) => fill::run(args),
+        Command::Judge(args) => judge::run(args),
     }
 }
 

@@ -85,6 +85,7 @@ fn preprocessing_and_prompt_equal_the_processor() {
     )
     .unwrap();
     let diff = relative_diff(&patches, &expected["pixel_values"]);
+    eprintln!("pixel values differ by {diff}");
     assert!(diff < 1e-6, "pixel values differ by {diff}");
 
     let positions = judge.model().rope_positions(&prompt).unwrap();
@@ -137,17 +138,21 @@ fn vision_features_and_logits_match_transformers() {
 
     let (tokens, deepstack) = judge.model().image_features(&prompt).unwrap();
     let diff = relative_diff(&tokens, &expected["image_embeds"]);
+    eprintln!("image tokens differ by {diff}");
     assert!(diff < 1e-5, "image tokens differ by {diff}");
     assert_eq!(deepstack.len(), 2);
     for (level, features) in deepstack.iter().enumerate() {
         let diff = relative_diff(features, &expected[&format!("deepstack.{level}")]);
+        eprintln!("deepstack {level} differs by {diff}");
         assert!(diff < 1e-5, "deepstack {level} differs by {diff}");
     }
 
     let (logits, hidden) = judge.model().next_token_logits(&prompt).unwrap();
     let diff = relative_diff(&hidden, &expected["hidden_last"]);
+    eprintln!("last hidden state differs by {diff}");
     assert!(diff < 1e-5, "last hidden state differs by {diff}");
     let diff = relative_diff(&logits, &expected["logits_last"]);
+    eprintln!("logits differ by {diff}");
     assert!(diff < 1e-5, "logits differ by {diff}");
     let answers: Vec<i64> = judge.answer_ids().iter().map(|&i| i as i64).collect();
     assert_eq!(answers, ints(&expected["token_ids_12"]));

@@ -84,6 +84,11 @@ pub struct EditArgs {
     /// half kept at twice the steps each round.
     #[arg(long, value_enum, default_value = "tournament")]
     selection: SelectionArg,
+    /// Candidates denoised together in one transformer pass before judging (faster on a GPU
+    /// with memory to spare; results equal to rounding). 1 runs them one at a time, each
+    /// exactly as a plain edit of its seed.
+    #[arg(long, default_value_t = 1)]
+    batch_candidates: usize,
     /// Keep every candidate's previews and the judge's verdicts (verdicts.json) here.
     #[arg(long, value_name = "DIR")]
     save_candidates: Option<PathBuf>,
@@ -175,6 +180,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             SelectionArg::Tournament => Selection::Tournament,
             SelectionArg::Halving => Selection::Halving,
         },
+        batch: args.batch_candidates,
     };
     let settings = EditSettings {
         steps: args.steps,
@@ -579,6 +585,7 @@ fn search_json(
         "early_filter": format!("{:?}", search.filter).to_lowercase(),
         "selection": format!("{:?}", search.selection).to_lowercase(),
         "early_steps": search.early_steps,
+        "batch_candidates": search.batch,
         "winner_seed": outcome.winner_seed,
         "transformer_evaluations": outcome.evaluations,
         "single_edit_evaluations": steps,

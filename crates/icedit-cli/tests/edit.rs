@@ -587,6 +587,34 @@ fn seed_search_with_a_judge_server() {
     );
     assert_eq!(recipe(&out)["seed"], summary["search"]["winner_seed"]);
 
+    // Candidates in one batch: the same choice, the result equal to rounding.
+    let (server, _) = serve(vec![Reply::Answer("2")]);
+    let out = dir.path().join("batched.png");
+    let args = [
+        "--no-lora",
+        "--seeds",
+        "7,9",
+        "--early-steps",
+        "1",
+        "--judge",
+        &format!("openai:{server}"),
+        "--batch-candidates",
+        "2",
+        "--json",
+    ];
+    let run = icedit(&with(base_args(&out), &args), home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["search"]["batch_candidates"], 2);
+    assert_eq!(recipe(&out)["seed"], 9);
+    let plain = dir.path().join("plain9.png");
+    let run_plain = icedit(
+        &with(base_args(&plain), &["--no-lora", "--seed", "9"]),
+        home.path(),
+    );
+    assert!(run_plain.status.success(), "{}", stderr(&run_plain));
+    assert!(max_png_diff(&out, &plain) <= 1);
+
     // No usable judge: the first candidate stands, with a warning, and the job still ends well.
     let (nonsense, _) = serve(vec![Reply::Answer("both are lovely")]);
     let (run, out) = two_candidates("nojudge.png", &format!("openai:{nonsense}"), "1");
@@ -616,6 +644,19 @@ fn seed_search_with_a_judge_server() {
             "--early-steps must be between 1",
         ),
         (vec!["--judge", "ollama", "--seeds", "3"], "unknown judge"),
+        (
+            vec![
+                "--judge",
+                "openai:http://127.0.0.1:9",
+                "--seeds",
+                "2",
+                "--early-steps",
+                "1",
+                "--batch-candidates",
+                "0",
+            ],
+            "--batch-candidates must be at least 1",
+        ),
         (
             vec![
                 "--no-lora",

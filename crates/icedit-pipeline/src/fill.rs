@@ -364,34 +364,71 @@ impl FillPipeline {
         until: usize,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<()> {
+        self.advance_batch(vec![state], until, 1, progress)
+    }
+
+    /// Runs several runs of one image size and schedule up to `until`, `batch` of them per
+    /// transformer evaluation (candidates of a seed search in one pass, on a GPU). One at a
+    /// time (`batch` 1) is exactly [`FillPipeline::advance`]; batched results agree to
+    /// rounding (the matrix products change shape).
+    pub fn advance_batch(
+        &mut self,
+        mut states: Vec<&mut Denoising>,
+        until: usize,
+        batch: usize,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
         let dtype = self.dtype;
         let transformer = self.transformer(progress)?;
         let device = transformer.device().clone();
-        let total = state.total_steps();
-        while state.step < until.min(total) {
-            let step = state.step;
-            let timestep = Tensor::new(&[state.schedule.model_timestep(step, dtype)], &device)?;
-            let img = Tensor::cat(&[&state.latents, &state.condition], 2)?;
-            let velocity = transformer.forward(&FluxInput {
-                img: &img,
-                img_ids: &state.img_ids,
-                txt: &state.txt,
-                txt_ids: &state.txt_ids,
-                pooled: &state.pooled,
-                timestep: &timestep,
-                guidance: transformer
-                    .config()
-                    .guidance_embeds
-                    .then_some(&state.guidance),
-            })?;
-            state.latents = state.schedule.step(step, &state.latents, &velocity)?;
-            state.velocity = Some(velocity);
-            state.step += 1;
-            state.evaluations += 1;
-            progress(Progress::Step {
-                done: step + 1,
-                total,
-            });
+        for group in states.chunks_mut(batch.max(1)) {
+            let first = &group[0];
+            if group.iter().any(|s| {
+                s.step != first.step
+                    || s.schedule.steps() != first.schedule.steps()
+                    || s.latents.dims() != first.latents.dims()
+                    || s.txt.dims() != first.txt.dims()
+            }) {
+                return Err(PipelineError::Input(
+                    "runs advanced together must be at the same step of the same schedule, \
+                     image size and prompt length"
+                        .into(),
+                ));
+            }
+            let total = first.total_steps();
+            while group[0].step < until.min(total) {
+                let step = group[0].step;
+                let cat = |part: &dyn Fn(&Denoising) -> Result<Tensor>| -> Result<Tensor> {
+                    let parts = group.iter().map(|s| part(s)).collect::<Result<Vec<_>>>()?;
+                    Ok(Tensor::cat(&parts, 0)?)
+                };
+                let img = cat(&|s| Ok(Tensor::cat(&[&s.latents, &s.condition], 2)?))?;
+                let txt = cat(&|s| Ok(s.txt.clone()))?;
+                let pooled = cat(&|s| Ok(s.pooled.clone()))?;
+                let guidance = cat(&|s| Ok(s.guidance.clone()))?;
+                let t = group[0].schedule.model_timestep(step, dtype);
+                let timestep = Tensor::new(vec![t; group.len()], &device)?;
+                let velocity = transformer.forward(&FluxInput {
+                    img: &img,
+                    img_ids: &group[0].img_ids,
+                    txt: &txt,
+                    txt_ids: &group[0].txt_ids,
+                    pooled: &pooled,
+                    timestep: &timestep,
+                    guidance: transformer.config().guidance_embeds.then_some(&guidance),
+                })?;
+                for (i, state) in group.iter_mut().enumerate() {
+                    let velocity = velocity.narrow(0, i, 1)?;
+                    state.latents = state.schedule.step(step, &state.latents, &velocity)?;
+                    state.velocity = Some(velocity);
+                    state.step += 1;
+                    state.evaluations += 1;
+                }
+                progress(Progress::Step {
+                    done: step + 1,
+                    total,
+                });
+            }
         }
         Ok(())
     }

@@ -40,6 +40,9 @@ pub struct SearchSettings {
     pub early_steps: usize,
     pub filter: EarlyFilter,
     pub selection: Selection,
+    /// Candidates denoised together per transformer evaluation before they are judged (1: one
+    /// at a time, bit for bit a plain edit of the winner's seed).
+    pub batch: usize,
 }
 
 /// Transformer evaluations a search costs, by the formulas above (tournament selection).
@@ -156,11 +159,22 @@ impl FillPipeline {
 
         let (winner, result) = match search.filter {
             EarlyFilter::Restart => {
-                for c in candidates.iter_mut() {
-                    let mut short =
-                        self.start(&request(c.seed, search.early_steps), text, progress)?;
-                    self.advance(&mut short, usize::MAX, progress)?;
-                    let preview = diptych.right_half(&self.decode(&short)?);
+                let mut shorts = Vec::with_capacity(candidates.len());
+                for c in &candidates {
+                    shorts.push(self.start(
+                        &request(c.seed, search.early_steps),
+                        text,
+                        progress,
+                    )?);
+                }
+                self.advance_batch(
+                    shorts.iter_mut().collect(),
+                    usize::MAX,
+                    search.batch,
+                    progress,
+                )?;
+                for (c, short) in candidates.iter_mut().zip(&shorts) {
+                    let preview = diptych.right_half(&self.decode(short)?);
                     c.previews.push((search.early_steps, preview));
                     c.evaluations += short.evaluations();
                 }
@@ -179,21 +193,22 @@ impl FillPipeline {
                 for c in &candidates {
                     states.push(self.start(&request(c.seed, settings.steps), text, progress)?);
                 }
-                let mut preview_at = |this: &mut Self,
-                                      states: &mut [Denoising],
-                                      candidates: &mut [Candidate],
-                                      i: usize,
-                                      step: usize|
+                // Previews where a run stands (advanced there beforehand, in batches).
+                let preview_at = |this: &mut Self,
+                                  states: &[Denoising],
+                                  candidates: &mut [Candidate],
+                                  i: usize|
                  -> Result<()> {
-                    this.advance(&mut states[i], step, progress)?;
                     let preview = diptych.right_half(&this.preview(&states[i])?);
                     candidates[i].previews.push((states[i].step(), preview));
                     Ok(())
                 };
                 let winner = match search.selection {
                     Selection::Tournament => {
+                        let all = states.iter_mut().collect();
+                        self.advance_batch(all, search.early_steps, search.batch, progress)?;
                         for i in 0..candidates.len() {
-                            preview_at(self, &mut states, &mut candidates, i, search.early_steps)?;
+                            preview_at(self, &states, &mut candidates, i)?;
                         }
                         tournament(&candidates, &mut calls, &mut judge_pair)?
                     }
@@ -201,8 +216,15 @@ impl FillPipeline {
                         let mut alive: Vec<usize> = (0..candidates.len()).collect();
                         let mut steps = search.early_steps;
                         while alive.len() > 1 {
+                            let group = states
+                                .iter_mut()
+                                .enumerate()
+                                .filter(|(i, _)| alive.contains(i))
+                                .map(|(_, s)| s)
+                                .collect();
+                            self.advance_batch(group, steps, search.batch, progress)?;
                             for &i in &alive {
-                                preview_at(self, &mut states, &mut candidates, i, steps)?;
+                                preview_at(self, &states, &mut candidates, i)?;
                             }
                             let mut next = Vec::with_capacity(alive.len().div_ceil(2));
                             for pair in alive.chunks(2) {
@@ -273,6 +295,9 @@ impl SearchSettings {
                 settings.steps.saturating_sub(1),
                 self.early_steps
             ));
+        }
+        if self.batch == 0 {
+            return bad("--batch-candidates must be at least 1".into());
         }
         if self.filter == EarlyFilter::Restart && self.selection == Selection::Halving {
             let why = "successive halving grows each candidate's run";

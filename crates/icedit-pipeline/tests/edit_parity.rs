@@ -297,38 +297,65 @@ fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
     };
     let original = image::imageops::crop_imm(&diptych.canvas, 0, 0, 64, 48).to_image();
     let cases = [
-        // (filter, selection, answers, winner)
+        // (filter, selection, answers, winner, candidates per transformer evaluation)
         (
             EarlyFilter::Continue,
             Selection::Tournament,
             vec![Second, First],
             5,
+            1,
         ),
         (
             EarlyFilter::Continue,
             Selection::Tournament,
             vec![First, Second],
             8,
+            1,
         ),
         (
             EarlyFilter::Restart,
             Selection::Tournament,
             vec![Second, Second],
             8,
+            1,
         ),
         (
             EarlyFilter::Continue,
             Selection::Halving,
             vec![Second, Second],
             8,
+            1,
+        ),
+        // Batched candidates: the same choices and costs, results equal to rounding.
+        (
+            EarlyFilter::Continue,
+            Selection::Tournament,
+            vec![Second, First],
+            5,
+            3,
+        ),
+        (
+            EarlyFilter::Restart,
+            Selection::Tournament,
+            vec![Second, Second],
+            8,
+            2,
+        ),
+        (
+            EarlyFilter::Continue,
+            Selection::Halving,
+            vec![Second, Second],
+            8,
+            2,
         ),
     ];
-    for (filter, selection, answers, winner) in cases {
+    for (filter, selection, answers, winner, batch) in cases {
         let search = SearchSettings {
             seeds: seeds.clone(),
             early_steps: 2,
             filter,
             selection,
+            batch,
         };
         let mut judge = ScriptedJudge {
             answers,
@@ -346,18 +373,23 @@ fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
                 &mut |_| {},
             )
             .unwrap();
-        let what = format!("{filter:?} {selection:?}");
+        let what = format!("{filter:?} {selection:?}, batches of {batch}");
         assert_eq!(out.winner_seed, winner, "{what}");
         assert_eq!(
             out.calls.len(),
             seeds.len() - 1,
             "{what}: N - 1 judge calls"
         );
-        assert_eq!(
-            out.result.edited,
-            plain(&mut p, winner),
-            "{what}: winner as a plain edit"
-        );
+        let plain_edit = plain(&mut p, winner);
+        if batch == 1 {
+            assert_eq!(
+                out.result.edited, plain_edit,
+                "{what}: winner as a plain edit"
+            );
+        } else {
+            let diff = max_pixel_diff(&out.result.edited, &plain_edit).unwrap();
+            assert!(diff <= 1, "{what}: {diff}/255 from a plain edit");
+        }
         for (first, second, shown_original) in &judge.shown {
             assert_eq!(shown_original, &original, "{what}: the original goes third");
             assert_eq!(first.dimensions(), (64, 48));
@@ -384,6 +416,7 @@ fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
         early_steps: 2,
         filter: EarlyFilter::Continue,
         selection: Selection::Tournament,
+        batch: 1,
     };
     let mut judge = ScriptedJudge {
         answers: vec![],

@@ -496,10 +496,11 @@ fn seed_search_with_a_judge_server() {
         assert!(prompt.contains("\"make it night\""), "{prompt}");
     }
 
-    // Seeds 7 and 9, one early step, judged by `spec` with `tries` per judge.
-    let two_candidates = |name: &str, spec: &str, tries: &str| {
+    // Seeds 7 and 9, one early step, judged by `spec`, with `extra` arguments and --json;
+    // returns the run, the output and the JSON summary's `search` (null on failure).
+    let two_candidates = |name: &str, spec: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let args = [
+        let mut args = vec![
             "--no-lora",
             "--seeds",
             "7,9",
@@ -507,17 +508,21 @@ fn seed_search_with_a_judge_server() {
             "1",
             "--judge",
             spec,
-            "--judge-tries",
-            tries,
+            "--json",
         ];
-        (icedit(&with(base_args(&out), &args), home.path()), out)
+        args.extend_from_slice(extra);
+        let run = icedit(&with(base_args(&out), &args), home.path());
+        let search = serde_json::from_slice::<serde_json::Value>(&run.stdout)
+            .map(|summary| summary["search"].clone())
+            .unwrap_or_default();
+        (run, out, search)
     };
 
     // A broken judge first: its retries fail, the next judge decides.
     let (broken, _) = serve(vec![Reply::Status(500)]);
     let (working, _) = serve(vec![Reply::Answer("2")]);
     let spec = format!("openai:{broken},openai:{working}");
-    let (run, out) = two_candidates("fallback.png", &spec, "2");
+    let (run, out, _) = two_candidates("fallback.png", &spec, &["--judge-tries", "2"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(recipe(&out)["seed"], 9);
     assert!(
@@ -531,25 +536,13 @@ fn seed_search_with_a_judge_server() {
     let (broken, _) = serve(vec![Reply::Status(500)]);
     let clip = fixtures().join("clip/model");
     let spec = format!("openai:{broken},clip:{}", clip.display());
-    let out = dir.path().join("clip.png");
-    let args = [
-        "--no-lora",
-        "--seeds",
-        "7,9",
-        "--early-steps",
-        "1",
-        "--judge",
+    let (run, out, search) = two_candidates(
+        "clip.png",
         &spec,
-        "--judge-tries",
-        "1",
-        "--source-caption",
-        "a photo of a dog",
-        "--json",
-    ];
-    let run = icedit(&with(base_args(&out), &args), home.path());
+        &["--judge-tries", "1", "--source-caption", "a photo of a dog"],
+    );
     assert!(run.status.success(), "{}", stderr(&run));
-    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let verdict = &summary["search"]["verdicts"][0];
+    let verdict = &search["verdicts"][0];
     assert_eq!(verdict["judge"], format!("clip:{}", clip.display()));
     assert!(
         verdict["answer"].as_str().unwrap().contains("similarity"),
@@ -557,7 +550,7 @@ fn seed_search_with_a_judge_server() {
     );
     assert_eq!(
         recipe(&out)["seed"],
-        summary["search"]["winner_seed"],
+        search["winner_seed"],
         "the written edit is the winner"
     );
 
@@ -565,47 +558,22 @@ fn seed_search_with_a_judge_server() {
     // digits' probabilities.
     let vlm = fixtures().join("qwen3vl/model");
     let spec = format!("qwen3-vl:{}", vlm.display());
-    let out = dir.path().join("vlm.png");
-    let args = [
-        "--no-lora",
-        "--seeds",
-        "7,9",
-        "--early-steps",
-        "1",
-        "--judge",
-        &spec,
-        "--json",
-    ];
-    let run = icedit(&with(base_args(&out), &args), home.path());
+    let (run, out, search) = two_candidates("vlm.png", &spec, &[]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let verdict = &summary["search"]["verdicts"][0];
+    let verdict = &search["verdicts"][0];
     assert_eq!(verdict["judge"], spec);
     assert!(
         verdict["answer"].as_str().unwrap().starts_with("P(1) = "),
         "{verdict}"
     );
-    assert_eq!(recipe(&out)["seed"], summary["search"]["winner_seed"]);
+    assert_eq!(recipe(&out)["seed"], search["winner_seed"]);
 
     // Candidates in one batch: the same choice, the result equal to rounding.
     let (server, _) = serve(vec![Reply::Answer("2")]);
-    let out = dir.path().join("batched.png");
-    let args = [
-        "--no-lora",
-        "--seeds",
-        "7,9",
-        "--early-steps",
-        "1",
-        "--judge",
-        &format!("openai:{server}"),
-        "--batch-candidates",
-        "2",
-        "--json",
-    ];
-    let run = icedit(&with(base_args(&out), &args), home.path());
+    let spec = format!("openai:{server}");
+    let (run, out, search) = two_candidates("batched.png", &spec, &["--batch-candidates", "2"]);
     assert!(run.status.success(), "{}", stderr(&run));
-    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    assert_eq!(summary["search"]["batch_candidates"], 2);
+    assert_eq!(search["batch_candidates"], 2);
     assert_eq!(recipe(&out)["seed"], 9);
     let plain = dir.path().join("plain9.png");
     let run_plain = icedit(
@@ -617,7 +585,11 @@ fn seed_search_with_a_judge_server() {
 
     // No usable judge: the first candidate stands, with a warning, and the job still ends well.
     let (nonsense, _) = serve(vec![Reply::Answer("both are lovely")]);
-    let (run, out) = two_candidates("nojudge.png", &format!("openai:{nonsense}"), "1");
+    let (run, out, _) = two_candidates(
+        "nojudge.png",
+        &format!("openai:{nonsense}"),
+        &["--judge-tries", "1"],
+    );
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(recipe(&out)["seed"], 7);
     assert!(

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use icedit_flux::compare::max_abs_diff;
 use icedit_hub::HubOptions;
 use icedit_judge::{
     build_judges, parse_judges, ClipEmbedder, ClipJudge, ClipScoring, Comparison, Judge,
@@ -28,29 +29,10 @@ fn image(name: &str) -> image::RgbImage {
         .to_rgb8()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs_value(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// Largest difference, relative to the reference's largest magnitude.
+fn relative_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
+    max_abs_diff(ours, theirs).unwrap()
+        / max_abs_diff(theirs, &theirs.zeros_like().unwrap()).unwrap()
 }
 
 fn texts() -> Vec<String> {
@@ -64,7 +46,7 @@ fn preprocessing_equals_the_pil_image_processor() {
     for name in ["source", "first", "second"] {
         let ours = embedder.pixel_values(&image(name)).unwrap();
         let theirs = &expected[&format!("pixel_values.{name}")];
-        let diff = max_abs(&ours, theirs);
+        let diff = max_abs_diff(&ours, theirs).unwrap();
         eprintln!("{name}: pixel values differ by {diff}");
         assert!(diff < 1e-6, "{name}: pixel values differ by {diff}");
     }
@@ -79,7 +61,7 @@ fn both_towers_match_transformers() {
             .image_features(&expected[&format!("pixel_values.{name}")])
             .unwrap();
         let theirs = &expected[&format!("image_embeds.{name}")];
-        let diff = max_abs(&ours, theirs) / max_abs_value(theirs);
+        let diff = relative_diff(&ours, theirs);
         eprintln!("{name}: image features differ by {diff} (relative)");
         assert!(diff < 1e-5, "{name}: image features differ by {diff}");
     }
@@ -94,7 +76,7 @@ fn both_towers_match_transformers() {
         assert_eq!(ours, theirs, "token ids of {text:?}");
         let ours = embedder.text_features(text).unwrap();
         let theirs = &expected[&format!("text_embeds.{k}")];
-        let diff = max_abs(&ours, theirs) / max_abs_value(theirs);
+        let diff = relative_diff(&ours, theirs);
         eprintln!("{text:?}: text features differ by {diff} (relative)");
         assert!(diff < 1e-5, "{text:?}: text features differ by {diff}");
     }

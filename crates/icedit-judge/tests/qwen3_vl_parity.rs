@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use icedit_flux::compare::max_abs_diff;
 use icedit_judge::{
     build_judges, parse_judges, ClipScoring, Comparison, Judge, JudgeSettings, OpenAiOptions,
     Preference, VlmJudge, VlmPreprocess,
@@ -39,19 +40,24 @@ fn judge() -> VlmJudge {
     .unwrap()
 }
 
+/// Largest difference, relative to the reference's largest magnitude.
 fn relative_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), theirs.dims());
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max(&(ours - theirs).unwrap()) / max(theirs)
+    max_abs_diff(ours, theirs).unwrap()
+        / max_abs_diff(theirs, &theirs.zeros_like().unwrap()).unwrap()
+}
+
+/// The fixture's three images.
+fn images() -> [image::RgbImage; 3] {
+    [image("first"), image("second"), image("original")]
+}
+
+fn comparison(images: &[image::RgbImage; 3]) -> Comparison<'_> {
+    Comparison {
+        instruction: "make it night",
+        first: &images[0],
+        second: &images[1],
+        original: &images[2],
+    }
 }
 
 fn ints(t: &Tensor) -> Vec<i64> {
@@ -62,14 +68,8 @@ fn ints(t: &Tensor) -> Vec<i64> {
 fn preprocessing_and_prompt_equal_the_processor() {
     let judge = judge();
     let expected = expected();
-    let (first, second, original) = (image("first"), image("second"), image("original"));
-    let comparison = Comparison {
-        instruction: "make it night",
-        first: &first,
-        second: &second,
-        original: &original,
-    };
-    let prompt = judge.prompt(&comparison).unwrap();
+    let images = images();
+    let prompt = judge.prompt(&comparison(&images)).unwrap();
     let ids: Vec<i64> = prompt.input_ids.iter().map(|&i| i as i64).collect();
     assert_eq!(ids, ints(&expected["input_ids"]), "prompt token ids");
 
@@ -127,14 +127,8 @@ fn smart_resize_matches_the_processor() {
 fn vision_features_and_logits_match_transformers() {
     let judge = judge();
     let expected = expected();
-    let (first, second, original) = (image("first"), image("second"), image("original"));
-    let comparison = Comparison {
-        instruction: "make it night",
-        first: &first,
-        second: &second,
-        original: &original,
-    };
-    let prompt = judge.prompt(&comparison).unwrap();
+    let images = images();
+    let prompt = judge.prompt(&comparison(&images)).unwrap();
 
     let (tokens, deepstack) = judge.model().image_features(&prompt).unwrap();
     let diff = relative_diff(&tokens, &expected["image_embeds"]);
@@ -169,15 +163,8 @@ fn the_verdict_follows_the_answer_logits() {
     } else {
         Preference::First
     };
-    let (first, second, original) = (image("first"), image("second"), image("original"));
-    let verdict = judge
-        .compare(&Comparison {
-            instruction: "make it night",
-            first: &first,
-            second: &second,
-            original: &original,
-        })
-        .unwrap();
+    let images = images();
+    let verdict = judge.compare(&comparison(&images)).unwrap();
     assert_eq!(verdict.preference, reference, "{}", verdict.answer);
     assert!(verdict.answer.starts_with("P(1) = "), "{}", verdict.answer);
 }

@@ -242,7 +242,11 @@ pub fn run(args: EditArgs) -> Result<()> {
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
     pipeline.fetch_all()?;
     let judge = match &judge_specs {
-        Some(specs) => Some(args.judging.build(specs, &hub, &device, dtype)?),
+        Some(specs) => {
+            let names: Vec<String> = specs.iter().map(|s| s.name()).collect();
+            reporter.note(&format!("judge: {}", names.join(", then ")));
+            Some(args.judging.build(specs, &hub, &device, dtype)?)
+        }
         None => None,
     };
     let adapter_uses: Vec<AdapterUse> = adapters

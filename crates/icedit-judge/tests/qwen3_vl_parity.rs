@@ -169,6 +169,63 @@ fn the_verdict_follows_the_answer_logits() {
     assert!(verdict.answer.starts_with("P(1) = "), "{}", verdict.answer);
 }
 
+/// A sharded copy (two shards and `model.safetensors.index.json`, as the 4B and larger repos
+/// ship) loads from the Hub cache, shards fetched through the index, and gives the same logits.
+#[test]
+fn sharded_weights_load_through_their_index() {
+    let sharded = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("model")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "model.safetensors" {
+            std::fs::copy(entry.path(), sharded.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let tensors =
+        candle_core::safetensors::load(fixture("model/model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, sharded.path().join(&file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let cache = tempfile::tempdir().unwrap();
+    let hub = icedit_hub::HubOptions::new(cache.path()).with_offline(true);
+    icedit_hub::import_folder(cache.path(), "tiny/qwen3-vl-sharded", sharded.path()).unwrap();
+    let mut chain = build_judges(
+        &parse_judges("qwen3-vl:tiny/qwen3-vl-sharded").unwrap(),
+        &settings(hub),
+    )
+    .unwrap();
+    let images = images();
+    let from_shards = chain.compare(&comparison(&images)).unwrap();
+    let single = judge().compare(&comparison(&images)).unwrap();
+    assert_eq!(from_shards.answer, single.answer);
+    assert_eq!(from_shards.preference, single.preference);
+
+    // A shard the index names but the folder lacks.
+    std::fs::remove_file(sharded.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = VlmJudge::load("qwen3-vl".into(), sharded.path(), DType::F32, &Device::Cpu)
+        .err()
+        .expect("missing shard")
+        .to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
+
 fn settings(hub: icedit_hub::HubOptions) -> JudgeSettings<'static> {
     JudgeSettings {
         lookup: &|_| None,

@@ -1,9 +1,9 @@
 //! Judges for the early-filter seed search: given an instruction, two edited previews and the
-//! original, say which edit is better. ICEdit used a vision-language model for this; any
-//! OpenAI-compatible chat-completions server with vision works here (vLLM, llama.cpp server,
-//! Ollama, LM Studio, hosted APIs). Judges are chained: one that cannot give a usable answer
-//! after its retries hands over to the next, with a warning, and the search never crashes on
-//! a judge.
+//! original, say which edit is better. ICEdit used a vision-language model for this. Here it
+//! can be any OpenAI-compatible chat-completions server with vision (vLLM, llama.cpp server,
+//! Ollama, LM Studio, hosted APIs), Qwen3-VL in-process ([`qwen3_vl`], [`VlmJudge`]), or CLIP
+//! in-process ([`ClipJudge`]). Judges are chained: one that cannot give a usable answer after
+//! its retries hands over to the next, with a warning, and the search never crashes on a judge.
 
 mod clip;
 pub mod fake_server;

@@ -297,10 +297,6 @@ fn attention(
         .matmul(v)
 }
 
-fn gelu_tanh(xs: &Tensor) -> candle_core::Result<Tensor> {
-    xs.gelu()
-}
-
 struct VisionBlock {
     norm1: LayerNorm,
     norm2: LayerNorm,
@@ -535,7 +531,7 @@ impl VisionModel {
             xs = (xs + block.proj.forward(&attended)?)?;
             let mlp = block
                 .fc2
-                .forward(&gelu_tanh(&block.fc1.forward(&block.norm2.forward(&xs)?)?)?)?;
+                .forward(&block.fc1.forward(&block.norm2.forward(&xs)?)?.gelu()?)?; // gelu_pytorch_tanh
             xs = (xs + mlp)?;
             if let Some(j) = cfg.deepstack_visual_indexes.iter().position(|&d| d == i) {
                 deepstack.push(self.deepstack_mergers[j].forward(&xs, window)?);

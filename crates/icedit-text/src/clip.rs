@@ -56,19 +56,7 @@ impl Default for ClipTextConfig {
 impl ClipTextConfig {
     /// Reads a `CLIPTextModel` config.json (or a full `CLIPConfig`'s `text_config`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut value: serde_json::Value = read_json(path)?;
-        if let Some(text) = value.get_mut("text_config") {
-            value = text.take();
-        }
-        let config: Self = serde_json::from_value(value).map_err(|e| TextError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        config.check().map_err(|message| TextError::Config {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(config)
+        read_config(path, "text_config", Self::check)
     }
 
     fn check(&self) -> std::result::Result<(), String> {
@@ -353,36 +341,41 @@ impl Default for ClipVisionConfig {
 impl ClipVisionConfig {
     /// Reads a `CLIPVisionModel` config.json (or a full `CLIPConfig`'s `vision_config`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut value: serde_json::Value = read_json(path)?;
-        if let Some(vision) = value.get_mut("vision_config") {
-            value = vision.take();
-        }
-        let config: Self = serde_json::from_value(value).map_err(|e| TextError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let problem = if Activation::from_name(&config.hidden_act).is_none() {
-            Some(format!(
-                "hidden_act `{}` is not supported",
-                config.hidden_act
-            ))
-        } else if config.num_attention_heads == 0
-            || config.hidden_size % config.num_attention_heads != 0
+        read_config(path, "vision_config", Self::check)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if Activation::from_name(&self.hidden_act).is_none() {
+            Err(format!("hidden_act `{}` is not supported", self.hidden_act))
+        } else if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0
         {
-            Some("hidden_size is not a multiple of num_attention_heads".to_string())
-        } else if config.patch_size == 0 || config.image_size % config.patch_size != 0 {
-            Some("image_size is not a multiple of patch_size".to_string())
+            Err("hidden_size is not a multiple of num_attention_heads".into())
+        } else if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            Err("image_size is not a multiple of patch_size".into())
         } else {
-            None
-        };
-        match problem {
-            Some(message) => Err(TextError::Config {
-                path: path.to_path_buf(),
-                message,
-            }),
-            None => Ok(config),
+            Ok(())
         }
     }
+}
+
+/// Reads a tower's config from config.json: the whole file, or its `section` in a full
+/// `CLIPConfig`; `check` says what this crate cannot run.
+fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    section: &str,
+    check: fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let mut value: serde_json::Value = read_json(path)?;
+    if let Some(tower) = value.get_mut(section) {
+        value = tower.take();
+    }
+    let invalid = |message: String| TextError::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    let config: T = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    check(&config).map_err(invalid)?;
+    Ok(config)
 }
 
 /// CLIP's vision transformer (`CLIPVisionTransformer`): patches plus a class token, the shared

@@ -1,19 +1,20 @@
-//! Reading the standard Hugging Face cache layout, shared with Python's `huggingface_hub`:
+//! Reading and writing the standard Hugging Face cache layout, shared with Python's
+//! `huggingface_hub`:
 //!
 //! ```text
 //! {cache_dir}/models--{owner}--{name}/
 //!     blobs/{etag}                       file contents
 //!     refs/{revision}                    a commit hash (branch or tag -> commit)
-//!     snapshots/{commit}/{file path}     symlinks (or copies) of the blobs
+//!     snapshots/{commit}/{file path}     relative symlinks (or copies) of the blobs
 //! ```
+//!
+//! Every name that comes from a server (ETag, commit) is validated by the caller before it
+//! reaches these functions; they check again, so nothing here can name a path outside the
+//! repo's folder.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::listing::list_files;
-
-/// Suffix hf-hub gives a blob while it downloads it (`blobs/{etag}.part`).
-const PARTIAL_DOWNLOAD_EXTENSION: &str = "part";
 
 /// One repo's folder in the cache, at one revision.
 #[derive(Debug, Clone)]
@@ -41,42 +42,119 @@ impl CachedRepo {
         let from_ref = std::fs::read_to_string(self.dir.join("refs").join(&self.revision))
             .ok()
             .map(|content| content.trim().to_string())
-            .filter(|commit| is_plain_name(commit));
+            .filter(|commit| is_commit_hash(commit));
         from_ref.or_else(|| is_commit_hash(&self.revision).then(|| self.revision.clone()))
     }
 
-    pub(crate) fn snapshot_dir(&self) -> Option<PathBuf> {
-        let dir = self.dir.join("snapshots").join(self.commit()?);
+    /// Points `refs/{revision}` at `commit`, unless the revision is that commit itself
+    /// (as `huggingface_hub` does). Leaves the file alone when it already says so.
+    pub(crate) fn set_ref(&self, commit: &str) -> std::io::Result<()> {
+        if !is_commit_hash(commit) {
+            return Err(invalid_name("commit", commit));
+        }
+        if self.revision == commit {
+            return Ok(());
+        }
+        let path = self.dir.join("refs").join(&self.revision);
+        let current = std::fs::read_to_string(&path).ok();
+        if current.as_deref().map(str::trim) == Some(commit) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(path.parent().expect("inside refs/"))?;
+        std::fs::write(&path, commit)
+    }
+
+    fn snapshot_dir(&self, commit: &str) -> Option<PathBuf> {
+        if !is_commit_hash(commit) {
+            return None;
+        }
+        let dir = self.dir.join("snapshots").join(commit);
         dir.is_dir().then_some(dir)
     }
 
-    /// The cached copy of `relative`; a dangling link (blob deleted) counts as absent.
-    pub(crate) fn file(&self, relative: &str) -> Option<PathBuf> {
-        let path = self.snapshot_dir()?.join(relative);
+    /// Whether a snapshot folder exists for `commit`.
+    pub(crate) fn has_snapshot(&self, commit: &str) -> bool {
+        self.snapshot_dir(commit).is_some()
+    }
+
+    /// The cached copy of `relative` in snapshot `commit`; a dangling link (blob deleted)
+    /// counts as absent.
+    pub(crate) fn file(&self, commit: &str, relative: &str) -> Option<PathBuf> {
+        if !is_safe_relative(relative) {
+            return None;
+        }
+        let path = self.snapshot_dir(commit)?.join(relative);
         path.is_file().then_some(path)
     }
 
-    /// The files of the cached snapshot, or `None` when no snapshot is cached.
-    pub(crate) fn list(&self) -> Option<Vec<String>> {
-        list_files(&self.snapshot_dir()?).ok()
+    /// The files of snapshot `commit`, or `None` when it is not cached.
+    pub(crate) fn list(&self, commit: &str) -> Option<Vec<String>> {
+        list_files(&self.snapshot_dir(commit)?).ok()
     }
 
-    /// Partial downloads currently in `blobs/`.
-    pub(crate) fn partial_downloads(&self) -> BTreeSet<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(self.dir.join("blobs")) else {
-            return BTreeSet::new();
-        };
-        entries
-            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| {
-                path.extension()
-                    .is_some_and(|ext| ext == PARTIAL_DOWNLOAD_EXTENSION)
-            })
-            .collect()
+    /// `blobs/{etag}`, where the contents with this ETag are (or will be) stored.
+    pub(crate) fn blob_path(&self, etag: &str) -> std::io::Result<PathBuf> {
+        if !is_safe_etag(etag) {
+            return Err(invalid_name("blob", etag));
+        }
+        Ok(self.dir.join("blobs").join(etag))
+    }
+
+    /// Makes `snapshots/{commit}/{relative}` a relative symlink to `blobs/{etag}` (a copy
+    /// where symlinks cannot be made), replacing whatever entry was there; returns its path.
+    pub(crate) fn link(
+        &self,
+        commit: &str,
+        relative: &str,
+        etag: &str,
+    ) -> std::io::Result<PathBuf> {
+        if !is_commit_hash(commit) {
+            return Err(invalid_name("commit", commit));
+        }
+        if !is_safe_relative(relative) {
+            return Err(invalid_name("file", relative));
+        }
+        let blob = self.blob_path(etag)?;
+        let entry = self.dir.join("snapshots").join(commit).join(relative);
+        std::fs::create_dir_all(entry.parent().expect("inside the snapshot"))?;
+        // A stale entry (an older download, a link to a deleted blob) is replaced; a
+        // folder in the way is an error from `remove_file`, never removed.
+        if std::fs::symlink_metadata(&entry).is_ok() {
+            std::fs::remove_file(&entry)?;
+        }
+        // From the entry's folder up to the repo folder: one level per path component.
+        let depth = relative.split('/').count() + 1;
+        let target = Path::new(&"../".repeat(depth)).join("blobs").join(etag);
+        if symlink(&target, &entry).is_err() {
+            std::fs::copy(&blob, &entry)?;
+        }
+        Ok(entry)
     }
 }
 
-/// `owner/name` -> `models--owner--name`, as both hf-hub and `huggingface_hub` name it.
+#[cfg(unix)]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(windows)]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::windows::fs::symlink_file(target, link)
+}
+
+#[cfg(not(any(unix, windows)))]
+fn symlink(_target: &Path, _link: &Path) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+fn invalid_name(what: &str, name: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("refusing the {what} name {name:?} inside the cache"),
+    )
+}
+
+/// `owner/name` -> `models--owner--name`, as `huggingface_hub` names it.
 fn folder_name(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
@@ -89,9 +167,29 @@ pub(crate) fn is_commit_hash(revision: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A ref file's content becomes a folder name: it must not climb out of `snapshots/`.
-fn is_plain_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\'])
+/// Longest ETag taken as a blob name (a sha256 is 64 characters).
+pub(crate) const MAX_ETAG_LEN: usize = 128;
+
+/// A normalised ETag usable as a file name in `blobs/`: a hash, nothing that could
+/// name another folder.
+pub(crate) fn is_safe_etag(etag: &str) -> bool {
+    !etag.is_empty()
+        && etag.len() <= MAX_ETAG_LEN
+        && etag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A repo path that stays inside a snapshot folder: relative, `/`-separated, no empty,
+/// `.` or `..` parts, no backslash or NUL.
+pub(crate) fn is_safe_relative(relative: &str) -> bool {
+    !relative.is_empty()
+        && !relative.contains(['\\', '\0'])
+        && !relative.starts_with('/')
+        && !Path::new(relative).is_absolute()
+        && relative
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 /// Copies a local folder into the cache as `repo_id` at revision `main` (blobs, `refs/main`,

@@ -65,6 +65,79 @@ pub enum HubError {
     /// The HTTP client could not be set up.
     #[error("cannot set up the Hugging Face Hub client: {0}")]
     Client(String),
+
+    /// The Hub (or whatever answers at `HF_ENDPOINT`) sent something that would have
+    /// put a file outside the cache, mixed commits, or stored a wrong file; it was refused
+    /// and nothing was kept for that file.
+    #[error(transparent)]
+    UntrustedResponse(Box<UntrustedResponse>),
+}
+
+/// A response from the Hub that was refused: which repo and file, what carried the bad
+/// value, the value (escaped and shortened for display), and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UntrustedResponse {
+    pub repo_id: String,
+    pub revision: String,
+    pub endpoint: String,
+    /// The file being downloaded; `None` when the repo's info (commit, listing) was asked.
+    pub file: Option<String>,
+    /// What carried the value, e.g. `the ETag header`, `the X-Repo-Commit header`,
+    /// `a redirect (Location header)`.
+    pub field: String,
+    /// The offending value, escaped and shortened so it is safe to print.
+    pub value: String,
+    /// What is wrong with it, e.g. `contains `..` or a path separator`.
+    pub problem: String,
+}
+
+impl From<UntrustedResponse> for HubError {
+    fn from(untrusted: UntrustedResponse) -> Self {
+        Self::UntrustedResponse(Box::new(untrusted))
+    }
+}
+
+impl std::error::Error for UntrustedResponse {}
+
+impl fmt::Display for UntrustedResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match &self.file {
+            Some(file) => format!("`{file}` of Hugging Face repo"),
+            None => "the info of Hugging Face repo".to_string(),
+        };
+        writeln!(
+            f,
+            "refused the answer of the Hub at {} for {what} {}@{}: {} `{}` {}",
+            self.endpoint, self.repo_id, self.revision, self.field, self.value, self.problem
+        )?;
+        writeln!(
+            f,
+            "nothing was written outside the cache, and nothing was kept for this file"
+        )?;
+        write!(
+            f,
+            "to fix:\n  - a genuine Hugging Face Hub never answers this: check HF_ENDPOINT ({}) \
+             and use an https:// address, so nobody on the way can alter the answers",
+            self.endpoint
+        )?;
+        write!(
+            f,
+            "\n  - or pass a local folder in diffusers layout instead of the repo id"
+        )
+    }
+}
+
+/// `value` made safe to print in one line: control characters and quotes escaped, and
+/// at most `MAX` characters of it.
+pub(crate) fn printable(value: &str) -> String {
+    const MAX: usize = 80;
+    let escaped: String = value.escape_debug().collect();
+    if escaped.chars().count() <= MAX {
+        escaped
+    } else {
+        let cut: String = escaped.chars().take(MAX).collect();
+        format!("{cut}... ({} bytes in all)", value.len())
+    }
 }
 
 fn describe_missing_local(dir: &std::path::Path, paths: &[PathBuf], note: Option<&str>) -> String {

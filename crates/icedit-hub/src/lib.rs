@@ -21,7 +21,7 @@ mod repo;
 mod source;
 
 pub use cache::import_folder;
-pub use error::{HubError, MissingFiles, MissingReason, Result};
+pub use error::{HubError, MissingFiles, MissingReason, Result, UntrustedResponse};
 pub use options::{HubOptions, DEFAULT_ENDPOINT};
 pub use repo::ModelRepo;
 pub use source::{ModelSource, DEFAULT_REVISION};

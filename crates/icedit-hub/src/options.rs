@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 /// The public Hugging Face Hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
-/// Download attempts after the first one for a file body; hf-hub resumes from the
-/// partial file, so a dropped connection on a multi-gigabyte shard does not restart it.
+/// Download attempts after the first one for a file body; each resumes (HTTP `Range`) from
+/// where the broken transfer stopped, so a dropped connection on a multi-gigabyte shard does
+/// not restart it.
 const DEFAULT_DOWNLOAD_RETRIES: usize = 3;
 
 /// How to reach the Hub and where its cache is.

@@ -3,12 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::cache::CachedRepo;
-use crate::error::{HubError, MissingFiles, MissingReason, Result};
+use crate::error::{HubError, MissingFiles, MissingReason, Result, UntrustedResponse};
 use crate::listing::list_files;
 use crate::options::HubOptions;
-use crate::remote::{Failure, Remote};
+use crate::remote::{Failure, Remote, RemoteError};
 use crate::source::{absolute, check_hub, ModelSource};
 
 /// A model folder or Hub repo, ready to hand out file paths.
@@ -32,6 +33,23 @@ struct HubRepo {
     cache: CachedRepo,
     /// `None` in offline mode: only the cache is used.
     remote: Option<Remote>,
+    /// The commit this handle uses for every file, decided on first need.
+    pin: Mutex<Option<PinResult>>,
+}
+
+type PinResult = std::result::Result<Arc<Pin>, Box<UntrustedResponse>>;
+
+/// What one run (one handle) works from.
+struct Pin {
+    /// The snapshot every file comes from: what the Hub says the revision is now, or
+    /// (offline, or the Hub could not answer) what the cache's `refs/` says. `None` when
+    /// neither knows.
+    commit: Option<String>,
+    /// The files of `commit` according to the Hub; `None` when it was not asked or
+    /// could not answer.
+    listing: Option<BTreeSet<String>>,
+    /// Why the Hub could not answer (online only).
+    failure: Option<Failure>,
 }
 
 impl ModelRepo {
@@ -48,13 +66,13 @@ impl ModelRepo {
             },
             ModelSource::Hub { repo_id, revision } => {
                 check_hub(repo_id, revision)?;
-                // hf-hub links snapshot entries to blobs by relative paths computed from
-                // these; an absolute cache folder keeps that (and our messages) unambiguous.
+                // An absolute cache folder keeps our messages (and the download hint)
+                // unambiguous whatever the working folder.
                 let options = &options.clone().with_cache_dir(absolute(&options.cache_dir));
                 let remote = if options.offline {
                     None
                 } else {
-                    Some(Remote::new(options, repo_id, revision)?)
+                    Some(Remote::new(options, repo_id, revision))
                 };
                 Backend::Hub(Box::new(HubRepo {
                     repo_id: repo_id.clone(),
@@ -62,6 +80,7 @@ impl ModelRepo {
                     endpoint: options.endpoint.clone(),
                     cache: CachedRepo::new(&options.cache_dir, repo_id, revision),
                     remote,
+                    pin: Mutex::new(None),
                 }))
             }
         };
@@ -77,6 +96,32 @@ impl ModelRepo {
         match &self.backend {
             Backend::Local { root } => root.display().to_string(),
             Backend::Hub(hub) => format!("{}@{}", hub.repo_id, hub.revision),
+        }
+    }
+
+    /// The commit every file of this handle comes from (Hub repos only).
+    ///
+    /// Online, the first call that needs it (this one, or the first file, listing or
+    /// existence check) asks the Hub once which commit the revision is now and updates
+    /// `refs/{revision}` in the cache; every file of the handle then comes from that
+    /// commit's snapshot. Offline, or when the Hub cannot be reached, it is the commit the
+    /// cache's `refs/{revision}` names (or the revision itself when it is a commit hash).
+    /// `None` for local folders, and when no commit is known (nothing cached offline, or
+    /// the Hub's answer was refused).
+    pub fn commit(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Local { .. } => None,
+            Backend::Hub(hub) => hub.pin().ok().and_then(|pin| pin.commit.clone()),
+        }
+    }
+
+    /// Like [`ModelRepo::describe`], but pinned: `owner/name@{commit}` when the commit is
+    /// known (see [`ModelRepo::commit`]), else `owner/name@revision`; the canonical path of
+    /// a local folder. What to record to reproduce a run.
+    pub fn describe_commit(&self) -> String {
+        match (&self.backend, self.commit()) {
+            (Backend::Hub(hub), Some(commit)) => format!("{}@{commit}", hub.repo_id),
+            _ => self.describe(),
         }
     }
 
@@ -159,7 +204,7 @@ impl ModelRepo {
 }
 
 impl fmt::Debug for ModelRepo {
-    // By hand: hf-hub's client would print the Authorization header.
+    // By hand: the remote side holds the token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let offline = match &self.backend {
             Backend::Local { .. } => None,
@@ -173,14 +218,58 @@ impl fmt::Debug for ModelRepo {
 }
 
 impl HubRepo {
+    /// The commit (and listing) of this run, decided once.
+    fn pin(&self) -> Result<Arc<Pin>> {
+        let mut memo = self.pin.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = memo.get_or_insert_with(|| self.decide_pin()).clone();
+        result.map_err(HubError::UntrustedResponse)
+    }
+
+    fn decide_pin(&self) -> PinResult {
+        let Some(remote) = &self.remote else {
+            return Ok(Arc::new(Pin {
+                commit: self.cache.commit(),
+                listing: None,
+                failure: None,
+            }));
+        };
+        match remote.revalidate() {
+            Ok(snapshot) => {
+                if self.cache.has_snapshot(&snapshot.commit) {
+                    // Best effort: the files are served either way; a later download
+                    // writes the ref again (and reports a failure then).
+                    let _ = self.cache.set_ref(&snapshot.commit);
+                }
+                Ok(Arc::new(Pin {
+                    commit: Some(snapshot.commit),
+                    listing: Some(snapshot.files),
+                    failure: None,
+                }))
+            }
+            // Unreachable, refused, ...: work from the cache, as `huggingface_hub` does;
+            // files not cached report this failure.
+            Err(RemoteError::Failed(failure)) => Ok(Arc::new(Pin {
+                commit: self.cache.commit(),
+                listing: None,
+                failure: Some(failure),
+            })),
+            Err(RemoteError::Untrusted(untrusted)) => Err(untrusted),
+        }
+    }
+
+    fn cached(&self, pin: &Pin, name: &str) -> Option<PathBuf> {
+        self.cache.file(pin.commit.as_deref()?, name)
+    }
+
     fn files(&self, names: &[&str]) -> Result<Vec<PathBuf>> {
+        let pin = self.pin()?;
         let mut resolved: HashMap<&str, PathBuf> = HashMap::new();
         let mut missing: Vec<&str> = Vec::new();
         for &name in names {
             if resolved.contains_key(name) || missing.contains(&name) {
                 continue;
             }
-            match self.cache.file(name) {
+            match self.cached(&pin, name) {
                 Some(path) => {
                     resolved.insert(name, path);
                 }
@@ -192,10 +281,13 @@ impl HubRepo {
             let Some(remote) = &self.remote else {
                 return Err(self.missing(&missing, MissingReason::Offline, None));
             };
+            if let Some(failure) = &pin.failure {
+                return Err(self.missing_after(&missing, failure.clone()));
+            }
+            let (Some(commit), Some(listing)) = (&pin.commit, &pin.listing) else {
+                return Err(self.missing(&missing, MissingReason::Failed, None));
+            };
             // Check the whole set before downloading gigabytes of it.
-            let listing = remote
-                .listing()
-                .map_err(|failure| self.missing_after(&missing, failure))?;
             let absent: Vec<&str> = missing
                 .iter()
                 .copied()
@@ -206,8 +298,15 @@ impl HubRepo {
             }
             for (done, &name) in missing.iter().enumerate() {
                 let path = remote
-                    .download(name, &self.cache)
-                    .map_err(|failure| self.missing_after(&missing[done..], failure))?;
+                    .download(name, commit, &self.cache)
+                    .map_err(|error| self.remote_error(&missing[done..], error))?;
+                self.cache.set_ref(commit).map_err(|error| {
+                    let detail = format!(
+                        "cannot write `{}`: {error}",
+                        self.cache.dir().join("refs").join(&self.revision).display()
+                    );
+                    self.missing(&missing[done..], MissingReason::Failed, Some(detail))
+                })?;
                 resolved.insert(name, path);
             }
         }
@@ -224,35 +323,47 @@ impl HubRepo {
     }
 
     fn exists(&self, name: &str) -> Result<bool> {
-        if self.cache.file(name).is_some() {
+        let pin = self.pin()?;
+        if self.cached(&pin, name).is_some() {
             return Ok(true);
         }
-        let Some(remote) = &self.remote else {
+        if self.remote.is_none() {
             return Ok(false);
-        };
-        match remote.listing() {
-            Ok(listing) => Ok(listing.contains(name)),
+        }
+        match (&pin.listing, &pin.failure) {
+            (Some(listing), _) => Ok(listing.contains(name)),
             // Unreachable Hub: answer from the cache, like offline mode.
-            Err(failure) if failure.reason == MissingReason::Network => Ok(false),
-            Err(failure) => Err(self.missing_after(&[], failure)),
+            (None, Some(failure)) if failure.reason == MissingReason::Network => Ok(false),
+            (None, Some(failure)) => Err(self.missing_after(&[], failure.clone())),
+            (None, None) => Ok(false),
         }
     }
 
     fn list(&self) -> Result<Vec<String>> {
-        let Some(remote) = &self.remote else {
-            return self
-                .cache
-                .list()
-                .ok_or_else(|| self.missing(&[], MissingReason::Offline, None));
+        let pin = self.pin()?;
+        let cached = || {
+            pin.commit
+                .as_deref()
+                .and_then(|commit| self.cache.list(commit))
         };
-        match remote.listing() {
-            Ok(listing) => Ok(listing.iter().cloned().collect()),
+        if self.remote.is_none() {
+            return cached().ok_or_else(|| self.missing(&[], MissingReason::Offline, None));
+        }
+        match (&pin.listing, &pin.failure) {
+            (Some(listing), _) => Ok(listing.iter().cloned().collect()),
             // Unreachable Hub: fall back to the cached snapshot, as `huggingface_hub` does.
-            Err(failure) if failure.reason == MissingReason::Network => self
-                .cache
-                .list()
-                .ok_or_else(|| self.missing_after(&[], failure)),
-            Err(failure) => Err(self.missing_after(&[], failure)),
+            (None, Some(failure)) if failure.reason == MissingReason::Network => {
+                cached().ok_or_else(|| self.missing_after(&[], failure.clone()))
+            }
+            (None, Some(failure)) => Err(self.missing_after(&[], failure.clone())),
+            (None, None) => Err(self.missing(&[], MissingReason::Failed, None)),
+        }
+    }
+
+    fn remote_error(&self, files: &[&str], error: RemoteError) -> HubError {
+        match error {
+            RemoteError::Failed(failure) => self.missing_after(files, failure),
+            RemoteError::Untrusted(untrusted) => HubError::UntrustedResponse(untrusted),
         }
     }
 

@@ -279,7 +279,7 @@ fn a_dropped_download_leaves_no_partial_file() {
     let hub = FakeHub::start(repo_spec);
     let cache = FakeCache::new();
     let repo_dir = cache.repo_dir(FLUX);
-    // A partial download from an earlier, interrupted run: hf-hub may resume it, so it stays.
+    // A partial download from an earlier run (or another program): not ours, so it stays.
     std::fs::create_dir_all(repo_dir.join("blobs")).unwrap();
     std::fs::write(repo_dir.join("blobs/earlier.part"), b"half").unwrap();
 

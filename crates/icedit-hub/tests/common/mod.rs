@@ -28,6 +28,11 @@ impl FakeCache {
         }
     }
 
+    /// The temp folder that holds the cache folder (and nothing else).
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
     /// The hub cache folder (what HF_HUB_CACHE would name).
     pub fn dir(&self) -> PathBuf {
         self.root.path().join("hub")
@@ -134,6 +139,27 @@ pub struct FakeFile {
     pub contents: Vec<u8>,
     /// Close the connection after this many body bytes (a dropped download).
     pub cut_after: Option<usize>,
+    /// Header values a hostile or broken Hub sends instead of the right ones.
+    pub hostile: Hostile,
+}
+
+/// What a hostile Hub (or someone on the path of a plain-http mirror) answers for a file.
+/// `None` fields keep the genuine answer.
+#[derive(Clone, Default)]
+pub struct Hostile {
+    /// The raw `ETag` header.
+    pub etag: Option<String>,
+    /// An `X-Linked-Etag` header (none by default).
+    pub linked_etag: Option<String>,
+    /// The raw `X-Repo-Commit` header.
+    pub commit: Option<String>,
+    /// An `X-Linked-Size` header (none by default).
+    pub linked_size: Option<String>,
+    /// Answer `302` with this `Location` (to `HEAD` and `GET`, or only to `GET`);
+    /// `{endpoint}` in it is replaced by the fake Hub's address. The fake Hub serves every
+    /// file's bare contents at `/cdn/{name}`, as a CDN would.
+    pub location: Option<String>,
+    pub redirect_get_only: bool,
 }
 
 /// How the fake Hub behaves for its single repo.
@@ -161,6 +187,7 @@ impl FakeRepo {
         let file = FakeFile {
             contents: contents.to_vec(),
             cut_after: None,
+            hostile: Hostile::default(),
         };
         self.files.insert(name.to_string(), file);
         self
@@ -170,15 +197,27 @@ impl FakeRepo {
         let file = FakeFile {
             contents: contents.to_vec(),
             cut_after: Some(cut_after),
+            hostile: Hostile::default(),
+        };
+        self.files.insert(name.to_string(), file);
+        self
+    }
+
+    pub fn hostile_file(mut self, name: &str, contents: &[u8], hostile: Hostile) -> Self {
+        let file = FakeFile {
+            contents: contents.to_vec(),
+            cut_after: None,
+            hostile,
         };
         self.files.insert(name.to_string(), file);
         self
     }
 }
 
-/// A minimal HTTP/1.1 server on 127.0.0.1 that answers the few requests hf-hub makes:
-/// the repo info API and `resolve` downloads (a 1-byte range probe for metadata, then
-/// the body). Records each request line and whether it carried a token.
+/// A minimal HTTP/1.1 server on 127.0.0.1 that answers the few requests a Hub client
+/// makes: the repo info API, and `resolve` downloads (`HEAD` for the metadata, then `GET`
+/// for the body, with `Range` when resuming). Records each request line (method and path)
+/// and whether it carried a token.
 pub struct FakeHub {
     pub endpoint: String,
     requests: Arc<Mutex<Vec<(String, bool)>>>,
@@ -190,17 +229,18 @@ impl FakeHub {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&requests);
+        let address = endpoint.clone();
         // Lives until the test process exits; connections are handled one at a time,
         // which is all a blocking client needs.
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = serve(stream, &repo, &log);
+                let _ = serve(stream, &repo, &address, &log);
             }
         });
         Self { endpoint, requests }
     }
 
-    /// Request lines so far, e.g. `GET /api/models/o/n/revision/main`.
+    /// Request lines so far, e.g. `GET /api/models/o/n/revision/main`, `HEAD /o/n/resolve/...`.
     pub fn requests(&self) -> Vec<String> {
         self.requests
             .lock()
@@ -222,6 +262,7 @@ impl FakeHub {
 fn serve(
     stream: TcpStream,
     repo: &FakeRepo,
+    endpoint: &str,
     log: &Mutex<Vec<(String, bool)>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -238,17 +279,23 @@ fn serve(
         }
     }
     let mut parts = request_line.split_whitespace();
-    let path = parts.nth(1).unwrap_or("").to_string();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
     let has_token = headers.contains_key("authorization");
-    log.lock().unwrap().push((format!("GET {path}"), has_token));
+    log.lock()
+        .unwrap()
+        .push((format!("{method} {path}"), has_token));
 
+    let head = method == "HEAD";
     let response = respond(
         repo,
+        endpoint,
         &path,
+        head,
         headers.get("range").map(String::as_str),
         has_token,
     );
-    write_response(stream, response)
+    write_response(stream, response, head)
 }
 
 struct Response {
@@ -281,7 +328,14 @@ impl Response {
     }
 }
 
-fn respond(repo: &FakeRepo, path: &str, range: Option<&str>, has_token: bool) -> Response {
+fn respond(
+    repo: &FakeRepo,
+    endpoint: &str,
+    path: &str,
+    head: bool,
+    range: Option<&str>,
+    has_token: bool,
+) -> Response {
     let info_path = format!("/api/models/{}/revision/", repo.repo_id);
     if let Some(revision) = path.strip_prefix(&info_path) {
         if revision != "main" && revision != repo.commit {
@@ -293,11 +347,18 @@ fn respond(repo: &FakeRepo, path: &str, range: Option<&str>, has_token: bool) ->
             .map(|name| format!("{{\"rfilename\":\"{name}\"}}"))
             .collect();
         let body = format!(
-            "{{\"sha\":\"{}\",\"siblings\":[{}]}}",
+            "{{\"sha\":{:?},\"siblings\":[{}]}}",
             repo.commit,
             siblings.join(",")
         );
         return Response::new(200, body).header("Content-Type", "application/json");
+    }
+
+    if let Some(name) = path.strip_prefix("/cdn/") {
+        return match repo.files.get(name) {
+            Some(file) => body(file, head, range, Response::new),
+            None => Response::new(404, "no such object"),
+        };
     }
 
     let resolve_prefix = format!("/{}/resolve/", repo.repo_id);
@@ -321,48 +382,98 @@ fn respond(repo: &FakeRepo, path: &str, range: Option<&str>, has_token: bool) ->
         return Response::hub_error(404, "EntryNotFound", "Entry not found");
     };
 
+    let hostile = &file.hostile;
+    let etag = hostile
+        .etag
+        .clone()
+        .unwrap_or_else(|| format!("\"{}\"", fake_etag(&file.contents)));
+    let commit = hostile
+        .commit
+        .clone()
+        .unwrap_or_else(|| repo.commit.clone());
+    let with_metadata = |mut response: Response| {
+        response = response
+            .header("ETag", etag.clone())
+            .header("X-Repo-Commit", commit.clone());
+        if let Some(linked) = &hostile.linked_etag {
+            response = response.header("X-Linked-Etag", linked.clone());
+        }
+        if let Some(size) = &hostile.linked_size {
+            response = response.header("X-Linked-Size", size.clone());
+        }
+        response
+    };
+    if let Some(location) = &hostile.location {
+        if !(head && hostile.redirect_get_only) {
+            let location = location.replace("{endpoint}", endpoint);
+            return with_metadata(Response::new(302, "")).header("Location", location);
+        }
+    }
+    body(file, head, range, |status, body| {
+        with_metadata(Response::new(status, body))
+    })
+}
+
+/// The file's body (from the `Range` start, if any), cut short if the file says so.
+fn body(
+    file: &FakeFile,
+    head: bool,
+    range: Option<&str>,
+    make: impl Fn(u16, Vec<u8>) -> Response,
+) -> Response {
     let size = file.contents.len();
     let start: usize = range
         .and_then(|range| range.strip_prefix("bytes="))
         .and_then(|range| range.split('-').next())
         .and_then(|start| start.parse().ok())
-        .unwrap_or(0);
-    let probe = range == Some("bytes=0-0");
-    let end = if probe { 1.min(size) } else { size };
-    let mut response = Response::new(206, file.contents[start.min(end)..end].to_vec())
-        .header("ETag", format!("\"{}\"", fake_etag(&file.contents)))
-        .header("X-Repo-Commit", repo.commit.clone())
-        .header(
+        .unwrap_or(0)
+        .min(size);
+    let status = if range.is_some() { 206 } else { 200 };
+    let mut response = make(status, file.contents[start..].to_vec());
+    if range.is_some() {
+        response = response.header(
             "Content-Range",
-            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+            format!("bytes {start}-{}/{size}", size.saturating_sub(1)),
         );
-    if let (false, Some(cut)) = (probe, file.cut_after) {
+    }
+    if let (false, Some(cut)) = (head, file.cut_after) {
         response.content_length = Some(response.body.len());
         response.body.truncate(cut);
     }
     response
 }
 
-fn write_response(mut stream: TcpStream, response: Response) -> std::io::Result<()> {
+fn write_response(mut stream: TcpStream, response: Response, head: bool) -> std::io::Result<()> {
     let length = response.content_length.unwrap_or(response.body.len());
-    let mut head = format!(
+    let mut head_text = format!(
         "HTTP/1.1 {} Fake\r\nContent-Length: {length}\r\nConnection: close\r\n",
         response.status
     );
     for (name, value) in &response.headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        head_text.push_str(&format!("{name}: {value}\r\n"));
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(&response.body)?;
+    head_text.push_str("\r\n");
+    stream.write_all(head_text.as_bytes())?;
+    if !head {
+        stream.write_all(&response.body)?;
+    }
     stream.flush()?;
     stream.shutdown(std::net::Shutdown::Both)
 }
 
-/// The set of `.part` files in a repo's blob folder.
+/// The partial downloads in a repo's blob folder: ours (`.incomplete`), and hf-hub's
+/// (`.part`) from older versions.
 pub fn partial_files(repo_dir: &Path) -> BTreeSet<String> {
     walk(&repo_dir.join("blobs"))
         .into_iter()
-        .filter(|name| name.ends_with(".part"))
+        .filter(|name| name.ends_with(".part") || name.ends_with(".incomplete"))
+        .collect()
+}
+
+/// The requests so far whose line starts with `method` and that download a file.
+pub fn resolve_requests(hub: &FakeHub, method: &str) -> Vec<String> {
+    hub.requests()
+        .into_iter()
+        .filter(|line| line.starts_with(&format!("{method} ")) && line.contains("/resolve/"))
         .collect()
 }

@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 use clap::Args;
 use icedit_hub::HubOptions;
 use icedit_judge::{
-    build_judges, parse_judges, ClipScoring, Comparison, Judge, JudgeChain, JudgeSettings,
-    JudgeSpec, OpenAiOptions, Preference,
+    build_judges, parse_judges, ClipScoring, Comparison, JudgeChain, JudgeSettings, JudgeSpec,
+    OpenAiOptions, Preference, MAX_TIMEOUT, MAX_TRIES,
 };
 use icedit_pipeline::image_io::load_rgb;
 
@@ -26,10 +26,10 @@ pub(crate) struct JudgeArgs {
     /// --seed on.
     #[arg(long, value_name = "SPEC")]
     pub judge: Option<String>,
-    /// Seconds a judge server may take per answer.
-    #[arg(long, default_value_t = 120.0)]
+    /// Seconds a judge server may take per answer (at most 3600).
+    #[arg(long, default_value_t = 120.0, allow_negative_numbers = true)]
     pub judge_timeout: f64,
-    /// Tries per comparison before falling back to the next judge.
+    /// Tries per comparison before falling back to the next judge (1 to 10).
     #[arg(long, default_value_t = 3)]
     pub judge_tries: usize,
     /// What the photo shows, for the clip judge: edits are scored along the direction from
@@ -38,7 +38,7 @@ pub(crate) struct JudgeArgs {
     pub source_caption: String,
     /// How much the clip judge rewards similarity to the original (untouched regions)
     /// against following the instruction.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub clip_similarity_weight: f64,
 }
 
@@ -52,10 +52,20 @@ impl JudgeArgs {
                 self.clip_similarity_weight
             );
         }
-        if !(self.judge_timeout.is_finite() && self.judge_timeout > 0.0) {
+        let max_timeout = MAX_TIMEOUT.as_secs_f64();
+        if !(self.judge_timeout.is_finite()
+            && self.judge_timeout > 0.0
+            && self.judge_timeout <= max_timeout)
+        {
             bail!(
-                "--judge-timeout {} must be a positive number of seconds",
+                "--judge-timeout {} must be a positive number of seconds, at most {max_timeout}",
                 self.judge_timeout
+            );
+        }
+        if !(1..=MAX_TRIES).contains(&self.judge_tries) {
+            bail!(
+                "--judge-tries {} must be from 1 to {MAX_TRIES}",
+                self.judge_tries
             );
         }
         Ok(match &self.judge {
@@ -77,8 +87,9 @@ impl JudgeArgs {
             &JudgeSettings {
                 lookup: &|k| std::env::var(k).ok(),
                 openai: OpenAiOptions {
-                    timeout: Duration::from_secs_f64(self.judge_timeout),
-                    attempts: self.judge_tries.max(1),
+                    // Checked by `parse`; never a panic if it was not.
+                    timeout: Duration::try_from_secs_f64(self.judge_timeout).unwrap_or(MAX_TIMEOUT),
+                    attempts: self.judge_tries,
                     ..Default::default()
                 },
                 hub: hub.clone(),
@@ -138,7 +149,9 @@ pub fn run(args: JudgeCommandArgs) -> Result<()> {
         .judging
         .build(&specs, &HubOptions::from_env(), &device, dtype)?;
     let load_seconds = started.elapsed().as_secs_f64();
-    let verdict = chain.compare(&Comparison {
+    // Without a usable answer this fails (naming each judge and why): this command exists to
+    // try a judge setup, where keeping the first edit would hide the failure.
+    let verdict = chain.compare_strict(&Comparison {
         instruction: &args.instruction,
         first: &first,
         second: &second,

@@ -22,7 +22,10 @@ use clip::CLIP_FILES;
 pub use clip::{
     ClipEmbedder, ClipJudge, ClipPreprocess, ClipScore, ClipScoring, DEFAULT_CLIP_MODEL,
 };
-pub use openai::{OpenAiJudge, OpenAiOptions};
+pub use openai::{
+    OpenAiJudge, OpenAiOptions, MAX_BACKOFF, MAX_RESPONSE_BYTES, MAX_TIMEOUT, MAX_TOTAL_BACKOFF,
+    MAX_TRIES,
+};
 use vlm::VLM_FILES;
 pub use vlm::{VlmJudge, VlmPreprocess, DEFAULT_VLM_MODEL};
 
@@ -41,6 +44,9 @@ pub enum JudgeError {
         path: PathBuf,
         message: String,
     },
+    /// Every judge of a chain failed; one line per judge, saying why.
+    #[error("no judge gave a usable answer; tried:\n  - {}", failures.join("\n  - "))]
+    NoAnswer { failures: Vec<String> },
     #[error("judge computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }
@@ -81,7 +87,8 @@ pub trait Judge {
 }
 
 /// Judges tried in order: the first usable answer counts. When all fail, the first edit (the
-/// running best) is kept and the verdict says so, so that a search always finishes.
+/// running best) is kept and the verdict says so, so that a search always finishes
+/// ([`JudgeChain::compare_strict`] fails instead).
 pub struct JudgeChain {
     judges: Vec<Box<dyn Judge>>,
 }
@@ -89,6 +96,37 @@ pub struct JudgeChain {
 impl JudgeChain {
     pub fn new(judges: Vec<Box<dyn Judge>>) -> Self {
         Self { judges }
+    }
+
+    /// The first usable answer, or [`JudgeError::NoAnswer`] naming each judge and why it
+    /// failed: for trying a judge setup, where keeping the first edit would hide the failure.
+    pub fn compare_strict(&mut self, comparison: &Comparison) -> Result<Verdict> {
+        self.first_answer(comparison)
+            .map_err(|(_, failures)| JudgeError::NoAnswer { failures })
+    }
+
+    /// The first usable answer (with the earlier judges' failures among its warnings), or the
+    /// warnings and the failures.
+    fn first_answer(
+        &mut self,
+        comparison: &Comparison,
+    ) -> std::result::Result<Verdict, (Vec<String>, Vec<String>)> {
+        let mut warnings = Vec::new();
+        let mut failures = Vec::new();
+        for judge in &mut self.judges {
+            match judge.compare(comparison) {
+                Ok(mut verdict) => {
+                    warnings.append(&mut verdict.warnings);
+                    verdict.warnings = warnings;
+                    return Ok(verdict);
+                }
+                Err(e) => {
+                    warnings.push(format!("{e}; trying the next judge"));
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err((warnings, failures))
     }
 }
 
@@ -103,17 +141,10 @@ impl Judge for JudgeChain {
 
     fn compare(&mut self, comparison: &Comparison) -> Result<Verdict> {
         let start = Instant::now();
-        let mut warnings = Vec::new();
-        for judge in &mut self.judges {
-            match judge.compare(comparison) {
-                Ok(mut verdict) => {
-                    warnings.append(&mut verdict.warnings);
-                    verdict.warnings = warnings;
-                    return Ok(verdict);
-                }
-                Err(e) => warnings.push(format!("{e}; trying the next judge")),
-            }
-        }
+        let mut warnings = match self.first_answer(comparison) {
+            Ok(verdict) => return Ok(verdict),
+            Err((warnings, _)) => warnings,
+        };
         warnings.push("no judge gave a usable answer: keeping the first edit".into());
         Ok(Verdict {
             preference: Preference::First,
@@ -187,14 +218,14 @@ pub enum JudgeSpec {
 }
 
 impl JudgeSpec {
-    /// How verdicts name the judge.
+    /// How verdicts name the judge; a server URL's `user:password@` shows as `***@`.
     pub fn name(&self) -> String {
         match self {
-            JudgeSpec::OpenAi { url, model: None } => format!("openai:{url}"),
+            JudgeSpec::OpenAi { url, model: None } => format!("openai:{}", redact_url(url)),
             JudgeSpec::OpenAi {
                 url,
                 model: Some(m),
-            } => format!("openai:{url}#{m}"),
+            } => format!("openai:{}#{m}", redact_url(url)),
             JudgeSpec::Clip { model } => format!("clip:{model}"),
             JudgeSpec::Vlm { model } => format!("qwen3-vl:{model}"),
         }
@@ -206,8 +237,13 @@ impl JudgeSpec {
 pub fn parse_judges(spec: &str) -> Result<Vec<JudgeSpec>> {
     let mut specs = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        // As errors show it: without credentials.
+        let shown = match part.split_once(':') {
+            Some((kind, rest)) => format!("{kind}:{}", redact_url(rest)),
+            None => part.to_string(),
+        };
         let bad = |message: String| JudgeError::Spec {
-            spec: part.to_string(),
+            spec: shown.clone(),
             message,
         };
         let (kind, rest) = match part.split_once(':') {
@@ -220,6 +256,15 @@ pub fn parse_judges(spec: &str) -> Result<Vec<JudgeSpec>> {
                     Some((u, m)) => (u, Some(m.to_string())),
                     None => (rest, None),
                 };
+                if model.as_deref().is_some_and(|m| m.contains('@')) {
+                    // `http://user:pa#ss@host`: the `#` cut a password.
+                    return Err(JudgeError::Spec {
+                        spec: "openai:…".into(),
+                        message: "a `#` in the URL's user name or password must be written \
+                                  %23 (`#` starts the model name)"
+                            .into(),
+                    });
+                }
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(bad(
                         "give the server's URL, e.g. openai:http://localhost:8000/v1#MODEL".into(),
@@ -254,7 +299,7 @@ pub fn parse_judges(spec: &str) -> Result<Vec<JudgeSpec>> {
                     "unknown judge; available: openai:URL[#MODEL] (any OpenAI-compatible vision \
                      server), clip[:MODEL] (CLIP in-process, default {DEFAULT_CLIP_MODEL}), \
                      qwen3-vl[:MODEL] (Qwen3-VL in-process, default {DEFAULT_VLM_MODEL}). \
-                     Separate fallbacks with commas. (got `{part}`)"
+                     Separate fallbacks with commas. (got `{shown}`)"
                 )))
             }
         }
@@ -266,6 +311,18 @@ pub fn parse_judges(spec: &str) -> Result<Vec<JudgeSpec>> {
         });
     }
     Ok(specs)
+}
+
+/// `url` with any `user:password@` before its host shown as `***@`
+/// (`http://***@host:8000/v1`), for names, logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// What building judges needs besides their specs.

@@ -174,3 +174,298 @@ fn a_failing_judge_hands_over_to_the_next_and_all_failing_keeps_the_first() {
         Some("Bearer sk-env")
     );
 }
+
+/// A judge with `timeout`, `attempts` tries and short waits.
+fn quick_judge(url: &str, timeout: Duration, attempts: usize) -> OpenAiJudge {
+    OpenAiJudge::new(OpenAiOptions {
+        url: url.into(),
+        model: Some("m".into()),
+        api_key: None,
+        timeout,
+        attempts,
+        backoff: Duration::from_millis(10),
+    })
+}
+
+/// Runs `f`, asserting it took under `limit`.
+fn within<T>(limit: Duration, what: &str, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let out = f();
+    assert!(
+        start.elapsed() < limit,
+        "{what} took {:?}, over {limit:?}",
+        start.elapsed()
+    );
+    out
+}
+
+/// A port nothing listens on.
+fn refused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}/v1")
+}
+
+#[test]
+fn redirects_are_not_followed_and_name_only_scheme_and_host() {
+    let cases = [
+        (302, "file:///etc/passwd", "file://"),
+        (
+            307,
+            "http://evil.example:8080/steal?token=abc",
+            "http://evil.example:8080",
+        ),
+        (
+            308,
+            "https://user:hunter2@other.example/v1",
+            "https://other.example",
+        ),
+        (301, "ftp://files.example/x", "ftp://files.example"),
+        (302, "/v2/chat/completions", "relative"),
+    ];
+    for (code, location, named) in cases {
+        let (url, received) = server(vec![Reply::Redirect(code, location)]);
+        let err = within(Duration::from_secs(5), location, || {
+            compare(&mut quick_judge(&url, Duration::from_secs(2), 3))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&format!("HTTP {code}")) && err.contains("redirect"),
+            "{err}"
+        );
+        assert!(err.contains(named), "{location}: {err}");
+        for hidden in ["hunter2", "token", "passwd", "/steal"] {
+            assert!(!err.contains(hidden), "{err}");
+        }
+        // A redirect is not retried: the server is asked once.
+        assert_eq!(received.lock().unwrap().len(), 1, "{location}");
+    }
+
+    // In a chain, the next judge answers.
+    let (redirecting, _) = server(vec![Reply::Redirect(302, "file:///etc/passwd")]);
+    let (working, _) = server(vec![Reply::Answer("2")]);
+    let mut chain = JudgeChain::new(vec![
+        Box::new(quick_judge(&redirecting, Duration::from_secs(2), 3)),
+        Box::new(quick_judge(&working, Duration::from_secs(2), 3)),
+    ]);
+    let verdict = compare(&mut chain).unwrap();
+    assert_eq!(verdict.preference, Preference::Second);
+    assert!(
+        verdict.warnings[0].contains("file://"),
+        "{:?}",
+        verdict.warnings
+    );
+}
+
+#[test]
+fn silent_and_dripping_servers_time_out() {
+    for reply in [
+        Reply::Silent(Duration::from_secs(30)),
+        Reply::Drip(Duration::from_millis(50)),
+    ] {
+        let (url, received) = server(vec![reply.clone()]);
+        let err = within(Duration::from_secs(4), &format!("{reply:?}"), || {
+            compare(&mut quick_judge(&url, Duration::from_millis(400), 2))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no usable answer after 2 tries"), "{err}");
+        assert!(err.to_lowercase().contains("timed out"), "{err}");
+        assert_eq!(received.lock().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn garbage_and_huge_answers_fail_cleanly() {
+    let cases = [
+        (
+            Reply::Raw("<html><body>\x1b[31mBad Gateway</body></html>"),
+            "not a chat-completions response",
+        ),
+        (
+            Reply::Raw("{\"choices\": [{"),
+            "not a chat-completions response",
+        ),
+        (Reply::Raw(""), "not a chat-completions response"),
+        (Reply::Huge(40 * 1024 * 1024), "over 16 MiB"),
+        (Reply::Endless, "over 16 MiB"),
+    ];
+    for (reply, expected) in cases {
+        let (url, received) = server(vec![reply.clone()]);
+        let err = within(Duration::from_secs(10), &format!("{reply:?}"), || {
+            compare(&mut quick_judge(&url, Duration::from_secs(5), 2))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(expected), "{reply:?}: {err}");
+        assert!(
+            !err.contains('\x1b'),
+            "control characters are not echoed: {err:?}"
+        );
+        assert!(err.len() < 2000, "{reply:?}: a long message: {}", err.len());
+        assert_eq!(received.lock().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn refused_connections_fail_fast_and_backoff_is_bounded() {
+    let url = refused_url();
+    let err = within(Duration::from_secs(2), "refused", || {
+        compare(&mut OpenAiJudge::new(OpenAiOptions {
+            url: url.clone(),
+            attempts: 8,
+            ..Default::default()
+        }))
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("connection refused"), "{err}");
+
+    // Ten tries of a failing server with the default waits (0.5 s doubling): the waits stop
+    // at 4 s each and 10 s in all.
+    let (url, received) = server(vec![Reply::Status(503)]);
+    let start = std::time::Instant::now();
+    let err = compare(&mut OpenAiJudge::new(OpenAiOptions {
+        url,
+        timeout: Duration::from_secs(2),
+        attempts: 10,
+        ..Default::default()
+    }))
+    .unwrap_err()
+    .to_string();
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_secs(13), "{elapsed:?}");
+    assert!(elapsed >= Duration::from_secs(7), "{elapsed:?}");
+    assert!(err.contains("HTTP 503"), "{err}");
+    let requests = received.lock().unwrap().len();
+    assert!((5..=10).contains(&requests), "{requests}");
+
+    // Out-of-range settings are clamped, never a panic.
+    let (url, _) = server(vec![Reply::Answer("1")]);
+    let verdict = compare(&mut OpenAiJudge::new(OpenAiOptions {
+        url,
+        timeout: Duration::from_secs(u64::MAX),
+        attempts: usize::MAX,
+        backoff: Duration::from_secs(u64::MAX),
+        ..Default::default()
+    }))
+    .unwrap();
+    assert_eq!(verdict.preference, Preference::First);
+    let url = refused_url();
+    let err = within(Duration::from_secs(2), "zero timeout", || {
+        compare(&mut OpenAiJudge::new(OpenAiOptions {
+            url,
+            timeout: Duration::ZERO,
+            attempts: 0,
+            ..Default::default()
+        }))
+    });
+    assert!(err.is_err());
+}
+
+#[test]
+fn credentials_never_show_in_names_warnings_or_errors() {
+    let key = "sk-very-secret-key";
+    let password = "pa55w0rd-s3cret";
+    let with_credentials =
+        |url: &str| url.replacen("http://", &format!("http://alice:{password}@"), 1);
+    let hidden = |text: &str| {
+        assert!(!text.contains(key), "{text}");
+        assert!(!text.contains(password), "{text}");
+        assert!(!text.contains("alice"), "{text}");
+    };
+    let judge_with = |url: &str, api_key: Option<&str>| {
+        OpenAiJudge::new(OpenAiOptions {
+            url: with_credentials(url),
+            model: Some("m".into()),
+            api_key: api_key.map(str::to_string),
+            timeout: Duration::from_secs(2),
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+        })
+    };
+
+    // The URL's user and password go to the server as basic auth, and show nowhere.
+    let (url, received) = server(vec![Reply::Answer("2")]);
+    let mut judge = judge_with(&url, None);
+    let name = judge.name();
+    assert!(name.starts_with("openai:http://***@127.0.0.1:"), "{name}");
+    hidden(&name);
+    let verdict = compare(&mut judge).unwrap();
+    hidden(&verdict.judge);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{password}"));
+    assert_eq!(
+        received.lock().unwrap()[0].authorization.as_deref(),
+        Some(format!("Basic {basic}").as_str())
+    );
+
+    // A server echoing the key in its errors; a refused connection; a silent server; a
+    // redirect to the same URL with the credentials.
+    let (echo, _) = server(vec![Reply::EchoAuthorization]);
+    let (silent, _) = server(vec![Reply::Silent(Duration::from_secs(30))]);
+    let redirect_to = Box::leak(with_credentials("http://127.0.0.1:1/v1").into_boxed_str());
+    let (redirect, _) = server(vec![Reply::Redirect(302, redirect_to)]);
+    let refused = refused_url();
+    let mut chain = JudgeChain::new(vec![
+        Box::new(judge_with(&echo, Some(key))),
+        Box::new(judge_with(&refused, Some(key))),
+        Box::new(OpenAiJudge::new(OpenAiOptions {
+            url: with_credentials(&silent),
+            model: Some("m".into()),
+            api_key: Some(key.into()),
+            timeout: Duration::from_millis(300),
+            attempts: 1,
+            backoff: Duration::ZERO,
+        })),
+        Box::new(judge_with(&redirect, Some(key))),
+    ]);
+    hidden(&chain.name());
+    let verdict = compare(&mut chain).unwrap();
+    assert_eq!(verdict.judge, "none");
+    assert_eq!(verdict.warnings.len(), 5, "{:?}", verdict.warnings);
+    for warning in &verdict.warnings {
+        hidden(warning);
+    }
+    assert!(
+        verdict.warnings[0].contains("bad credentials: Bearer ***"),
+        "{:?}",
+        verdict.warnings
+    );
+    let [a, b, original] = images();
+    let err = chain
+        .compare_strict(&Comparison {
+            instruction: "make it night",
+            first: &a,
+            second: &b,
+            original: &original,
+        })
+        .unwrap_err()
+        .to_string();
+    hidden(&err);
+    assert!(err.starts_with("no judge gave a usable answer"), "{err}");
+    assert_eq!(
+        err.matches("\n  - openai:http://***@127.0.0.1:").count(),
+        4,
+        "{err}"
+    );
+
+    // Specs: names and parse errors.
+    let spec = format!("openai:{}#m", with_credentials("http://127.0.0.1:9/v1"));
+    let specs = parse_judges(&spec).unwrap();
+    assert_eq!(specs[0].name(), "openai:http://***@127.0.0.1:9/v1#m");
+    for bad in [
+        format!("openai:alice:{password}@127.0.0.1:9/v1"),
+        format!("opnai:http://alice:{password}@127.0.0.1:9/v1"),
+        format!("openai:http://alice:pa#{password}@127.0.0.1:9/v1"),
+    ] {
+        let err = parse_judges(&bad).unwrap_err().to_string();
+        hidden(&err);
+    }
+    assert_eq!(
+        icedit_judge::redact_url("https://u:p@h.example:1/v1?q=a@b"),
+        "https://***@h.example:1/v1?q=a@b"
+    );
+    assert_eq!(icedit_judge::redact_url("http://h/v1"), "http://h/v1");
+}

@@ -131,13 +131,30 @@ fn install(
 ) -> Result<()> {
     let (dtype, device) = (linear.dtype(), linear.device().clone());
     let convert = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
+    // The file's tensors are checked when read; what is checked here is what the scale and
+    // the model's dtype make of them (one pass per tensor, before the layer is changed).
+    let check = |tensors: &[&Tensor], what: &'static str, scale: f64| -> Result<()> {
+        for t in tensors {
+            if !icedit_flux::all_finite(t)? {
+                return Err(AdapterError::NonFiniteLayer {
+                    adapter: report.name.clone(),
+                    layer: module.to_string(),
+                    what,
+                    scale,
+                    dtype,
+                });
+            }
+        }
+        Ok(())
+    };
     match layer {
         BoundLayer::Lora(delta) => {
-            report.lora_layers += 1;
             if mode == ApplyMode::Merge && delta.up_bias.is_none() {
                 let merged = (linear.weight().to_dtype(DType::F32)?
                     + delta.weight_delta()?.to_device(&device)?)?
                 .to_dtype(dtype)?;
+                check(&[&merged], "merged weights", delta.scale)?;
+                report.lora_layers += 1;
                 linear.set_weight(merged)?;
                 report.merged_layers += 1;
             } else {
@@ -147,6 +164,10 @@ fn install(
                     up_bias: delta.up_bias.as_ref().map(convert).transpose()?,
                     scale: delta.scale,
                 };
+                let mut parts = vec![&delta.down, &delta.up];
+                parts.extend(&delta.up_bias);
+                check(&parts, "weights", delta.scale)?;
+                report.lora_layers += 1;
                 linear.attach(Arc::new(delta) as Arc<dyn LinearAdapter>)?;
             }
         }
@@ -156,13 +177,15 @@ fn install(
                 .iter()
                 .map(|(d, u)| Ok((convert(d)?, convert(u)?)))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let moe = MoeLoraLayer::new(
+            let mut parts: Vec<&Tensor> = experts.iter().flat_map(|(d, u)| [d, u]).collect();
+            let (route, route_bias) = (
                 convert(&moe.route)?,
                 moe.route_bias.as_ref().map(convert).transpose()?,
-                experts,
-                moe.scale,
-                moe.top_k,
-            )?;
+            );
+            parts.push(&route);
+            parts.extend(&route_bias);
+            check(&parts, "weights", moe.scale)?;
+            let moe = MoeLoraLayer::new(route, route_bias, experts, moe.scale, moe.top_k)?;
             report.moe_layers += 1;
             report.experts = report.experts.max(moe.experts.len());
             report.top_k = moe.top_k;

@@ -35,6 +35,31 @@ pub enum AdapterError {
         problems: Vec<String>,
     },
 
+    #[error(
+        "{path}: {} tensor(s) hold NaN or infinite values, so every image would come out \
+         black; the adapter file is corrupt (or was saved from a diverged training run): \
+         download or export it again:\n{}",
+        keys.len(),
+        list(keys)
+    )]
+    NonFiniteTensors { path: PathBuf, keys: Vec<String> },
+
+    #[error(
+        "adapter `{adapter}` on layer `{layer}` (scale {}) gives NaN or infinite {what} in {}: \
+         {}",
+        short_number(*scale),
+        dtype.as_str(),
+        overflow_advice(*dtype)
+    )]
+    NonFiniteLayer {
+        adapter: String,
+        layer: String,
+        /// "merged weights", "weights".
+        what: &'static str,
+        scale: f64,
+        dtype: candle_core::DType,
+    },
+
     #[error("{path}: {}", problems.join("; "))]
     Invalid {
         path: PathBuf,
@@ -58,6 +83,25 @@ pub enum AdapterError {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// `0.75`, `2e39`: plain unless very large or small.
+fn short_number(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
+}
+
+fn overflow_advice(dtype: candle_core::DType) -> &'static str {
+    match dtype {
+        candle_core::DType::F16 => {
+            "the scale is too large for float16; lower the adapter's scale (--lora-scale) or \
+             run with `--dtype bf16` or `--dtype f32`"
+        }
+        _ => "the scale is far too large; lower the adapter's scale (--lora-scale)",
+    }
 }
 
 /// A bulleted list, cut after 20 entries.

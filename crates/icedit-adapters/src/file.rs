@@ -140,9 +140,15 @@ impl AdapterFile {
         let mut modules: BTreeMap<String, ModuleTensors> = BTreeMap::new();
         let mut text_encoder_keys = Vec::new();
         let mut problems = Vec::new();
+        let mut non_finite = Vec::new();
         for (key, tensor) in tensors {
             if TEXT_ENCODER_PREFIXES.iter().any(|p| key.starts_with(p)) {
                 text_encoder_keys.push(key);
+                continue;
+            }
+            // One pass over each tensor: a NaN here would turn every image black.
+            if !icedit_flux::all_finite(&tensor)? {
+                non_finite.push(key);
                 continue;
             }
             let Some((module, part)) = split_key(&key) else {
@@ -179,6 +185,13 @@ impl AdapterFile {
                     "{key}: a second tensor for the same module and role (two namings mixed?)"
                 ));
             }
+        }
+        if !non_finite.is_empty() {
+            non_finite.sort();
+            return Err(AdapterError::NonFiniteTensors {
+                path: path.to_path_buf(),
+                keys: non_finite,
+            });
         }
         if !problems.is_empty() {
             return Err(AdapterError::Invalid {

@@ -31,4 +31,6 @@ pub use apply::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
 pub use error::{AdapterError, Result};
 pub use file::AdapterFile;
 pub use layers::{LoraDelta, MoeLoraLayer, RoutingStats};
-pub use source::{resolve, AdapterKind, AdapterSpec, Manifest, ResolvedAdapter, DEFAULT_ADAPTER};
+pub use source::{
+    manifest_of, resolve, AdapterKind, AdapterSpec, Manifest, ResolvedAdapter, DEFAULT_ADAPTER,
+};

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use icedit_hub::{HubOptions, ModelRepo};
+use icedit_hub::{HubOptions, ModelRepo, ModelSource};
 use serde::Deserialize;
 
 use crate::error::{AdapterError, Result};
@@ -103,6 +103,8 @@ impl AdapterSpec {
                     known: known_names(),
                 });
             }
+            // `hf:` always means the Hub, never a local folder of that name.
+            ModelSource::parse(&format!("hf:{owner}/{name}"))?;
             return Ok(Self::Hub {
                 repo: format!("{owner}/{name}"),
                 revision,
@@ -148,16 +150,32 @@ impl ResolvedAdapter {
     }
 }
 
+/// The manifest a `--lora` spec names (built-in or a local `.toml`), read without touching the
+/// network: its prompt template and base model are known before anything downloads.
+pub fn manifest_of(spec: &str) -> Result<Option<Manifest>> {
+    Ok(match AdapterSpec::parse(spec)? {
+        AdapterSpec::Manifest(name) => Manifest::find(&name),
+        AdapterSpec::Path(path) if is_manifest(&path) => Some(read_manifest(&path)?),
+        _ => None,
+    })
+}
+
 /// Makes the adapter file local (downloading it into the Hub cache if needed).
 pub fn resolve(spec: &str, hub: &HubOptions) -> Result<ResolvedAdapter> {
     let (manifest, repo, revision, file) = match AdapterSpec::parse(spec)? {
         AdapterSpec::Manifest(name) => manifest_source(Manifest::find(&name).expect("parsed")),
-        AdapterSpec::Path(path) if path.extension().is_some_and(|e| e == "toml") => {
-            let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            manifest_source(Manifest::parse(&text, &path.display().to_string())?)
+        AdapterSpec::Path(path) if is_manifest(&path) => {
+            let manifest = read_manifest(&path)?;
+            if let Some(folder) = manifest_folder(&manifest, &path)? {
+                let target = match &manifest.file {
+                    Some(file) => folder.join(file),
+                    None => folder,
+                };
+                let mut resolved = resolve_local(spec, &target)?;
+                resolved.manifest = Some(manifest);
+                return Ok(resolved);
+            }
+            manifest_source(manifest)
         }
         AdapterSpec::Path(path) => return resolve_local(spec, &path),
         AdapterSpec::Hub {
@@ -170,7 +188,8 @@ pub fn resolve(spec: &str, hub: &HubOptions) -> Result<ResolvedAdapter> {
         Some(r) => format!("{repo}@{r}"),
         None => repo.clone(),
     };
-    let model_repo = ModelRepo::open(&repo_spec, hub)?;
+    // A Hub repo id, never a local folder that happens to have that name.
+    let model_repo = ModelRepo::open(&format!("hf:{repo_spec}"), hub)?;
     let file = match file {
         Some(f) => f,
         None => single_safetensors(&repo_spec, model_repo.list()?)?,
@@ -178,10 +197,84 @@ pub fn resolve(spec: &str, hub: &HubOptions) -> Result<ResolvedAdapter> {
     let path = model_repo.file(&file)?;
     Ok(ResolvedAdapter {
         name: spec.to_string(),
-        origin: format!("{}/{file}", model_repo.describe()),
+        origin: format!("{}/{file}", model_repo.describe_commit()),
         path,
         manifest,
     })
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "toml")
+}
+
+/// Manifests are a few hundred bytes; anything far larger is not one.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+fn read_manifest(path: &Path) -> Result<Manifest> {
+    let bad = |message: String| AdapterError::Manifest {
+        path: path.display().to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(bad(format!(
+            "{} bytes; an adapter manifest is a small TOML file",
+            meta.len()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Manifest::parse(&text, &path.display().to_string())
+}
+
+/// A manifest's `repo` is a Hub repo id, or `./FOLDER` inside the manifest's own folder.
+/// Returns that folder for the latter; refuses absolute paths and `..`.
+fn manifest_folder(manifest: &Manifest, manifest_path: &Path) -> Result<Option<PathBuf>> {
+    let bad = |message: String| AdapterError::Manifest {
+        path: manifest_path.display().to_string(),
+        message,
+    };
+    let repo = manifest.repo.as_str();
+    let relative = Path::new(repo);
+    if relative.is_absolute() || repo.starts_with('~') || repo.contains('\\') {
+        return Err(bad(format!(
+            "repo = {repo:?}: a manifest names a Hub repo id (owner/name) or a folder beside \
+             it (./folder), never an absolute path"
+        )));
+    }
+    if !repo.starts_with("./") && !repo.starts_with("../") {
+        return Ok(None);
+    }
+    if relative
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(bad(format!(
+            "repo = {repo:?}: a local adapter folder must be inside the manifest's folder (no `..`)"
+        )));
+    }
+    if let Some(file) = &manifest.file {
+        let file_path = Path::new(file);
+        if file_path.is_absolute()
+            || file_path
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(bad(format!(
+                "file = {file:?}: a file name inside the adapter's folder is expected"
+            )));
+        }
+    }
+    let base = manifest_path.parent().unwrap_or(Path::new("."));
+    Ok(Some(base.join(relative)))
 }
 
 type HubSource = (Option<Manifest>, String, Option<String>, Option<String>);
@@ -298,9 +391,16 @@ mod tests {
             "{:?}",
             resolved.path
         );
-        assert_eq!(
-            resolved.origin,
-            "sanaka87/ICEdit-MoE-LoRA@main/moe.safetensors"
+        // The origin names the commit the file came from (the import's fake commit here).
+        let commit = resolved
+            .origin
+            .strip_prefix("sanaka87/ICEdit-MoE-LoRA@")
+            .and_then(|r| r.strip_suffix("/moe.safetensors"))
+            .unwrap();
+        assert!(
+            commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{}",
+            resolved.origin
         );
         assert_eq!(resolved.manifest.unwrap().kind, AdapterKind::MoeLora);
         let by_ref = resolve("hf:sanaka87/ICEdit-MoE-LoRA/moe.safetensors", &hub).unwrap();
@@ -309,6 +409,63 @@ mod tests {
         // Not cached and offline: the Hub's error, which says how to fix it.
         let err = resolve("icedit-normal", &hub).unwrap_err().to_string();
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[test]
+    fn hf_references_are_hub_repo_ids() {
+        for bad in [
+            "hf:../../etc/passwd",
+            "hf:../x",
+            "hf:a/..",
+            "hf:/etc/passwd",
+            "hf:a b/c",
+        ] {
+            assert!(AdapterSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn manifest_repos_are_repo_ids_or_folders_beside_the_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("weights")).unwrap();
+        std::fs::write(dir.path().join("weights/a.safetensors"), b"w").unwrap();
+        let write = |name: &str, repo: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(
+                &path,
+                format!("name = \"x\"\nrepo = {repo:?}\nkind = \"lora\"\n"),
+            )
+            .unwrap();
+            path.display().to_string()
+        };
+        let hub = HubOptions::new(dir.path().join("cache")).with_offline(true);
+        let local = resolve(&write("local.toml", "./weights"), &hub).unwrap();
+        assert!(local.path.ends_with("weights/a.safetensors"));
+        assert!(local.manifest.is_some());
+        for (name, repo) in [
+            ("abs.toml", "/etc"),
+            ("up.toml", "../weights"),
+            ("deep.toml", "./weights/../../x"),
+            ("home.toml", "~/x"),
+        ] {
+            let err = resolve(&write(name, repo), &hub).unwrap_err().to_string();
+            assert!(err.contains("repo ="), "{repo}: {err}");
+        }
+        // A repo id goes to the Hub (here: offline, not cached).
+        let err = resolve(&write("hub.toml", "owner/name"), &hub)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+        assert!(manifest_of(&write("m.toml", "owner/name"))
+            .unwrap()
+            .is_some());
+        // Not a manifest: a pipe or a huge file is refused without reading it all.
+        let big = dir.path().join("big.toml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_MANIFEST_BYTES + 1)
+            .unwrap();
+        assert!(manifest_of(big.to_str().unwrap()).is_err());
     }
 
     #[test]

@@ -7,23 +7,26 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use icedit_adapters::{
-    resolve, AdapterChoice, AdapterFile, AdapterKind, AppliedAdapter, ApplyMode, ResolvedAdapter,
-    DEFAULT_ADAPTER,
+    manifest_of, resolve, AdapterChoice, AdapterFile, AdapterKind, AppliedAdapter, ApplyMode,
+    Manifest, ResolvedAdapter, DEFAULT_ADAPTER,
 };
 use icedit_flux::parse_dtype;
-use icedit_hub::{HubOptions, ModelRepo};
+use icedit_hub::{HubOptions, ModelRepo, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
 use icedit_judge::Judge;
-use icedit_pipeline::edit::{diptych_prompt, DEFAULT_WIDTH};
-use icedit_pipeline::image_io::{load_rgb, save_png};
+use icedit_pipeline::edit::{prompt_template, templated_prompt, DEFAULT_WIDTH, DIPTYCH_TEMPLATE};
+use icedit_pipeline::image_io::{aspect_warning, load_rgb, save_png, write_file_atomically};
 use icedit_pipeline::latents::VAE_SCALE;
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
-use icedit_pipeline::search::{EarlyFilter, SearchOutcome, SearchSettings, Selection};
-use icedit_pipeline::{Diptych, EditSettings, FillPipeline, InitialNoise};
+use icedit_pipeline::search::{
+    EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
+};
+use icedit_pipeline::{Diptych, EditOutput, EditSettings, FillPipeline, InitialNoise};
 use serde_json::json;
 
-use crate::inputs::{check_output, read_latents};
+use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_latents};
 use crate::judge::JudgeArgs;
+use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
 use crate::{device, ModelArgs};
 
@@ -141,8 +144,20 @@ pub fn run(args: EditArgs) -> Result<()> {
     let started = Instant::now();
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = device(args.model.device)?;
+    // The adapters' manifests (built in or local, no download) say which prompt template they
+    // were trained with and on which model.
+    let adapter_specs = adapter_specs(&args);
+    let mut manifests = Vec::new();
+    for spec in &adapter_specs {
+        manifests.extend(manifest_of(spec).with_context(|| format!("--lora {spec}"))?);
+    }
+    for manifest in &manifests {
+        if let Some(warning) = base_model_warning(manifest, &args.model.model) {
+            reporter.warn(&warning);
+        }
+    }
     let prompt = match (&args.instruction, &args.prompt) {
-        (Some(instruction), _) => diptych_prompt(instruction)?,
+        (Some(instruction), _) => templated_prompt(manifest_template(&manifests)?, instruction)?,
         (None, Some(p)) if p.trim().is_empty() => {
             bail!("--prompt is empty; describe the edit, or give --instruction")
         }
@@ -153,8 +168,11 @@ pub fn run(args: EditArgs) -> Result<()> {
     let seeds = match (&args.judging.judge, args.seeds.as_slice()) {
         (Some(_), []) => bail!("--judge compares candidates: give --seeds N (a count) or a list"),
         (Some(_), [count]) => {
-            if *count < 2 {
-                bail!("--seeds {count}: a seed search needs at least 2 candidates");
+            if *count < 2 || *count > MAX_CANDIDATES as u64 {
+                bail!("--seeds {count}: a seed search takes 2 to {MAX_CANDIDATES} candidates");
+            }
+            if first_seed.checked_add(*count).is_none() {
+                bail!("--seed {first_seed} with --seeds {count}: the seeds would pass 2^64");
             }
             (first_seed..first_seed + count).collect()
         }
@@ -187,29 +205,65 @@ pub fn run(args: EditArgs) -> Result<()> {
         guidance: args.guidance,
         max_sequence_length: args.model.max_seq_len,
     };
+    settings.validate()?;
     if judge_specs.is_some() {
         search.validate(&settings)?;
+    } else if args.save_candidates.is_some() {
+        bail!("--save-candidates keeps a seed search's previews; it needs --judge");
     }
-    // A search writes one result, the winner's.
-    let outputs = output_paths(
-        &args.out,
-        if judge_specs.is_some() {
-            &seeds[..1]
-        } else {
-            &seeds
-        },
-    )?;
-    let inputs = [Some(&args.image), args.latents.as_ref()];
-    for out in &outputs {
-        check_output(&out.edit, inputs.into_iter().flatten())?;
+    if args.top_k == Some(0) {
+        bail!("--top-k must be at least 1");
     }
+    if let Some(scale) = args.lora_scales.iter().find(|s| !s.is_finite()) {
+        bail!("--lora-scale {scale}: a scale must be a finite number");
+    }
+
+    // Every file this run may write, checked against every input before anything is read,
+    // downloaded or loaded. A search writes one result, the winner's, which may be any seed.
+    check_png_name(&args.out)?;
+    let outputs = if judge_specs.is_some() {
+        let mut winners: Vec<OutputPaths> = Vec::new();
+        for seed in &seeds {
+            let paths = output_paths(&args.out, &[*seed])?.remove(0);
+            if !winners.contains(&paths) {
+                winners.push(paths);
+            }
+        }
+        winners
+    } else {
+        output_paths(&args.out, &seeds)?
+    };
+    let hub = HubOptions::from_env();
+    let mut inputs = Inputs::default();
+    inputs.file("--image", &args.image);
+    if let Some(latents) = &args.latents {
+        inputs.file("--latents", latents);
+    }
+    add_model_inputs(&mut inputs, &args.model.model, &hub);
+    for spec in &adapter_specs {
+        add_adapter_inputs(&mut inputs, spec);
+    }
+    let mut planned = Outputs::default();
+    for paths in &outputs {
+        planned.file("--out", &paths.edit);
+        if args.save_diptych {
+            planned.file("--save-diptych", &paths.diptych);
+        }
+    }
+    if let Some(dir) = &args.save_candidates {
+        planned.folder("--save-candidates", dir, is_candidate_file);
+    }
+    planned.check(&inputs)?;
 
     // Inputs and adapters first: a bad image or adapter should fail before the model loads.
     let source = load_rgb(&args.image)?;
-    if let Some(note) = &source.conversion {
+    for note in &source.notes {
         reporter.note(&format!("{}: {note}", args.image.display()));
     }
     let diptych = Diptych::new(&source.rgb, args.width)?;
+    if let Some(warning) = aspect_warning(diptych.half_width, diptych.height, "the edit") {
+        reporter.warn(&warning);
+    }
     let latents = match &args.latents {
         Some(path) => {
             let latents = read_latents(path)?;
@@ -232,8 +286,12 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         None => None,
     };
-    let hub = HubOptions::from_env();
     let adapters = load_adapters(&args, &hub, &reporter)?;
+    // Adapters named by manifests are known only now: their files are inputs too.
+    for (resolved, _) in &adapters {
+        inputs.file("adapter", &resolved.path);
+    }
+    planned.check(&inputs)?;
 
     let repo = ModelRepo::open(&args.model.model, &hub)
         .with_context(|| format!("cannot open the model {}", args.model.model))?;
@@ -241,6 +299,8 @@ pub fn run(args: EditArgs) -> Result<()> {
     let mut pipeline = FillPipeline::new(repo, dtype, device.clone())
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
     pipeline.fetch_all()?;
+    // The recipe names the commit the files came from, for Hub models.
+    let model_name = pipeline.repo().describe_commit();
     let judge = match &judge_specs {
         Some(specs) => {
             let names: Vec<String> = specs.iter().map(|s| s.name()).collect();
@@ -290,8 +350,29 @@ pub fn run(args: EditArgs) -> Result<()> {
         reporter.note(&describe_applied(applied));
     }
 
-    // The edits to write: every seed, or the winner of a seed search.
-    let mut finished = Vec::new();
+    // Each result is written as soon as it is ready; an error later names what was written.
+    let writer = ResultWriter {
+        args: &args,
+        source_size: source.rgb.dimensions(),
+        recipe: Recipe {
+            task: "edit".into(),
+            prompt: prompt.clone(),
+            instruction: args.instruction.clone(),
+            seed: 0,
+            latents: args.latents.as_ref().map(|p| p.display().to_string()),
+            steps: args.steps,
+            guidance: args.guidance,
+            max_sequence_length: args.model.max_seq_len,
+            width: 0,
+            height: 0,
+            expand: None,
+            model: model_name.clone(),
+            adapters: adapter_uses.clone(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+        },
+    };
+    let mut results = Vec::new();
     let mut search_summary = None;
     if let Some(mut judge) = judge {
         let started = Instant::now();
@@ -319,13 +400,18 @@ pub fn run(args: EditArgs) -> Result<()> {
             args.steps
         ));
         let summary = search_json(&outcome, &search, &judge.name(), args.steps);
+        let paths = output_paths(&args.out, &[outcome.winner_seed])?.remove(0);
+        let written = writer.write(outcome.winner_seed, &outcome.result, &paths, started)?;
+        reporter.done(&format!("wrote {}", paths.edit.display()));
+        results.push(written);
         if let Some(dir) = &args.save_candidates {
             save_candidates(dir, &outcome, &summary)?;
+            reporter.done(&format!("wrote the candidates to {}", dir.display()));
         }
         search_summary = Some(summary);
-        finished.push((outcome.winner_seed, outcome.result, started.elapsed()));
     } else {
-        for seed in &seeds {
+        let mut written: Vec<String> = Vec::new();
+        for (seed, paths) in seeds.iter().zip(&outputs) {
             let started = Instant::now();
             let noise = match &latents {
                 Some(latents) => InitialNoise::Latents {
@@ -334,54 +420,28 @@ pub fn run(args: EditArgs) -> Result<()> {
                 },
                 None => InitialNoise::Seed(*seed),
             };
-            let output =
-                pipeline.edit(&diptych, &prompt, &text, &settings, noise, &mut callback)?;
-            finished.push((*seed, output, started.elapsed()));
+            let result = pipeline
+                .edit(&diptych, &prompt, &text, &settings, noise, &mut callback)
+                .map_err(anyhow::Error::from)
+                .and_then(|output| writer.write(*seed, &output, paths, started));
+            match result {
+                Ok(summary) => {
+                    reporter.done(&format!("wrote {}", paths.edit.display()));
+                    written.push(paths.edit.display().to_string());
+                    results.push(summary);
+                }
+                Err(err) if written.is_empty() => return Err(err),
+                Err(err) => {
+                    return Err(err.context(format!(
+                        "seed {seed} failed; written before it: {}",
+                        written.join(", ")
+                    )))
+                }
+            }
         }
-    }
-
-    let mut results = Vec::new();
-    for (i, (seed, output, elapsed)) in finished.into_iter().enumerate() {
-        let paths = match search_summary {
-            Some(_) => output_paths(&args.out, &[seed])?.remove(0),
-            None => outputs[i].clone(),
-        };
-        let edited = if args.keep_size {
-            let (w, h) = source.rgb.dimensions();
-            resize_rgb(&output.edited, w, h, Filter::Bicubic)
-        } else {
-            output.edited
-        };
-        let recipe = Recipe {
-            task: "edit".into(),
-            prompt: prompt.clone(),
-            instruction: args.instruction.clone(),
-            seed,
-            latents: args.latents.as_ref().map(|p| p.display().to_string()),
-            steps: args.steps,
-            guidance: args.guidance,
-            max_sequence_length: args.model.max_seq_len,
-            width: edited.width(),
-            height: edited.height(),
-            expand: None,
-            model: model_name.clone(),
-            adapters: adapter_uses.clone(),
-            dtype: format!("{dtype:?}").to_lowercase(),
-            software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
-        };
-        save_png(&paths.edit, &edited, &recipe.png_metadata())?;
-        if args.save_diptych {
-            save_png(&paths.diptych, &output.diptych, &recipe.png_metadata())?;
+        if written.len() > 1 {
+            reporter.done(&format!("wrote {} edits", written.len()));
         }
-        reporter.done(&format!("wrote {}", paths.edit.display()));
-        results.push(json!({
-            "seed": seed,
-            "path": paths.edit,
-            "diptych": args.save_diptych.then_some(&paths.diptych),
-            "width": edited.width(),
-            "height": edited.height(),
-            "seconds": elapsed.as_secs_f64(),
-        }));
     }
 
     let applied = pipeline.applied_adapters();
@@ -429,29 +489,107 @@ pub fn run(args: EditArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes one finished edit (and its diptych) with its recipe; returns its `--json` entry.
+struct ResultWriter<'a> {
+    args: &'a EditArgs,
+    source_size: (u32, u32),
+    /// The run's recipe; seed and size are filled in per result.
+    recipe: Recipe,
+}
+
+impl ResultWriter<'_> {
+    fn write(
+        &self,
+        seed: u64,
+        output: &EditOutput,
+        paths: &OutputPaths,
+        started: Instant,
+    ) -> Result<serde_json::Value> {
+        let edited = if self.args.keep_size {
+            let (w, h) = self.source_size;
+            resize_rgb(&output.edited, w, h, Filter::Bicubic)
+        } else {
+            output.edited.clone()
+        };
+        let recipe = Recipe {
+            seed,
+            width: edited.width(),
+            height: edited.height(),
+            ..self.recipe.clone()
+        };
+        save_png(&paths.edit, &edited, &recipe.png_metadata())?;
+        if self.args.save_diptych {
+            save_png(&paths.diptych, &output.diptych, &recipe.png_metadata())?;
+        }
+        Ok(json!({
+            "seed": seed,
+            "path": paths.edit,
+            "diptych": self.args.save_diptych.then_some(&paths.diptych),
+            "width": edited.width(),
+            "height": edited.height(),
+            "seconds": started.elapsed().as_secs_f64(),
+        }))
+    }
+}
+
+/// The `--lora` specs, or the default adapter; none with --no-lora.
+fn adapter_specs(args: &EditArgs) -> Vec<String> {
+    if args.no_lora {
+        Vec::new()
+    } else if args.loras.is_empty() {
+        vec![DEFAULT_ADAPTER.to_string()]
+    } else {
+        args.loras.clone()
+    }
+}
+
+/// The prompt template the adapters were trained with (ICEdit's diptych prompt when no
+/// manifest names one).
+fn manifest_template(manifests: &[Manifest]) -> Result<&'static str> {
+    let mut names: Vec<&str> = manifests
+        .iter()
+        .filter_map(|m| m.prompt.as_deref())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    match names[..] {
+        [] => Ok(DIPTYCH_TEMPLATE),
+        [name] => Ok(prompt_template(name)?),
+        _ => bail!(
+            "the adapters were trained with different prompt templates ({}); use one at a time, \
+             or give the whole --prompt",
+            names.join(", ")
+        ),
+    }
+}
+
+/// A warning when `--model` is a Hub repo other than the one the adapter was trained on.
+fn base_model_warning(manifest: &Manifest, model: &str) -> Option<String> {
+    let base = manifest.base_model.as_deref()?;
+    match ModelSource::parse(model) {
+        Ok(ModelSource::Hub { repo_id, .. }) if !repo_id.eq_ignore_ascii_case(base) => {
+            Some(format!(
+                "adapter {} was trained on {base}, not {repo_id}: expect weaker edits",
+                manifest.name
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Resolves (downloading if needed) and reads every adapter; checks manifests' stated kinds.
 fn load_adapters(
     args: &EditArgs,
     hub: &HubOptions,
     reporter: &Reporter,
 ) -> Result<Vec<(ResolvedAdapter, AdapterChoice)>> {
-    if args.no_lora {
-        return Ok(Vec::new());
-    }
-    let specs = if args.loras.is_empty() {
-        vec![DEFAULT_ADAPTER.to_string()]
-    } else {
-        args.loras.clone()
-    };
+    let specs = adapter_specs(args);
     if !args.lora_scales.is_empty() && args.lora_scales.len() != specs.len() {
         bail!(
             "{} --lora-scale value(s) for {} adapter(s); give one scale per --lora, in order",
             args.lora_scales.len(),
             specs.len()
         );
-    }
-    if args.top_k == Some(0) {
-        bail!("--top-k must be at least 1");
     }
     let mut adapters = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
@@ -538,7 +676,7 @@ fn routing_lines(a: &AppliedAdapter) -> Vec<String> {
     lines
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 struct OutputPaths {
     edit: PathBuf,
     diptych: PathBuf,
@@ -630,12 +768,28 @@ fn save_candidates(dir: &Path, outcome: &SearchOutcome, summary: &serde_json::Va
         &outcome.result.edited,
         &[],
     )?;
-    let path = dir.join("verdicts.json");
-    let temp = dir.join(".verdicts.json.tmp");
-    std::fs::write(&temp, serde_json::to_string_pretty(summary)?)
-        .and_then(|_| std::fs::rename(&temp, &path))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_file_atomically(
+        &dir.join(VERDICTS_FILE),
+        serde_json::to_string_pretty(summary)?.as_bytes(),
+    )?;
     Ok(())
+}
+
+const VERDICTS_FILE: &str = "verdicts.json";
+
+/// The names `save_candidates` writes (checked against the inputs before the search).
+fn is_candidate_file(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let preview = name
+        .strip_prefix("seed")
+        .and_then(|r| r.strip_suffix(".png"))
+        .and_then(|r| r.split_once("-step"))
+        .is_some_and(|(seed, step)| digits(seed) && digits(step));
+    let winner = name
+        .strip_prefix("winner-seed")
+        .and_then(|r| r.strip_suffix(".png"))
+        .is_some_and(digits);
+    preview || winner || name == VERDICTS_FILE
 }
 
 #[cfg(test)]
@@ -653,5 +807,20 @@ mod tests {
         assert_eq!(templated[0].edit, Path::new("cat_7.png"));
         assert_eq!(templated[1].diptych, Path::new("cat_9-diptych.png"));
         assert!(output_paths(Path::new("a.png"), &[3, 3]).is_err());
+    }
+
+    #[test]
+    fn candidate_file_names() {
+        for name in ["seed42-step10.png", "winner-seed7.png", "verdicts.json"] {
+            assert!(is_candidate_file(name), "{name}");
+        }
+        for name in [
+            "seed-step1.png",
+            "seedx-step1.png",
+            "photo.png",
+            "winner-seed.png",
+        ] {
+            assert!(!is_candidate_file(name), "{name}");
+        }
     }
 }

@@ -9,9 +9,10 @@ use icedit_image::resize::{resize_gray, Filter};
 use icedit_pipeline::canvas::{self, Margins};
 use icedit_pipeline::image_io::{self, load_mask, load_rgb, save_png};
 use icedit_pipeline::recipe::Recipe;
-use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
+use icedit_pipeline::{EditSettings, FillPipeline, FillRequest, InitialNoise};
 
-use crate::inputs::{check_output, random_seed, read_latents};
+use crate::inputs::{add_model_inputs, check_png_name, random_seed, read_latents};
+use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
 use crate::{device, ModelArgs};
 
@@ -56,18 +57,38 @@ pub struct FillArgs {
 
 pub fn run(args: FillArgs) -> Result<()> {
     let reporter = Reporter::new(args.quiet);
-    let inputs = [Some(&args.image), args.mask.as_ref(), args.latents.as_ref()];
-    check_output(&args.out, inputs.into_iter().flatten())?;
     if args.prompt.trim().is_empty() {
         bail!("--prompt is empty; describe what the masked area should show");
     }
+    EditSettings {
+        steps: args.steps,
+        guidance: args.guidance,
+        max_sequence_length: args.model.max_seq_len,
+    }
+    .validate()?;
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = device(args.model.device)?;
     let margins = args.expand.as_deref().map(Margins::parse).transpose()?;
 
+    // Where the result goes, checked against every input before anything is read or loaded.
+    check_png_name(&args.out)?;
+    let hub = HubOptions::from_env();
+    let mut inputs = Inputs::default();
+    inputs.file("--image", &args.image);
+    if let Some(mask) = &args.mask {
+        inputs.file("--mask", mask);
+    }
+    if let Some(latents) = &args.latents {
+        inputs.file("--latents", latents);
+    }
+    add_model_inputs(&mut inputs, &args.model.model, &hub);
+    let mut outputs = Outputs::default();
+    outputs.file("--out", &args.out);
+    outputs.check(&inputs)?;
+
     // Inputs first: a bad image should fail before minutes of model loading.
     let source = load_rgb(&args.image)?;
-    if let Some(note) = &source.conversion {
+    for note in &source.notes {
         reporter.note(&format!("{}: {note}", args.image.display()));
     }
     let mut mask = match &args.mask {
@@ -90,7 +111,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         }
     }
     let (image, mask) = match margins {
-        Some(m) if !m.is_empty() => canvas::expand(&source.rgb, mask.as_ref(), m),
+        Some(m) if !m.is_empty() => canvas::expand(&source.rgb, mask.as_ref(), m)?,
         _ => {
             let (w, h) = source.rgb.dimensions();
             (
@@ -100,6 +121,9 @@ pub fn run(args: FillArgs) -> Result<()> {
         }
     };
     image_io::check_size(image.width(), image.height(), "the canvas")?;
+    if let Some(warning) = image_io::aspect_warning(image.width(), image.height(), "the canvas") {
+        reporter.warn(&warning);
+    }
     let (image, mask, note) = canvas::fit_to_grid(image, mask);
     if let Some(note) = note {
         reporter.note(&note);
@@ -116,12 +140,14 @@ pub fn run(args: FillArgs) -> Result<()> {
         None => InitialNoise::Seed(seed),
     };
 
-    let repo = ModelRepo::open(&args.model.model, &HubOptions::from_env())
+    let repo = ModelRepo::open(&args.model.model, &hub)
         .with_context(|| format!("cannot open the model {}", args.model.model))?;
     let model_name = repo.describe();
     let mut pipeline = FillPipeline::new(repo, dtype, device)
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
     pipeline.fetch_all()?;
+    // The recipe names the commit the files came from, for Hub models.
+    let model_name = pipeline.repo().describe_commit();
     let request = FillRequest {
         image: &image,
         mask: &mask,

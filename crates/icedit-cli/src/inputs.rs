@@ -4,12 +4,13 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use icedit_adapters::AdapterSpec;
+use icedit_hub::{HubOptions, ModelSource};
 
-/// An output must be a PNG and must not overwrite an input.
-pub fn check_output<'a>(
-    out: &Path,
-    inputs: impl IntoIterator<Item = &'a std::path::PathBuf>,
-) -> Result<()> {
+use crate::outputs::Inputs;
+
+/// Results are PNG files (lossless, with the recipe in their metadata).
+pub fn check_png_name(out: &Path) -> Result<()> {
     let is_png = out
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("png"));
@@ -19,21 +20,51 @@ pub fn check_output<'a>(
             out.display()
         );
     }
-    let same = |input: &Path| match (input.canonicalize(), out.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if let Some(input) = inputs.into_iter().find(|p| same(p)) {
-        bail!(
-            "--out {} is one of the inputs; icedit never overwrites its inputs, choose another name",
-            input.display()
-        );
-    }
     Ok(())
 }
 
-/// `--latents`: a safetensors file with a float32 tensor `latents` [1, 16, H/8, W/8].
+/// The model's files as inputs: a local model folder, and the Hub cache that Hub models,
+/// adapters and judges are read from. Outputs never go inside either.
+pub fn add_model_inputs(inputs: &mut Inputs, model: &str, hub: &HubOptions) {
+    if let Ok(ModelSource::Local(folder)) = ModelSource::parse(model) {
+        inputs.folder("model folder", &folder);
+    }
+    inputs.folder("Hugging Face cache", &hub.cache_dir);
+}
+
+/// A `--lora` given as a local file, folder or manifest is an input (a manifest's own local
+/// `repo` folder is checked when it is read).
+pub fn add_adapter_inputs(inputs: &mut Inputs, spec: &str) {
+    if let Ok(AdapterSpec::Path(path)) = AdapterSpec::parse(spec) {
+        if path.is_dir() {
+            inputs.folder("adapter folder", &path);
+        } else {
+            inputs.file("--lora", &path);
+        }
+    }
+}
+
+/// Bytes a `--latents` file may have: a 2048x2048 canvas's latents in float32 are 16 MiB.
+const MAX_LATENTS_FILE_BYTES: u64 = 64 << 20;
+
+/// `--latents`: a safetensors file with a float32 tensor `latents` [1, 16, H/8, W/8], finite.
 pub fn read_latents(path: &Path) -> Result<Tensor> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the latents file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "--latents {}: not a regular file (a pipe or device is not read)",
+            path.display()
+        );
+    }
+    if meta.len() > MAX_LATENTS_FILE_BYTES {
+        bail!(
+            "--latents {}: {} bytes is far more than the latents of any image icedit runs on \
+             (at most {MAX_LATENTS_FILE_BYTES} bytes); is it the right file?",
+            path.display(),
+            meta.len()
+        );
+    }
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("cannot read the latents file {}", path.display()))?;
     let latents = tensors.get("latents").with_context(|| {
@@ -49,6 +80,19 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
             "{}: `latents` must be float32, it is {:?}",
             path.display(),
             latents.dtype()
+        );
+    }
+    let non_finite = latents
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|v| !v.is_finite())
+        .count();
+    if non_finite > 0 {
+        bail!(
+            "{}: `latents` holds {non_finite} NaN or infinite value(s); the run would make a \
+             black image",
+            path.display()
         );
     }
     Ok(latents.clone())

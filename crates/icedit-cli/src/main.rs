@@ -8,12 +8,15 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand, ValueEnum};
 use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransformer};
+use icedit_pipeline::edit::MAX_SEQUENCE_LENGTH;
+use icedit_pipeline::image_io;
 use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
 
 mod edit;
 mod fill;
 mod inputs;
 mod judge;
+mod outputs;
 mod progress;
 
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
@@ -95,6 +98,13 @@ struct InspectArgs {
 }
 
 fn main() {
+    // A signal runs no destructors: remove the temporary file of a result being written, so
+    // that a stopped run leaves nothing behind.
+    let _ = ctrlc::set_handler(|| {
+        icedit_pipeline::image_io::remove_partial_outputs();
+        eprintln!("icedit: stopped; no partial output left behind");
+        std::process::exit(130);
+    });
     if let Err(err) = run(Cli::parse()) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
@@ -131,6 +141,9 @@ pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
 fn inspect(args: InspectArgs) -> Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let device = device(args.device)?;
+    if let Some(size) = &args.forward {
+        parse_forward(size, args.text_tokens)?;
+    }
     let checkpoint = match &args.config {
         Some(path) => Checkpoint::open_with_config(&args.model, FluxConfig::from_json_file(path)?),
         None => Checkpoint::open(&args.model),
@@ -180,6 +193,23 @@ fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--forward WxH` and `--text-tokens`, checked before the model loads.
+fn parse_forward(size: &str, text_tokens: usize) -> Result<(usize, usize)> {
+    let (w, h) = size
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+        .with_context(|| {
+            format!("--forward takes WIDTHxHEIGHT in pixels, e.g. 1024x512, not `{size}`")
+        })?;
+    image_io::check_size(w, h, &format!("--forward {size}"))?;
+    if text_tokens == 0 || text_tokens > MAX_SEQUENCE_LENGTH {
+        bail!(
+            "--text-tokens {text_tokens}: between 1 and {MAX_SEQUENCE_LENGTH} (T5's limit in FLUX)"
+        );
+    }
+    Ok((w as usize, h as usize))
+}
+
 fn time_forward(
     model: &FluxTransformer,
     size: &str,
@@ -187,15 +217,8 @@ fn time_forward(
     device: &Device,
     dtype: DType,
 ) -> Result<()> {
-    let (w, h) = size
-        .split_once(['x', 'X'])
-        .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
-        .with_context(|| {
-            format!("--forward takes WIDTHxHEIGHT in pixels, e.g. 1024x512, not `{size}`")
-        })?;
-    if w < 16 || h < 16 {
-        bail!("--forward {size}: width and height must be at least 16 pixels");
-    }
+    let (w, h) = parse_forward(size, text_tokens)?;
+
     let (gh, gw) = (h / PIXELS_PER_TOKEN, w / PIXELS_PER_TOKEN);
     let c = model.config();
     let img = Tensor::randn(0f32, 1.0, (1, gh * gw, c.in_channels), device)?;

@@ -146,8 +146,13 @@ fn default_adapter_and_manifest_names_resolve_from_the_hub_cache() {
     assert_eq!(r["adapters"][0]["name"], "icedit-moe");
     assert_eq!(r["adapters"][0]["top_k"], 1);
     let source = r["adapters"][0]["source"].as_str().unwrap();
+    // The commit the adapter came from, not the branch name.
+    let commit = source
+        .strip_prefix("sanaka87/ICEdit-MoE-LoRA@")
+        .and_then(|r| r.strip_suffix("/moe.safetensors"))
+        .unwrap_or_else(|| panic!("{source}"));
     assert!(
-        source.starts_with("sanaka87/ICEdit-MoE-LoRA@main/moe.safetensors"),
+        commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
         "{source}"
     );
     let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();

@@ -100,10 +100,12 @@ impl FluxConfig {
     }
 
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| FluxError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::files::read_text_file(path, crate::files::MAX_CONFIG_BYTES).map_err(
+            |source| FluxError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         let config: Self = serde_json::from_str(&text).map_err(|e| FluxError::Config {
             path: Some(path.to_path_buf()),
             message: e.to_string(),
@@ -145,8 +147,38 @@ impl FluxConfig {
                 self.patch_size
             ));
         }
-        if self.num_attention_heads == 0 || self.attention_head_dim == 0 {
-            return fail("num_attention_heads and attention_head_dim must be positive".into());
+        use crate::files::{check_config_sizes, MAX_CONFIG_LAYERS, MAX_CONFIG_WIDTH};
+        let hidden = self
+            .num_attention_heads
+            .checked_mul(self.attention_head_dim)
+            .unwrap_or(usize::MAX);
+        check_config_sizes(&[
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("attention_head_dim", self.attention_head_dim, 1024),
+            (
+                "the hidden size (heads x head dim)",
+                hidden,
+                MAX_CONFIG_WIDTH / MLP_RATIO,
+            ),
+            ("in_channels", self.in_channels, MAX_CONFIG_WIDTH),
+            ("out_channels", self.out_channels(), MAX_CONFIG_WIDTH),
+            (
+                "joint_attention_dim",
+                self.joint_attention_dim,
+                MAX_CONFIG_WIDTH,
+            ),
+            (
+                "pooled_projection_dim",
+                self.pooled_projection_dim,
+                MAX_CONFIG_WIDTH,
+            ),
+        ])
+        .or_else(fail)?;
+        if self.num_layers > MAX_CONFIG_LAYERS || self.num_single_layers > MAX_CONFIG_LAYERS {
+            return fail(format!(
+                "{} double and {} single blocks; at most {MAX_CONFIG_LAYERS} each",
+                self.num_layers, self.num_single_layers
+            ));
         }
         if self.attention_head_dim % 2 != 0 {
             return fail(format!(

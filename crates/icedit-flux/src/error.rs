@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use candle_core::DType;
+
 pub type Result<T, E = FluxError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,28 @@ pub enum FluxError {
     #[error("tensor `{name}` is stored as {dtype}, which this loader cannot read (supported: F32, F16, BF16, F64)")]
     UnsupportedTensorDtype { name: String, dtype: String },
 
+    /// A weight holds NaN or infinite values once read in the model's dtype: stored so (a
+    /// corrupt or diverged checkpoint), or too large for the dtype it was converted to.
+    #[error(
+        "tensor `{name}` in {} holds NaN or infinite values{}",
+        file.display(),
+        non_finite_weight_hint(*stored, *dtype, *in_file)
+    )]
+    NonFiniteWeight {
+        name: String,
+        file: PathBuf,
+        /// The dtype in the file.
+        stored: DType,
+        /// The dtype it was read as.
+        dtype: DType,
+        /// Whether the file itself holds them (else the conversion to `dtype` overflowed).
+        in_file: bool,
+    },
+
+    /// A computation (a denoising step, the VAE, a text encoder) gave NaN or infinite values.
+    #[error("{}", non_finite_values_message(stage, *dtype))]
+    NonFiniteValues { stage: String, dtype: DType },
+
     #[error("cannot run the model in {requested}: choose one of f32, bf16, f16")]
     UnsupportedDtype { requested: String },
 
@@ -66,6 +90,36 @@ fn read_as_hint(read_as: &Option<String>) -> String {
         .as_ref()
         .map(|n| format!(" (read as `{n}`)"))
         .unwrap_or_default()
+}
+
+fn non_finite_weight_hint(stored: DType, dtype: DType, in_file: bool) -> String {
+    if in_file {
+        " in the file: the checkpoint is corrupt (or was saved from a diverged model); download \
+         it again or use another copy"
+            .to_string()
+    } else {
+        format!(
+            " once converted from {} to {} (out of its range): run with `--dtype f32`{}",
+            stored.as_str(),
+            dtype.as_str(),
+            if dtype == DType::F16 {
+                " or `--dtype bf16`"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+fn non_finite_values_message(stage: &str, dtype: DType) -> String {
+    let advice = crate::finite::dtype_advice(dtype);
+    match dtype {
+        DType::F16 | DType::BF16 => format!(
+            "the model overflowed {stage}: NaN or infinite values in {}; {advice}",
+            dtype.as_str()
+        ),
+        _ => format!("the model produced NaN or infinite values {stage}; {advice}"),
+    }
 }
 
 fn files_hint(files: &[PathBuf]) -> String {

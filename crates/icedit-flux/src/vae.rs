@@ -136,10 +136,12 @@ impl VaeConfig {
             path: Some(path.to_path_buf()),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|source| FluxError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::files::read_text_file(path, crate::files::MAX_CONFIG_BYTES).map_err(
+            |source| FluxError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if let Some(class) = value.get("_class_name").and_then(|c| c.as_str()) {
@@ -172,6 +174,18 @@ impl VaeConfig {
             })
         };
         let n = self.block_out_channels.len();
+        use crate::files::{check_config_sizes, MAX_CONFIG_WIDTH};
+        let mut sizes = vec![
+            ("the number of blocks", n, 8),
+            ("layers_per_block", self.layers_per_block, 16),
+            ("latent_channels", self.latent_channels, 1024),
+        ];
+        sizes.extend(
+            self.block_out_channels
+                .iter()
+                .map(|c| ("block_out_channels", *c, MAX_CONFIG_WIDTH / 4)),
+        );
+        check_config_sizes(&sizes).or_else(fail)?;
         if n == 0 || self.block_out_channels.contains(&0) {
             return fail(format!(
                 "block_out_channels {:?} must be non-empty and positive",

@@ -154,6 +154,24 @@ impl SafetensorsFiles {
                 bytes.len(),
             );
         }
+        // One pass where the tensor landed: a NaN weight would blacken every image, and a value
+        // beyond the dtype's range becomes infinite in the conversion above.
+        if !crate::finite::all_finite(&tensor)? {
+            return Err(FluxError::NonFiniteWeight {
+                name: name.to_string(),
+                file: self.paths[entry.file].clone(),
+                stored,
+                dtype,
+                // Only on failure: was it so in the file, or did the conversion overflow?
+                in_file: stored == dtype
+                    || !crate::finite::all_finite(&Tensor::from_raw_buffer(
+                        &map[bytes],
+                        stored,
+                        &shape,
+                        &Device::Cpu,
+                    )?)?,
+            });
+        }
         Ok(tensor)
     }
 
@@ -690,10 +708,11 @@ impl candle_nn::var_builder::SimpleBackend for MappedBackend<'_> {
 pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join(DIFFUSERS_INDEX);
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|source| FluxError::Io {
-            path: index_path.clone(),
-            source,
-        })?;
+        let text = crate::files::read_text_file(&index_path, crate::files::MAX_CONFIG_BYTES)
+            .map_err(|source| FluxError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
         let bad_index = |message: String| FluxError::Config {
             path: Some(index_path.clone()),
             message,

@@ -3,6 +3,7 @@
 use image::{imageops, GrayImage, Luma, Rgb, RgbImage};
 
 use crate::error::{PipelineError, Result};
+use crate::image_io::{check_size, MAX_PIXELS};
 use crate::latents::PIXELS_PER_TOKEN;
 use icedit_image::resize::{resize_gray, resize_rgb, Filter};
 
@@ -45,7 +46,27 @@ impl Margins {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.left + self.top + self.right + self.bottom == 0
+        [self.left, self.top, self.right, self.bottom] == [0; 4]
+    }
+
+    /// The size of a `width` x `height` image grown by these margins, if icedit can run on it.
+    pub fn canvas_size(&self, width: u32, height: u32) -> Result<(u32, u32)> {
+        let grow = |side: u32, a: u32, b: u32| side.checked_add(a)?.checked_add(b);
+        let too_big = || {
+            PipelineError::Input(format!(
+                "--expand {},{},{},{} on a {width}x{height} image makes a canvas larger than \
+                 icedit runs on ({:.1} MP); use smaller margins or a smaller image",
+                self.left,
+                self.top,
+                self.right,
+                self.bottom,
+                MAX_PIXELS as f64 / 1e6
+            ))
+        };
+        let cw = grow(width, self.left, self.right).ok_or_else(too_big)?;
+        let ch = grow(height, self.top, self.bottom).ok_or_else(too_big)?;
+        check_size(cw, ch, "the outpainting canvas")?;
+        Ok((cw, ch))
     }
 }
 
@@ -53,16 +74,15 @@ impl Margins {
 /// (white). An existing mask is carried over; without one, the source area is kept (black).
 /// The new area's pixels are mid-gray; their value does not matter, since the pipeline zeroes
 /// every masked pixel before encoding.
+///
+/// The canvas size is checked ([`check_size`]) before anything is allocated.
 pub fn expand(
     image: &RgbImage,
     mask: Option<&GrayImage>,
     margins: Margins,
-) -> (RgbImage, GrayImage) {
+) -> Result<(RgbImage, GrayImage)> {
     let (w, h) = image.dimensions();
-    let (cw, ch) = (
-        w + margins.left + margins.right,
-        h + margins.top + margins.bottom,
-    );
+    let (cw, ch) = margins.canvas_size(w, h)?;
     let mut canvas = RgbImage::from_pixel(cw, ch, Rgb([127, 127, 127]));
     imageops::replace(&mut canvas, image, margins.left as i64, margins.top as i64);
     let mut new_mask = GrayImage::from_pixel(cw, ch, Luma([255]));
@@ -73,7 +93,7 @@ pub fn expand(
         margins.left as i64,
         margins.top as i64,
     );
-    (canvas, new_mask)
+    Ok((canvas, new_mask))
 }
 
 /// The size the model runs at: each side floored to a multiple of 16, as diffusers does.
@@ -119,7 +139,7 @@ mod tests {
 
     #[test]
     fn expand_masks_only_the_new_area() {
-        let img = RgbImage::from_pixel(2, 2, Rgb([9, 9, 9]));
+        let img = RgbImage::from_pixel(20, 20, Rgb([9, 9, 9]));
         let (canvas, mask) = expand(
             &img,
             None,
@@ -129,12 +149,28 @@ mod tests {
                 right: 0,
                 bottom: 1,
             },
-        );
-        assert_eq!(canvas.dimensions(), (3, 3));
+        )
+        .unwrap();
+        assert_eq!(canvas.dimensions(), (21, 21));
         assert_eq!(canvas.get_pixel(1, 0).0, [9, 9, 9]);
         assert_eq!(mask.get_pixel(0, 0).0, [255]);
         assert_eq!(mask.get_pixel(1, 1).0, [0]);
-        assert_eq!(mask.get_pixel(2, 2).0, [255]);
+        assert_eq!(mask.get_pixel(20, 20).0, [255]);
+    }
+
+    #[test]
+    fn huge_margins_are_refused_before_allocating() {
+        let img = RgbImage::new(64, 64);
+        for text in ["4294967295", "0,0,4294967295,0", "100000", "0,0,0,70000"] {
+            let margins = Margins::parse(text).unwrap();
+            let err = expand(&img, None, margins).unwrap_err().to_string();
+            assert!(
+                err.contains("larger than") || err.contains("more than"),
+                "{text}: {err}"
+            );
+        }
+        let err = Margins::parse("4294967296").unwrap_err().to_string();
+        assert!(err.contains("--expand"), "{err}");
     }
 
     #[test]

@@ -18,14 +18,37 @@ pub const DIPTYCH_TEMPLATE: &str = include_str!("../../../prompts/icedit-diptych
 /// The width the ICEdit adapters were trained at.
 pub const DEFAULT_WIDTH: u32 = 512;
 
+/// The prompt templates adapter manifests can name (`prompt = "NAME"`, prompts/NAME.txt).
+pub const PROMPT_TEMPLATES: [(&str, &str); 1] = [("icedit-diptych", DIPTYCH_TEMPLATE)];
+
+/// The template a manifest names.
+pub fn prompt_template(name: &str) -> Result<&'static str> {
+    PROMPT_TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let known: Vec<&str> = PROMPT_TEMPLATES.iter().map(|(n, _)| *n).collect();
+            PipelineError::Input(format!(
+                "unknown prompt template `{name}` (known: {})",
+                known.join(", ")
+            ))
+        })
+}
+
 /// The in-context prompt for an instruction.
 pub fn diptych_prompt(instruction: &str) -> Result<String> {
+    templated_prompt(DIPTYCH_TEMPLATE, instruction)
+}
+
+/// A template with the instruction put in, as typed.
+pub fn templated_prompt(template: &str, instruction: &str) -> Result<String> {
     if instruction.trim().is_empty() {
         return Err(PipelineError::Input(
             "the instruction is empty; say what to change, e.g. \"make it night\"".into(),
         ));
     }
-    Ok(DIPTYCH_TEMPLATE.replace("{instruction}", instruction))
+    Ok(template.replace("{instruction}", instruction))
 }
 
 /// Size of each half: `width` wide (a multiple of 16), the height keeping the source's aspect
@@ -101,6 +124,42 @@ pub struct EditSettings {
     pub steps: usize,
     pub guidance: f32,
     pub max_sequence_length: usize,
+}
+
+/// Most denoising steps a run may ask for (FLUX runs 28 to 50; more only costs time).
+pub const MAX_STEPS: usize = 1000;
+/// T5's prompt length limit in FLUX (diffusers refuses longer).
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+/// Largest guidance accepted: FLUX's embedded guidance is trained up to about 100 (ICEdit uses
+/// 50); far larger values only overflow.
+pub const MAX_GUIDANCE: f32 = 1000.0;
+
+impl EditSettings {
+    /// Checks the numbers before anything is loaded or allocated.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(PipelineError::Input(m));
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return bad(format!(
+                "--steps {}: the step count must be between 1 and {MAX_STEPS}",
+                self.steps
+            ));
+        }
+        if !self.guidance.is_finite() || self.guidance.abs() > MAX_GUIDANCE {
+            return bad(format!(
+                "--guidance {}: the guidance must be a finite number between -{MAX_GUIDANCE} and \
+                 {MAX_GUIDANCE}",
+                self.guidance
+            ));
+        }
+        if self.max_sequence_length == 0 || self.max_sequence_length > MAX_SEQUENCE_LENGTH {
+            return bad(format!(
+                "--max-seq-len {}: the T5 prompt length must be between 1 and \
+                 {MAX_SEQUENCE_LENGTH} tokens (T5's limit in FLUX)",
+                self.max_sequence_length
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for EditSettings {

@@ -99,6 +99,7 @@ impl FillPipeline {
     /// repo that is not a FLUX pipeline fails early.
     pub fn new(repo: ModelRepo, dtype: DType, device: Device) -> Result<Self> {
         icedit_flux::check_model_dtype(dtype)?;
+        check_pipeline_class(&repo)?;
         let scheduler =
             SchedulerConfig::from_json_file(&repo.file("scheduler/scheduler_config.json")?)?;
         Ok(Self {
@@ -333,6 +334,9 @@ impl FillPipeline {
             let z = vae
                 .scale_latents(&posterior.sample(&noise)?)?
                 .to_dtype(dtype)?;
+            icedit_flux::check_finite(&z, dtype, || {
+                "in the VAE encoding of the masked image".into()
+            })?;
             let mask =
                 pack_mask(&mask, height as usize, width as usize, &device)?.to_dtype(dtype)?;
             Tensor::cat(&[pack(&z)?, mask], 2)?
@@ -341,6 +345,7 @@ impl FillPipeline {
         let tokens = (height as usize / PIXELS_PER_TOKEN) * (width as usize / PIXELS_PER_TOKEN);
         let txt = text.t5.to_device(&device)?.to_dtype(dtype)?;
         Ok(Denoising {
+            seed: request.noise.seed(),
             latents,
             velocity: None,
             step: 0,
@@ -420,6 +425,15 @@ impl FillPipeline {
                 for (i, state) in group.iter_mut().enumerate() {
                     let velocity = velocity.narrow(0, i, 1)?;
                     state.latents = state.schedule.step(step, &state.latents, &velocity)?;
+                    // One pass per step: NaN or infinity never heals, and would end as a black
+                    // image; stop here, naming the step.
+                    icedit_flux::check_finite(&state.latents, dtype, || {
+                        format!(
+                            "at denoising step {} of {total} (seed {})",
+                            step + 1,
+                            state.seed
+                        )
+                    })?;
                     state.velocity = Some(velocity);
                     state.step += 1;
                     state.evaluations += 1;
@@ -458,6 +472,7 @@ impl FillPipeline {
         let vae = self.vae(&mut |_| {})?;
         let z = vae.unscale_latents(&unpack(packed, h, w)?)?;
         let decoded = vae.decode(&z)?;
+        icedit_flux::check_finite(&decoded, decoded.dtype(), || "in the VAE decode".into())?;
         let (rgb, out_h, out_w) = tensor_to_pixels(&decoded)?;
         RgbImage::from_raw(out_w as u32, out_h as u32, rgb)
             .ok_or_else(|| PipelineError::Input("decoded image has an unexpected size".into()))
@@ -468,6 +483,8 @@ impl FillPipeline {
 /// previewed, compared and continued (the early-filter seed search).
 #[derive(Debug, Clone)]
 pub struct Denoising {
+    /// The seed of the run's noise, for messages.
+    seed: u64,
     /// Packed latents after `step` steps.
     latents: Tensor,
     /// The last evaluation's velocity, for the clean-image estimate.
@@ -536,6 +553,38 @@ fn fetch_text_files(repo: &ModelRepo) -> Result<std::path::PathBuf> {
     Ok(folder_of(folder_of(config)).to_path_buf())
 }
 
+/// The pipeline class diffusers' `model_index.json` names for FLUX.1 Fill.
+const FILL_PIPELINE_CLASS: &str = "FluxFillPipeline";
+
+/// Refuses a repo whose `model_index.json` names another pipeline (FLUX.1 dev, Kontext, an SD
+/// model): its weights would load and compute something else. Folders without the file pass.
+fn check_pipeline_class(repo: &ModelRepo) -> Result<()> {
+    if !repo.exists("model_index.json")? {
+        return Ok(());
+    }
+    let path = repo.file("model_index.json")?;
+    let bad = |message: String| PipelineError::Config {
+        path: path.clone(),
+        message,
+    };
+    let text = icedit_flux::files::read_text_file(&path, icedit_flux::files::MAX_CONFIG_BYTES)
+        .map_err(|source| PipelineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    match index.get("_class_name").and_then(|c| c.as_str()) {
+        Some(FILL_PIPELINE_CLASS) => Ok(()),
+        Some(other) => Err(bad(format!(
+            "the model is a {other}, not a {FILL_PIPELINE_CLASS}; icedit edit and fill run \
+             FLUX.1 Fill (e.g. black-forest-labs/FLUX.1-Fill-dev)"
+        ))),
+        None => Err(bad(format!(
+            "no `_class_name`; expected \"{FILL_PIPELINE_CLASS}\""
+        ))),
+    }
+}
+
 fn folder_of(file: &std::path::Path) -> &std::path::Path {
     file.parent().unwrap_or(file)
 }
@@ -573,19 +622,11 @@ fn check_request(request: &FillRequest) -> Result<()> {
             "the prompt is empty; describe what the masked area should show".into(),
         ));
     }
-    if request.steps == 0 {
-        return Err(PipelineError::Input("steps must be at least 1".into()));
+    crate::edit::EditSettings {
+        steps: request.steps,
+        guidance: request.guidance,
+        max_sequence_length: request.max_sequence_length,
     }
-    if !request.guidance.is_finite() {
-        return Err(PipelineError::Input(
-            "guidance must be a finite number".into(),
-        ));
-    }
-    if request.max_sequence_length == 0 || request.max_sequence_length > 512 {
-        return Err(PipelineError::Input(format!(
-            "max sequence length must be between 1 and 512 (T5's limit), got {}",
-            request.max_sequence_length
-        )));
-    }
+    .validate()?;
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! Reading user images and masks (any common format, converted to what the model takes) and
 //! writing results as PNG with their recipe in the metadata, atomically.
 
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Cursor, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use image::{DynamicImage, GrayImage, ImageReader, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 use crate::error::{PipelineError, Result};
 
@@ -14,42 +16,106 @@ pub const MAX_PIXELS: u64 = 2048 * 2048;
 /// Largest side icedit will decode at all (guards against decompression bombs).
 const MAX_DECODE_SIDE: u32 = 16384;
 
-/// An input image converted to 8-bit RGB, with a note of what conversion was needed.
+/// Largest image file icedit reads, in bytes (a 16384-pixel-wide PNG of noise is ~800 MB; a
+/// photo is a few MB).
+const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// An input image converted to 8-bit RGB, with notes on what was done to it.
 pub struct LoadedImage {
     pub rgb: RgbImage,
-    /// e.g. "RGBA converted to RGB (alpha dropped)"; None when the file was 8-bit RGB.
-    pub conversion: Option<String>,
+    /// e.g. "RGBA converted to RGB (alpha dropped)", "rotated as its EXIF orientation says";
+    /// empty when the file was plain 8-bit RGB.
+    pub notes: Vec<String>,
 }
 
-fn open(path: &Path) -> Result<DynamicImage> {
+/// Decodes an image file: refuses what is not a complete image, applies the EXIF orientation
+/// (as diffusers' `load_image` does with `ImageOps.exif_transpose`) and notes what it did.
+fn open(path: &Path) -> Result<(DynamicImage, Vec<String>)> {
     let image_err = |message: String| PipelineError::Image {
         path: path.to_path_buf(),
         message,
     };
-    let mut reader = ImageReader::open(path)
-        .map_err(|e| image_err(e.to_string()))?
+    // Only regular files: a pipe or a device would block or never end.
+    let meta = std::fs::metadata(path).map_err(|e| image_err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(image_err(
+            "not a regular file (a pipe, device or folder is not read)".into(),
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(image_err(format!(
+            "{} bytes is larger than any photo icedit takes ({MAX_FILE_BYTES} bytes)",
+            meta.len()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| image_err(e.to_string()))?;
+    let mut reader = ImageReader::new(Cursor::new(&bytes[..]))
         .with_guessed_format()
         .map_err(|e| image_err(e.to_string()))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_DECODE_SIDE);
     limits.max_image_height = Some(MAX_DECODE_SIDE);
     reader.limits(limits);
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(image_err(
             "not a recognised image format (PNG, JPEG, WebP, BMP or TIFF)".into(),
         ));
+    };
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(&bytes) {
+        // The decoder would fill the missing rows with gray; PIL refuses such a file.
+        return Err(image_err(
+            "the JPEG is truncated (its data ends before the image does); is the file complete?"
+                .into(),
+        ));
     }
-    reader.decode().map_err(|e| {
+    let mut notes = Vec::new();
+    if is_animated(format, &bytes) {
+        notes.push("an animated image: its first frame is used".to_string());
+    }
+    let bad_image = |e: image::ImageError| {
         image_err(format!(
             "{e} (is the file complete and really an image? re-export it as PNG)"
         ))
-    })
+    };
+    let mut decoder = reader.into_decoder().map_err(bad_image)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(bad_image)?;
+    if orientation != Orientation::NoTransforms {
+        image.apply_orientation(orientation);
+        notes.push(format!(
+            "turned upright as its EXIF orientation says ({orientation:?})"
+        ));
+    }
+    Ok((image, notes))
+}
+
+/// Whether a JPEG's last scan is closed by the end-of-image marker. Inside entropy-coded data
+/// 0xFF is always followed by 0x00 or a restart marker, so FF DA (start of scan) and FF D9 (end
+/// of image) can only be markers there.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let marker = |m: u8| move |w: &[u8]| w == [0xFF, m];
+    match bytes.windows(2).rposition(marker(0xDA)) {
+        Some(last_scan) => bytes[last_scan..].windows(2).any(marker(0xD9)),
+        None => false,
+    }
+}
+
+/// Animated PNG (an `acTL` chunk) or WebP (the animation flag).
+fn is_animated(format: ImageFormat, bytes: &[u8]) -> bool {
+    match format {
+        ImageFormat::Png => png::Decoder::new(Cursor::new(bytes))
+            .read_info()
+            .is_ok_and(|r| r.info().animation_control.is_some()),
+        ImageFormat::WebP => image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
+            .is_ok_and(|d| d.has_animation()),
+        _ => false,
+    }
 }
 
 /// Reads an image as 8-bit RGB. Alpha is dropped (as PIL's `convert("RGB")` does), grayscale is
 /// replicated to three channels, 16-bit and float images are scaled to 8 bits.
 pub fn load_rgb(path: &Path) -> Result<LoadedImage> {
-    let image = open(path)?;
+    let (image, mut notes) = open(path)?;
     let conversion = match &image {
         DynamicImage::ImageRgb8(_) => None,
         DynamicImage::ImageRgba8(_) => Some("RGBA converted to RGB (alpha dropped)".to_string()),
@@ -58,16 +124,17 @@ pub fn load_rgb(path: &Path) -> Result<LoadedImage> {
         }
         other => Some(format!("{:?} converted to 8-bit RGB", other.color())),
     };
+    notes.extend(conversion);
     Ok(LoadedImage {
-        rgb: image.to_rgb8(),
-        conversion,
+        rgb: image.into_rgb8(),
+        notes,
     })
 }
 
 /// Reads a mask as 8-bit luminance the way PIL's `convert("L")` computes it from RGB
-/// (ITU-R 601 weights in 16-bit fixed point, alpha ignored).
+/// (ITU-R 601 weights in 16-bit fixed point, alpha ignored), upright by its EXIF orientation.
 pub fn load_mask(path: &Path) -> Result<GrayImage> {
-    let image = open(path)?;
+    let (image, _) = open(path)?;
     Ok(match image {
         DynamicImage::ImageLuma8(gray) => gray,
         DynamicImage::ImageLumaA8(_)
@@ -119,10 +186,92 @@ pub fn check_size(width: u32, height: u32, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes an RGB PNG with text metadata (UTF-8 iTXt chunks). The PNG is written to a temporary
-/// file next to `path` and renamed into place, so a failure never leaves a partial file and an
-/// existing file is replaced only by a complete one.
+/// Widest aspect ratio FLUX handles well (its training buckets reach about 4:1).
+const MAX_ASPECT: f64 = 4.0;
+
+/// A warning for images far outside the aspect ratios FLUX was trained on, where the result
+/// is poor and the run costs as much as a good one.
+pub fn aspect_warning(width: u32, height: u32, what: &str) -> Option<String> {
+    let (long, short) = (width.max(height) as f64, width.min(height).max(1) as f64);
+    (long / short > MAX_ASPECT).then(|| {
+        format!(
+            "{what} is {width}x{height}, an aspect ratio of {:.0}:1; FLUX works well up to about \
+             {MAX_ASPECT}:1, so expect a poor result: crop the photo first",
+            long / short
+        )
+    })
+}
+
+/// Writes an RGB PNG with text metadata (UTF-8 iTXt chunks), atomically
+/// ([`write_file_atomically`]).
 pub fn save_png(path: &Path, image: &RgbImage, metadata: &[(&str, String)]) -> Result<()> {
+    let out_err = |message: String| PipelineError::Output {
+        path: path.to_path_buf(),
+        message,
+    };
+    write_atomically(path, |file| {
+        let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (key, value) in metadata {
+            encoder
+                .add_itxt_chunk(key.to_string(), value.clone())
+                .map_err(|e| out_err(format!("metadata {key}: {e}")))?;
+        }
+        let mut writer = encoder.write_header().map_err(|e| out_err(e.to_string()))?;
+        writer
+            .write_image_data(image.as_raw())
+            .map_err(|e| out_err(e.to_string()))?;
+        writer.finish().map_err(|e| out_err(e.to_string()))
+    })
+}
+
+/// Writes a file as a whole or not at all: the bytes go to a temporary file next to `path`,
+/// which is renamed into place, so a failure never leaves a partial file and an existing file
+/// is replaced only by a complete one.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |file| {
+        file.write_all(bytes).map_err(|e| PipelineError::Output {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    })
+}
+
+/// Temporary files being written now: a signal handler removes them ([`remove_partial_outputs`]),
+/// since a process stopped by a signal runs no destructors.
+static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the temporary files of writes in progress; for a SIGINT/SIGTERM handler, before exit.
+pub fn remove_partial_outputs() {
+    let mut pending = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    for path in pending.drain(..) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Unregisters a temporary file when its write ends, however it ends.
+struct InProgress(PathBuf);
+
+impl InProgress {
+    fn new(path: &Path) -> Self {
+        let mut pending = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner());
+        pending.push(path.to_path_buf());
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut pending = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|p| p != &self.0);
+    }
+}
+
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> Result<()>,
+) -> Result<()> {
     let out_err = |message: String| PipelineError::Output {
         path: path.to_path_buf(),
         message,
@@ -139,28 +288,11 @@ pub fn save_png(path: &Path, image: &RgbImage, metadata: &[(&str, String)]) -> R
     }
     let mut temp = tempfile::Builder::new()
         .prefix(".icedit-")
-        .suffix(".png.tmp")
+        .suffix(".tmp")
         .tempfile_in(&dir)
         .map_err(|e| out_err(format!("cannot create a file in {}: {e}", dir.display())))?;
-    {
-        let mut encoder = png::Encoder::new(
-            BufWriter::new(temp.as_file_mut()),
-            image.width(),
-            image.height(),
-        );
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (key, value) in metadata {
-            encoder
-                .add_itxt_chunk(key.to_string(), value.clone())
-                .map_err(|e| out_err(format!("metadata {key}: {e}")))?;
-        }
-        let mut writer = encoder.write_header().map_err(|e| out_err(e.to_string()))?;
-        writer
-            .write_image_data(image.as_raw())
-            .map_err(|e| out_err(e.to_string()))?;
-        writer.finish().map_err(|e| out_err(e.to_string()))?;
-    }
+    let _registered = InProgress::new(temp.path());
+    write(temp.as_file_mut())?;
     temp.as_file_mut()
         .flush()
         .and_then(|_| temp.as_file().sync_all())
@@ -268,6 +400,76 @@ mod tests {
         let img = RgbImage::new(2, 2);
         let err = save_png(Path::new("/nonexistent-dir/x.png"), &img, &[]).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn truncated_jpegs_and_pipes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 9]));
+        let jpeg = dir.path().join("full.jpg");
+        img.save(&jpeg).unwrap();
+        assert!(load_rgb(&jpeg).is_ok());
+        let bytes = std::fs::read(&jpeg).unwrap();
+        for keep in [bytes.len() - 2, bytes.len() / 2, bytes.len() * 3 / 4] {
+            let cut = dir.path().join(format!("cut{keep}.jpg"));
+            std::fs::write(&cut, &bytes[..keep]).unwrap();
+            let err = load_rgb(&cut)
+                .err()
+                .expect("truncated JPEG refused")
+                .to_string();
+            assert!(
+                err.contains("truncated") || err.contains("complete"),
+                "{err}"
+            );
+        }
+        // Extra bytes after the end of the image are fine (cameras append data there).
+        let trailing = dir.path().join("trailing.jpg");
+        std::fs::write(&trailing, [&bytes[..], b"trailer"].concat()).unwrap();
+        assert!(load_rgb(&trailing).is_ok());
+        let err = load_rgb(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_and_said() {
+        // A 2x1 JPEG (left red, right blue) whose EXIF says "rotate 90 CW" (orientation 6).
+        let dir = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(32, 16, |x, _| {
+            if x < 16 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        let plain = dir.path().join("plain.jpg");
+        img.save(&plain).unwrap();
+        let bytes = std::fs::read(&plain).unwrap();
+        // APP1 Exif segment: big-endian TIFF with one IFD entry, Orientation (0x0112) = 6.
+        let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+        exif.extend([0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend(((exif.len() + 2) as u16).to_be_bytes());
+        app1.extend(&exif);
+        let rotated = dir.path().join("rotated.jpg");
+        std::fs::write(&rotated, [&bytes[..2], &app1[..], &bytes[2..]].concat()).unwrap();
+        let loaded = load_rgb(&rotated).unwrap();
+        assert_eq!(loaded.rgb.dimensions(), (16, 32));
+        assert!(
+            loaded.notes.iter().any(|n| n.contains("EXIF")),
+            "{:?}",
+            loaded.notes
+        );
+        // Turned clockwise: the left (red) half is now on top.
+        assert!(loaded.rgb.get_pixel(8, 4).0[0] > 200);
+        assert!(loaded.rgb.get_pixel(8, 28).0[2] > 200);
+        assert!(load_rgb(&plain).unwrap().notes.is_empty());
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_are_warned_about() {
+        assert!(aspect_warning(1024, 512, "the diptych").is_none());
+        assert!(aspect_warning(1024, 16, "the diptych").is_some());
+        assert!(aspect_warning(16, 8000, "the canvas").is_some());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{PipelineError, Result};
+use icedit_flux::files::{read_text_file, MAX_CONFIG_BYTES};
 
 /// The fields of `scheduler/scheduler_config.json` FLUX uses; defaults are FLUX.1's.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -54,7 +55,7 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
+        let text = read_text_file(path, MAX_CONFIG_BYTES).map_err(|source| PipelineError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -87,6 +88,18 @@ impl SchedulerConfig {
             return Err(format!(
                 "time_shift_type must be \"exponential\" or \"linear\", got {:?}",
                 self.time_shift_type
+            ));
+        }
+        if self.num_train_timesteps == 0 || self.num_train_timesteps > 100_000 {
+            return Err(format!(
+                "num_train_timesteps must be between 1 and 100000, got {}",
+                self.num_train_timesteps
+            ));
+        }
+        let shifts = [self.shift, self.base_shift, self.max_shift];
+        if shifts.iter().any(|v| !v.is_finite() || v.abs() > 1e3) {
+            return Err(format!(
+                "shift, base_shift and max_shift must be finite numbers, got {shifts:?}"
             ));
         }
         if self.max_image_seq_len == self.base_image_seq_len {

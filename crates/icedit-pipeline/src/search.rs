@@ -278,12 +278,18 @@ fn tournament(
     Ok(best)
 }
 
+/// Most candidates one search runs: each keeps its denoising state and previews in memory.
+pub const MAX_CANDIDATES: usize = 64;
+
 impl SearchSettings {
     /// Whether the search can run with these edit settings (checked before any work).
     pub fn validate(&self, settings: &EditSettings) -> Result<()> {
         let bad = |m: String| Err(PipelineError::Input(m));
-        if self.seeds.len() < 2 {
-            return bad("a seed search needs at least 2 candidate seeds".into());
+        if self.seeds.len() < 2 || self.seeds.len() > MAX_CANDIDATES {
+            return bad(format!(
+                "a seed search takes 2 to {MAX_CANDIDATES} candidate seeds, got {}",
+                self.seeds.len()
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = self.seeds.iter().find(|s| !seen.insert(**s)) {

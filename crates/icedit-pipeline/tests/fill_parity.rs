@@ -208,7 +208,8 @@ fn whole_runs_match_diffusers() {
 fn outpaint_canvas_matches_the_reference_canvas() {
     let dir = reference("outpaint_seed");
     let source = load_rgb(&dir.join("outpaint_source.png")).unwrap().rgb;
-    let (canvas, mask) = canvas::expand(&source, None, Margins::parse("16,0,16,16").unwrap());
+    let (canvas, mask) =
+        canvas::expand(&source, None, Margins::parse("16,0,16,16").unwrap()).unwrap();
     assert_eq!(canvas, load_rgb(&dir.join("image.png")).unwrap().rgb);
     assert_eq!(mask, load_mask(&dir.join("mask.png")).unwrap());
 }

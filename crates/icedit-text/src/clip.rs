@@ -5,6 +5,9 @@
 //! the layer-norm epsilon and activation, only pools at `argmax(ids)`, and reports missing
 //! or misshapen weights without naming the file.
 
+use icedit_flux::files::{
+    check_config_sizes, MAX_CONFIG_LAYERS, MAX_CONFIG_VOCAB, MAX_CONFIG_WIDTH,
+};
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -60,6 +63,25 @@ impl ClipTextConfig {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
+        check_config_sizes(&[
+            ("vocab_size", self.vocab_size, MAX_CONFIG_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_CONFIG_WIDTH),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                MAX_CONFIG_WIDTH,
+            ),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                MAX_CONFIG_LAYERS,
+            ),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 16,
+            ),
+        ])?;
         if Activation::from_name(&self.hidden_act).is_none() {
             return Err(format!(
                 "hidden_act `{}` is not supported (quick_gelu, gelu, gelu_new, relu, silu are)",
@@ -345,6 +367,21 @@ impl ClipVisionConfig {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
+        check_config_sizes(&[
+            ("hidden_size", self.hidden_size, MAX_CONFIG_WIDTH),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                MAX_CONFIG_WIDTH,
+            ),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                MAX_CONFIG_LAYERS,
+            ),
+            ("image_size", self.image_size, 1 << 14),
+            ("patch_size", self.patch_size, 1 << 10),
+        ])?;
         if Activation::from_name(&self.hidden_act).is_none() {
             Err(format!("hidden_act `{}` is not supported", self.hidden_act))
         } else if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0

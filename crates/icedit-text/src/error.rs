@@ -68,6 +68,22 @@ pub enum TextError {
     #[error(transparent)]
     Weights(#[from] icedit_flux::FluxError),
 
+    /// An encoder's output holds NaN or infinite values (an overflow, in half precision).
+    #[error(
+        "the {encoder} overflowed on this prompt: NaN or infinite values in {}; {}",
+        dtype.as_str(),
+        match dtype {
+            candle_core::DType::F16 => "run with `--dtype bf16` (same memory, a wider range) or \
+                                        `--dtype f32`",
+            candle_core::DType::BF16 => "run with `--dtype f32`",
+            _ => "check the text encoder's weights",
+        }
+    )]
+    NonFiniteOutput {
+        encoder: &'static str,
+        dtype: candle_core::DType,
+    },
+
     #[error("bad input: {0}")]
     Input(String),
 
@@ -89,10 +105,12 @@ fn files_list(files: &[PathBuf]) -> String {
 
 /// Reads a file, naming it in the error.
 pub(crate) fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| TextError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    icedit_flux::files::read_text_file(path, icedit_flux::files::MAX_CONFIG_BYTES).map_err(
+        |source| TextError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
 }
 
 /// Reads and parses a JSON file, naming it in the error.

@@ -101,6 +101,15 @@ impl TextEncoders {
             .clip
             .pooled_output(&clip_tokens.to_tensor(self.clip.device())?)?;
         let t5 = self.t5.forward(&t5_tokens.to_tensor(self.t5.device())?)?;
+        // One pass each: T5 in float16 is known to overflow, and NaN states give black images.
+        for (encoder, out) in [("CLIP text encoder", &pooled), ("T5 text encoder", &t5)] {
+            if !icedit_flux::all_finite(out)? {
+                return Err(TextError::NonFiniteOutput {
+                    encoder,
+                    dtype: out.dtype(),
+                });
+            }
+        }
         Ok(TextConditioning {
             t5,
             pooled,

@@ -66,6 +66,26 @@ impl T5Config {
             message,
         };
         config.feed_forward().map_err(invalid)?;
+        use icedit_flux::files::{
+            check_config_sizes, MAX_CONFIG_LAYERS, MAX_CONFIG_VOCAB, MAX_CONFIG_WIDTH,
+        };
+        let inner = config
+            .num_heads
+            .checked_mul(config.d_kv)
+            .unwrap_or(usize::MAX);
+        check_config_sizes(&[
+            ("vocab_size", config.vocab_size, MAX_CONFIG_VOCAB),
+            ("d_model", config.d_model, MAX_CONFIG_WIDTH),
+            ("d_ff", config.d_ff, MAX_CONFIG_WIDTH),
+            ("num_layers", config.num_layers, MAX_CONFIG_LAYERS),
+            ("num_heads x d_kv", inner, MAX_CONFIG_WIDTH),
+            (
+                "relative_attention_num_buckets",
+                config.relative_attention_num_buckets,
+                1 << 12,
+            ),
+        ])
+        .map_err(invalid)?;
         if config.num_heads == 0 || config.d_kv == 0 {
             return Err(invalid("num_heads and d_kv must be positive".into()));
         }

@@ -451,6 +451,17 @@ fn read_shard_names(index_path: &Path) -> Result<BTreeSet<String>> {
         path: index_path.to_path_buf(),
         reason,
     };
+    // An index is a few hundred kilobytes; a pipe or a huge file is not one.
+    const MAX_INDEX_BYTES: u64 = 64 << 20;
+    let meta = std::fs::metadata(index_path).map_err(|source| HubError::Io {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() || meta.len() > MAX_INDEX_BYTES {
+        return Err(invalid(format!(
+            "not a regular file of at most {MAX_INDEX_BYTES} bytes"
+        )));
+    }
     let text = std::fs::read_to_string(index_path).map_err(|source| HubError::Io {
         path: index_path.to_path_buf(),
         source,

@@ -80,7 +80,8 @@ impl ClipPreprocess {
     /// `224` or `{"height": .., "width": ..}`. Only the bicubic, resize-crop-normalise
     /// processor is supported; anything else is an error rather than a silent difference.
     pub fn from_file(path: &Path) -> std::result::Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let text = icedit_flux::files::read_text_file(path, icedit_flux::files::MAX_CONFIG_BYTES)
+            .map_err(|e| e.to_string())?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
         let mut out = Self::default();
         let flag = |key: &str| value.get(key).and_then(|v| v.as_bool()).unwrap_or(true);

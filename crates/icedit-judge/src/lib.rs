@@ -418,7 +418,8 @@ fn fetch_shards(spec: &JudgeSpec, repo: &ModelRepo, dir: &std::path::Path) -> Re
         spec: spec.name(),
         message,
     };
-    let text = std::fs::read_to_string(&index).map_err(|e| fail(e.to_string()))?;
+    let text = icedit_flux::files::read_text_file(&index, icedit_flux::files::MAX_CONFIG_BYTES)
+        .map_err(|e| fail(e.to_string()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("{}: {e}", index.display())))?;
     let mut shards: Vec<&str> = value["weight_map"]

@@ -166,6 +166,46 @@ impl Qwen3VlConfig {
 
     fn check(&self) -> std::result::Result<(), String> {
         let (t, v) = (&self.text, &self.vision);
+        use icedit_flux::files::{
+            check_config_sizes, MAX_CONFIG_LAYERS, MAX_CONFIG_VOCAB, MAX_CONFIG_WIDTH,
+        };
+        let heads_width = |heads: usize, dim: usize| heads.checked_mul(dim).unwrap_or(usize::MAX);
+        check_config_sizes(&[
+            ("text vocab_size", t.vocab_size, MAX_CONFIG_VOCAB),
+            ("text hidden_size", t.hidden_size, MAX_CONFIG_WIDTH),
+            (
+                "text intermediate_size",
+                t.intermediate_size,
+                MAX_CONFIG_WIDTH,
+            ),
+            (
+                "text num_hidden_layers",
+                t.num_hidden_layers,
+                MAX_CONFIG_LAYERS,
+            ),
+            ("text head_dim", t.head_dim, 1024),
+            (
+                "text attention width (heads x head_dim)",
+                heads_width(t.num_attention_heads, t.head_dim),
+                MAX_CONFIG_WIDTH,
+            ),
+            ("vision depth", v.depth, MAX_CONFIG_LAYERS),
+            ("vision hidden_size", v.hidden_size, MAX_CONFIG_WIDTH),
+            (
+                "vision intermediate_size",
+                v.intermediate_size,
+                MAX_CONFIG_WIDTH,
+            ),
+            ("vision in_channels", v.in_channels, 16),
+            ("vision patch_size", v.patch_size, 1024),
+            ("vision temporal_patch_size", v.temporal_patch_size, 16),
+            ("vision spatial_merge_size", v.spatial_merge_size, 16),
+            (
+                "vision num_position_embeddings",
+                v.num_position_embeddings,
+                1 << 20,
+            ),
+        ])?;
         let side = (v.num_position_embeddings as f64).sqrt() as usize;
         let problems = [
             (
@@ -849,9 +889,10 @@ pub(crate) fn weight_files(dir: &Path) -> std::result::Result<Vec<std::path::Pat
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|_| {
-        "neither model.safetensors nor model.safetensors.index.json is there".to_string()
-    })?;
+    let text = icedit_flux::files::read_text_file(&index, icedit_flux::files::MAX_CONFIG_BYTES)
+        .map_err(|_| {
+            "neither model.safetensors nor model.safetensors.index.json is there".to_string()
+        })?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
     let mut names: Vec<&str> = value["weight_map"]

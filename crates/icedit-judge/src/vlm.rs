@@ -183,8 +183,11 @@ impl VlmJudge {
             message,
         };
         let read = |file: &str| -> Result<Value> {
-            let text = std::fs::read_to_string(dir.join(file))
-                .map_err(|e| fail(format!("cannot read {file}: {e}")))?;
+            let text = icedit_flux::files::read_text_file(
+                &dir.join(file),
+                icedit_flux::files::MAX_CONFIG_BYTES,
+            )
+            .map_err(|e| fail(format!("cannot read {file}: {e}")))?;
             serde_json::from_str(&text).map_err(|e| fail(format!("{file}: {e}")))
         };
         let config = Qwen3VlConfig::from_value(&read("config.json")?).map_err(|m| {

@@ -13,7 +13,7 @@ use icedit_adapters::{
 use icedit_flux::parse_dtype;
 use icedit_hub::{HubOptions, ModelRepo, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
-use icedit_judge::Judge;
+use icedit_judge::{Judge, JudgeSpec};
 use icedit_pipeline::edit::{prompt_template, templated_prompt, DEFAULT_WIDTH, DIPTYCH_TEMPLATE};
 use icedit_pipeline::image_io::{aspect_warning, load_rgb, save_png, write_file_atomically};
 use icedit_pipeline::latents::VAE_SCALE;
@@ -28,7 +28,7 @@ use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_l
 use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, ModelArgs};
+use crate::{device, device_name, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct EditArgs {
@@ -243,6 +243,13 @@ pub fn run(args: EditArgs) -> Result<()> {
     for spec in &adapter_specs {
         add_adapter_inputs(&mut inputs, spec);
     }
+    for spec in judge_specs.iter().flatten() {
+        if let JudgeSpec::Clip { model } | JudgeSpec::Vlm { model } = spec {
+            if let Ok(ModelSource::Local(folder)) = ModelSource::parse(model) {
+                inputs.folder("judge's model folder", &folder);
+            }
+        }
+    }
     let mut planned = Outputs::default();
     for paths in &outputs {
         planned.file("--out", &paths.edit);
@@ -328,9 +335,10 @@ pub fn run(args: EditArgs) -> Result<()> {
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
 
     reporter.note(&format!(
-        "diptych {}x{}, {} steps, guidance {}, seed(s) {}",
+        "diptych {}x{} on {}, {} steps, guidance {}, seed(s) {}",
         2 * diptych.half_width,
         diptych.height,
+        device_name(&device),
         args.steps,
         args.guidance,
         seeds
@@ -480,6 +488,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             "guidance": args.guidance,
             "diptych": [2 * diptych.half_width, diptych.height],
             "dtype": format!("{dtype:?}").to_lowercase(),
+            "device": device_name(&device),
             "outputs": results,
             "search": search_summary,
             "seconds": started.elapsed().as_secs_f64(),

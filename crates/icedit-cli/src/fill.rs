@@ -14,7 +14,7 @@ use icedit_pipeline::{EditSettings, FillPipeline, FillRequest, InitialNoise};
 use crate::inputs::{add_model_inputs, check_png_name, random_seed, read_latents};
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, ModelArgs};
+use crate::{device, device_name, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct FillArgs {
@@ -143,7 +143,7 @@ pub fn run(args: FillArgs) -> Result<()> {
     let repo = ModelRepo::open(&args.model.model, &hub)
         .with_context(|| format!("cannot open the model {}", args.model.model))?;
     let model_name = repo.describe();
-    let mut pipeline = FillPipeline::new(repo, dtype, device)
+    let mut pipeline = FillPipeline::new(repo, dtype, device.clone())
         .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
     pipeline.fetch_all()?;
     // The recipe names the commit the files came from, for Hub models.
@@ -158,9 +158,10 @@ pub fn run(args: FillArgs) -> Result<()> {
         max_sequence_length: args.model.max_seq_len,
     };
     reporter.note(&format!(
-        "{}x{}, {} steps, guidance {}, seed {seed}",
+        "{}x{} on {}, {} steps, guidance {}, seed {seed}",
         image.width(),
         image.height(),
+        device_name(&device),
         args.steps,
         args.guidance
     ));

@@ -120,7 +120,7 @@ pub struct JudgeCommandArgs {
     /// Precision of in-process vision-language judges: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Print the verdict as JSON on stdout.
     #[arg(long)]

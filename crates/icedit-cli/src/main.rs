@@ -65,12 +65,15 @@ pub(crate) struct ModelArgs {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// auto: CUDA if built in and present, else Metal, else the CPU.
+    #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum DeviceArg {
+    /// CUDA if built in and a GPU answers, else Metal likewise, else the CPU.
+    Auto,
     Cpu,
     Cuda,
     Metal,
@@ -87,7 +90,7 @@ struct InspectArgs {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
     /// Time one forward pass on random inputs for an image of this size (pixels, WIDTHxHEIGHT).
     #[arg(long, value_name = "WxH")]
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
 
 pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
+        DeviceArg::Auto => Ok(auto_device()),
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda if cfg!(feature = "cuda") => {
             Device::new_cuda(0).context("cannot open CUDA device 0")
@@ -135,6 +139,30 @@ pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Metal => {
             bail!("this icedit was built without Metal: rebuild with `--features metal`")
         }
+    }
+}
+
+/// The first device that answers: CUDA, then Metal (each only when built in), then the CPU.
+fn auto_device() -> Device {
+    if cfg!(feature = "cuda") {
+        if let Ok(device) = Device::new_cuda(0) {
+            return device;
+        }
+    }
+    if cfg!(feature = "metal") {
+        if let Ok(device) = Device::new_metal(0) {
+            return device;
+        }
+    }
+    Device::Cpu
+}
+
+/// How progress output and `--json` name a device.
+pub(crate) fn device_name(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda:0",
+        Device::Metal(_) => "metal:0",
     }
 }
 

@@ -157,6 +157,8 @@ fn default_adapter_and_manifest_names_resolve_from_the_hub_cache() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(summary["outputs"][0]["path"], out.to_str().unwrap());
+    // --device auto (the default) on a build without CUDA or Metal.
+    assert_eq!(summary["device"], "cpu");
     assert_eq!(summary["adapters"][0]["moe_layers"], 3);
     assert_eq!(summary["adapters"][0]["experts"], 4);
     let routing = summary["adapters"][0]["routing"]

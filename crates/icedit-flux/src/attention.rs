@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::config::ROPE_THETA;
-use crate::cpu_kernels::{attention_bshd, rope_bshd_inplace};
+use crate::cpu_kernels::{attention_bshd, cpu_fast_paths, rope_bshd_inplace};
 
 /// Cos/sin tables for every position of the joint (text, then image) sequence, `[S, head_dim/2]`
 /// in f32. Angles are computed on the host in f64, as diffusers does, so that large positions
@@ -75,7 +75,7 @@ pub(crate) fn rope_attention(
     rope: &Rope,
 ) -> Result<Tensor> {
     let dtype = q.dtype();
-    if q.device().is_cpu() {
+    if cpu_fast_paths(q.device()) {
         // The reference rotates in f32 and rounds back to the model dtype before attention.
         let rotate = |x: Tensor| -> Result<Tensor> {
             let x = x.to_dtype(DType::F32)?.contiguous()?;

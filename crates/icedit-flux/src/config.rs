@@ -186,9 +186,13 @@ impl FluxConfig {
                 self.attention_head_dim
             ));
         }
-        let rope_sum: usize = self.axes_dims_rope.iter().sum();
+        // Checked: a hostile config's sizes could wrap around to the head size.
+        let rope_sum = self
+            .axes_dims_rope
+            .iter()
+            .try_fold(0usize, |sum, d| sum.checked_add(*d));
         if self.axes_dims_rope.len() != 3
-            || rope_sum != self.attention_head_dim
+            || rope_sum != Some(self.attention_head_dim)
             || self.axes_dims_rope.iter().any(|d| d % 2 != 0)
         {
             return fail(format!(
@@ -200,5 +204,30 @@ impl FluxConfig {
             return fail("in_channels and out_channels must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by tests/fuzz_parsers.rs: the sum of `axes_dims_rope` overflowed (a panic with
+    /// overflow checks, and a wrapped sum that could pass as the head size without them).
+    #[test]
+    fn huge_rope_axes_are_refused() {
+        for axes in [
+            vec![usize::MAX, 1, 16],
+            vec![usize::MAX, 17, 0],
+            vec![usize::MAX - 1, 2, 16],
+        ] {
+            let config = FluxConfig {
+                attention_head_dim: 16,
+                num_attention_heads: 2,
+                axes_dims_rope: axes.clone(),
+                ..FluxConfig::dev()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("axes_dims_rope"), "{axes:?}: {err}");
+        }
     }
 }

@@ -9,14 +9,27 @@
 //! compiler vectorises, the widest SIMD the CPU has, and work in place on temporaries.
 //! Other devices and dtypes keep candle's ops.
 
-use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Storage, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
+
+/// Whether the CPU-only kernels may run for tensors on `device`. `ICEDIT_CPU_FAST_PATHS=0` in
+/// the environment turns them off, so that the device-generic code CUDA and Metal run runs on
+/// the CPU too: that is how the GPU's code paths are tested without a GPU.
+pub fn cpu_fast_paths(device: &Device) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    device.is_cpu()
+        && *ENABLED.get_or_init(|| {
+            std::env::var("ICEDIT_CPU_FAST_PATHS").map_or(true, |v| v.trim() != "0")
+        })
+}
 
 /// tanh-approximated GELU, as `torch.nn.GELU(approximate="tanh")`.
 ///
 /// `x` must be a temporary that nothing else shares: on the CPU it is overwritten.
 pub(crate) fn gelu_tanh(x: Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && x.is_contiguous() {
+    if cpu_fast_paths(x.device()) && x.dtype() == candle_core::DType::F32 && x.is_contiguous() {
         x.inplace_op1(&GeluTanh)?;
         Ok(x)
     } else {
@@ -147,7 +160,7 @@ pub fn matmul_selected_rows(x: &Tensor, rows: &[u32], w_t: &Tensor) -> Result<Te
     if let Some(&bad) = rows.iter().find(|&&i| i as usize >= n) {
         candle_core::bail!("matmul_selected_rows: row {bad} of {n}");
     }
-    let fast = x.device().is_cpu()
+    let fast = cpu_fast_paths(x.device())
         && x.dtype() == candle_core::DType::F32
         && w_t.dtype() == candle_core::DType::F32
         && r <= 64

@@ -22,7 +22,7 @@ mod vae;
 mod weights;
 
 pub use config::{FluxConfig, MLP_RATIO, ROPE_THETA};
-pub use cpu_kernels::matmul_selected_rows;
+pub use cpu_kernels::{cpu_fast_paths, matmul_selected_rows};
 pub use error::{FluxError, Result};
 pub use finite::{all_finite, check_finite};
 pub use linear::{Linear, LinearAdapter, VisitLinears};

@@ -18,6 +18,7 @@
 //! the CPU, each rounding once to the model dtype as PyTorch does. Memory stays bounded at
 //! large sizes: attention takes queries in chunks, CPU convolutions take output rows in bands.
 
+use crate::cpu_kernels::cpu_fast_paths;
 use std::path::Path;
 
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor, WithDType};
@@ -176,7 +177,7 @@ impl VaeConfig {
         let n = self.block_out_channels.len();
         use crate::files::{check_config_sizes, MAX_CONFIG_WIDTH};
         let mut sizes = vec![
-            ("the number of blocks", n, 8),
+            ("the number of block_out_channels", n, 8),
             ("layers_per_block", self.layers_per_block, 16),
             ("latent_channels", self.latent_channels, 1024),
         ];
@@ -269,7 +270,7 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor, silu: bool) -> CResult<Tensor> {
-        if x.device().is_cpu() {
+        if cpu_fast_paths(x.device()) {
             self.forward_cpu(x, silu)
         } else {
             self.forward_ops(x, silu)
@@ -421,7 +422,7 @@ struct Conv2d {
 impl Conv2d {
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
-        if x.device().is_cpu() {
+        if cpu_fast_paths(x.device()) {
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             return conv2d_cpu(
                 &f32(x)?,
@@ -441,6 +442,15 @@ impl Conv2d {
                 .pad_with_zeros(3, left, right)?;
             (x, 0)
         };
+        if x.device().is_cpu() && dtype != DType::F32 {
+            // The generic path on the CPU (ICEDIT_CPU_FAST_PATHS=0): candle's CPU backend has
+            // no half-precision matmul, so this widens and rounds once, after the bias.
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            return f32(&x)?
+                .conv2d(&f32(&self.weight)?, padding, self.stride, 1, 1)?
+                .broadcast_add(&f32(&self.bias)?.reshape((1, (), 1, 1))?)?
+                .to_dtype(dtype);
+        }
         x.conv2d(&self.weight, padding, self.stride, 1, 1)?
             .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }

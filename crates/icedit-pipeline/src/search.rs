@@ -285,9 +285,12 @@ impl SearchSettings {
     /// Whether the search can run with these edit settings (checked before any work).
     pub fn validate(&self, settings: &EditSettings) -> Result<()> {
         let bad = |m: String| Err(PipelineError::Input(m));
-        if self.seeds.len() < 2 || self.seeds.len() > MAX_CANDIDATES {
+        if self.seeds.len() < 2 {
+            return bad("a seed search needs at least 2 candidate seeds".into());
+        }
+        if self.seeds.len() > MAX_CANDIDATES {
             return bad(format!(
-                "a seed search takes 2 to {MAX_CANDIDATES} candidate seeds, got {}",
+                "a seed search takes at most {MAX_CANDIDATES} candidate seeds, got {}",
                 self.seeds.len()
             ));
         }

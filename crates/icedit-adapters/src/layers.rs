@@ -2,10 +2,10 @@
 //! mixture of LoRA experts with a per-token router.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Result, Tensor};
-use icedit_flux::{matmul_selected_rows, LinearAdapter};
+use icedit_flux::{cpu_fast_paths, matmul_selected_rows, LinearAdapter};
 
 /// `scale * (B A x + b)`, as PEFT computes a LoRA layer's contribution.
 #[derive(Debug, Clone)]
@@ -43,20 +43,30 @@ impl LinearAdapter for LoraDelta {
 #[derive(Debug)]
 pub struct RoutingStats {
     counts: Vec<AtomicU64>,
+    /// The device path's counts, `[experts]` f32, summed on the device and read only when
+    /// asked for: routing never waits for the host.
+    on_device: Mutex<Option<Tensor>>,
 }
 
 impl RoutingStats {
     fn new(experts: usize) -> Self {
         Self {
             counts: (0..experts).map(|_| AtomicU64::new(0)).collect(),
+            on_device: Mutex::new(None),
         }
     }
 
     /// (token, expert) selections per expert.
     pub fn counts(&self) -> Vec<u64> {
+        let on_device = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        let device: Vec<f32> = on_device
+            .as_ref()
+            .and_then(|t| t.to_vec1().ok())
+            .unwrap_or_default();
         self.counts
             .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+            .enumerate()
+            .map(|(e, c)| c.load(Ordering::Relaxed) + device.get(e).map_or(0, |&n| n as u64))
             .collect()
     }
 
@@ -64,6 +74,17 @@ impl RoutingStats {
         for c in &self.counts {
             c.store(0, Ordering::Relaxed);
         }
+        *self.on_device.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn add_on_device(&self, selected: &Tensor) -> Result<()> {
+        let counts = selected.sum(0)?;
+        let mut on_device = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        *on_device = Some(match on_device.take() {
+            Some(sum) => (sum + counts)?,
+            None => counts,
+        });
+        Ok(())
     }
 }
 
@@ -83,6 +104,39 @@ pub struct MoeLoraLayer {
     pub stats: Arc<RoutingStats>,
     /// Each expert's down matrix transposed, `[in, rank]`, as the row-selecting matmul takes it.
     downs_t: Vec<Tensor>,
+    /// The dense device path: every expert's down matrix side by side `[in, total rank]`, the
+    /// up matrices stacked `[total rank, out]`, and `[experts, total rank]` ones spreading each
+    /// expert's routing weight over its rank columns.
+    dense: DenseExperts,
+}
+
+#[derive(Debug)]
+struct DenseExperts {
+    downs_t: Tensor,
+    ups_t: Tensor,
+    spread: Tensor,
+}
+
+impl DenseExperts {
+    fn new(experts: &[(Tensor, Tensor)]) -> Result<Self> {
+        let downs: Vec<&Tensor> = experts.iter().map(|(down, _)| down).collect();
+        let ups: Vec<&Tensor> = experts.iter().map(|(_, up)| up).collect();
+        let ranks: Vec<usize> = downs.iter().map(|d| d.dim(0)).collect::<Result<_>>()?;
+        let total: usize = ranks.iter().sum();
+        let mut spread = vec![0f32; experts.len() * total];
+        let mut start = 0;
+        for (e, rank) in ranks.iter().enumerate() {
+            spread[e * total + start..e * total + start + rank].fill(1.0);
+            start += rank;
+        }
+        let like = &downs[0];
+        Ok(Self {
+            downs_t: Tensor::cat(&downs, 0)?.t()?.contiguous()?,
+            ups_t: Tensor::cat(&ups, 1)?.t()?.contiguous()?,
+            spread: Tensor::from_vec(spread, (experts.len(), total), like.device())?
+                .to_dtype(like.dtype())?,
+        })
+    }
 }
 
 impl MoeLoraLayer {
@@ -98,6 +152,7 @@ impl MoeLoraLayer {
             .iter()
             .map(|(down, _)| down.t()?.contiguous())
             .collect::<Result<_>>()?;
+        let dense = DenseExperts::new(&experts)?;
         Ok(Self {
             route,
             route_bias,
@@ -106,6 +161,7 @@ impl MoeLoraLayer {
             top_k,
             stats,
             downs_t,
+            dense,
         })
     }
 
@@ -138,8 +194,46 @@ impl MoeLoraLayer {
         Ok(ranks)
     }
 
-    /// The experts' contribution for tokens `x2` `[tokens, in]` routed by `logits`.
+    /// Every token's routing weight per expert, `[tokens, experts]` f32: the softmax of its
+    /// top-k logits, zero elsewhere; computed on the device (no host round trip). Ties go to the
+    /// lower index, as torch.topk does on the CPU.
+    fn device_routing(&self, logits: &Tensor) -> Result<Tensor> {
+        let mut logits = logits.to_dtype(DType::F32)?;
+        if let Some(b) = &self.route_bias {
+            logits = logits.broadcast_add(&b.to_dtype(DType::F32)?)?;
+        }
+        let experts = logits.dim(1)?;
+        let index = Tensor::arange(0u32, experts as u32, logits.device())?.reshape((1, experts))?;
+        let excluded = Tensor::full(f32::NEG_INFINITY, logits.shape(), logits.device())?;
+        let (mut remaining, mut selected) = (logits.clone(), logits.zeros_like()?);
+        for _ in 0..self.top_k {
+            let best = remaining.argmax_keepdim(1)?.broadcast_eq(&index)?;
+            selected = (selected + best.to_dtype(DType::F32)?)?;
+            remaining = best.where_cond(&excluded, &remaining)?;
+        }
+        let max = logits.max_keepdim(1)?;
+        let exp = (logits.broadcast_sub(&max)?.exp()? * &selected)?;
+        self.stats.add_on_device(&selected)?;
+        exp.broadcast_div(&exp.sum_keepdim(1)?)
+    }
+
+    /// The experts' contribution on any device: every expert on every token, weighted by the
+    /// routing (zero for unselected experts). With 4 experts of rank 32 that is one
+    /// `[tokens, 128]` product each way, cheap on a GPU, and nothing waits for the host.
+    fn experts_delta_dense(&self, x2: &Tensor, logits: &Tensor) -> Result<Tensor> {
+        let weights = (self.device_routing(logits)? * self.scale)?.to_dtype(x2.dtype())?;
+        let h = x2.matmul(&self.dense.downs_t)?;
+        let spread = weights.matmul(&self.dense.spread)?;
+        (h * spread)?.matmul(&self.dense.ups_t)
+    }
+
+    /// The experts' contribution for tokens `x2` `[tokens, in]` routed by `logits`. The CPU
+    /// routes on the host and computes only the selected experts; other devices (and the CPU
+    /// with `ICEDIT_CPU_FAST_PATHS=0`) take the dense device path.
     fn experts_delta(&self, x2: &Tensor, logits: &Tensor) -> Result<Tensor> {
+        if !cpu_fast_paths(x2.device()) {
+            return self.experts_delta_dense(x2, logits);
+        }
         let device = x2.device();
         let mut total: Option<Tensor> = None;
         for choices in self.route_tokens(logits)? {
@@ -294,6 +388,48 @@ mod tests {
                 assert!(counts.iter().filter(|&&c| c > 0).count() >= 2, "{counts:?}");
             }
         }
+    }
+
+    #[test]
+    fn device_routing_equals_host_routing() {
+        let dev = Device::Cpu;
+        let (tokens, d_in, d_out, rank, experts) = (41, 16, 8, 4, 4);
+        let x = Tensor::randn(0f32, 1.0, (tokens, d_in), &dev).unwrap();
+        let experts_w: Vec<(Tensor, Tensor)> = (0..experts)
+            .map(|_| {
+                (
+                    Tensor::randn(0f32, 1.0, (rank, d_in), &dev).unwrap(),
+                    Tensor::randn(0f32, 1.0, (d_out, rank), &dev).unwrap(),
+                )
+            })
+            .collect();
+        let route = Tensor::randn(0f32, 1.0, (experts, d_in), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, experts, &dev).unwrap();
+        for top_k in 1..=experts {
+            let layer = MoeLoraLayer::new(
+                route.clone(),
+                Some(bias.clone()),
+                experts_w.clone(),
+                0.7,
+                top_k,
+            )
+            .unwrap();
+            let logits = x.matmul(&route.t().unwrap()).unwrap();
+            let host = layer.experts_delta(&x, &logits).unwrap();
+            let host_counts = layer.stats.counts();
+            layer.stats.reset();
+            let device = layer.experts_delta_dense(&x, &logits).unwrap();
+            let err = icedit_flux::compare::max_abs_diff(&host, &device).unwrap();
+            assert!(err < 1e-4, "top_k {top_k}: {err}");
+            assert_eq!(layer.stats.counts(), host_counts, "top_k {top_k}");
+        }
+        // Ties go to the lower index on both paths.
+        let layer =
+            MoeLoraLayer::new(route.zeros_like().unwrap(), None, experts_w, 1.0, 1).unwrap();
+        let logits = Tensor::zeros((3, experts), DType::F32, &dev).unwrap();
+        let x3 = x.narrow(0, 0, 3).unwrap();
+        layer.experts_delta_dense(&x3, &logits).unwrap();
+        assert_eq!(layer.stats.counts(), vec![3, 0, 0, 0]);
     }
 
     #[test]

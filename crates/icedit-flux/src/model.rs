@@ -2,6 +2,9 @@
 //! `FluxTransformer2DModel` computes. Tensor and module names are diffusers'; every projection
 //! is a [`Linear`], the single place adapters hook in.
 
+use std::sync::{Arc, Mutex};
+
+use candle_core::TensorId;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -483,7 +486,17 @@ pub struct FluxTransformer {
     norm_out: Linear,
     norm: PlainLayerNorm,
     proj_out: Linear,
+    /// RoPE tables of the position ids seen last, by the ids tensors' identity: the steps of a
+    /// run pass the same ids, so the tables are built once per run (and per candidate of a
+    /// search), not at every step.
+    rope_cache: Arc<Mutex<Vec<(RopeKey, Rope)>>>,
 }
+
+/// The identity of a (text ids, image ids) pair.
+type RopeKey = (TensorId, TensorId);
+
+/// Runs whose tables are kept: the candidates of a batched search share one.
+const ROPE_CACHE_ENTRIES: usize = 4;
 
 impl FluxTransformer {
     pub fn new(config: &FluxConfig, vb: VarBuilder) -> Result<Self> {
@@ -523,6 +536,7 @@ impl FluxTransformer {
             norm,
             proj_out: Linear::load(hidden, config.out_channels(), vb.pp("proj_out"))?,
             config: config.clone(),
+            rope_cache: Arc::default(),
         })
     }
 
@@ -549,19 +563,29 @@ impl FluxTransformer {
         VisitLinears::visit_linears(self, "", f)
     }
 
+    /// The RoPE tables of these ids, from the cache when the same ids were seen before.
+    fn rope(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<Rope> {
+        let key = (txt_ids.id(), img_ids.id());
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, rope)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(rope.clone());
+        }
+        let device = self.device();
+        let ids = Tensor::cat(&[txt_ids.to_device(device)?, img_ids.to_device(device)?], 0)?;
+        let rope = Rope::new(&ids, &self.config.axes_dims_rope, device)?;
+        if cache.len() == ROPE_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((key, rope.clone()));
+        Ok(rope)
+    }
+
     /// Predicts the flow-matching velocity for the image tokens, `[B, N, out_channels]`.
     pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
         let (b, n_img, n_txt) = self.check_input(input)?;
         let dtype = self.dtype();
         let device = self.device();
-        let ids = Tensor::cat(
-            &[
-                input.txt_ids.to_device(device)?,
-                input.img_ids.to_device(device)?,
-            ],
-            0,
-        )?;
-        let rope = Rope::new(&ids, &self.config.axes_dims_rope, device)?;
+        let rope = self.rope(input.txt_ids, input.img_ids)?;
 
         // diffusers scales t/1000 back up in the model dtype, rounding included.
         let scale_up = |t: &Tensor| -> CResult<Tensor> {
@@ -680,5 +704,37 @@ impl VisitLinears for FluxTransformer {
         }
         f(&join(prefix, "norm_out.linear"), &mut self.norm_out);
         f(&join(prefix, "proj_out"), &mut self.proj_out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_tables_are_built_once_per_ids() {
+        let config = FluxConfig {
+            num_layers: 1,
+            num_single_layers: 1,
+            attention_head_dim: 16,
+            num_attention_heads: 2,
+            joint_attention_dim: 8,
+            pooled_projection_dim: 8,
+            axes_dims_rope: vec![4, 6, 6],
+            ..FluxConfig::fill()
+        };
+        let device = Device::Cpu;
+        let model = FluxTransformer::new(&config, VarBuilder::zeros(DType::F32, &device)).unwrap();
+        let ids = |n: usize| Tensor::zeros((n, 3), DType::F32, &device).unwrap();
+        let (txt, img) = (ids(2), ids(4));
+        let first = model.rope(&txt, &img).unwrap();
+        let again = model.rope(&txt, &img).unwrap();
+        assert_eq!(format!("{first:?}"), format!("{again:?}"));
+        assert_eq!(model.rope_cache.lock().unwrap().len(), 1);
+        // Other ids (another run, another candidate) get their own tables, a bounded number.
+        for _ in 0..10 {
+            model.rope(&ids(2), &ids(4)).unwrap();
+        }
+        assert_eq!(model.rope_cache.lock().unwrap().len(), ROPE_CACHE_ENTRIES);
     }
 }

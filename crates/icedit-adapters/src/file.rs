@@ -115,6 +115,12 @@ impl AdapterFile {
 
         let mut tensors = Vec::new();
         for (name, view) in st.tensors() {
+            if !icedit_flux::shape_fits(view.shape()) {
+                return Err(corrupt(format!(
+                    "tensor {name} has the impossible shape {:?}",
+                    view.shape()
+                )));
+            }
             let tensor = view
                 .load(&Device::Cpu)
                 .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;

@@ -56,10 +56,24 @@ fn one() -> f64 {
 
 impl Manifest {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| AdapterError::Manifest {
+        let bad = |message: String| AdapterError::Manifest {
             path: origin.to_string(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        let manifest: Self = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // TOML has nan and inf: refused here, before anything downloads, as --lora-scale is.
+        if !manifest.scale.is_finite() {
+            return Err(bad(format!(
+                "scale = {}: a scale must be a finite number",
+                manifest.scale
+            )));
+        }
+        if manifest.top_k == Some(0) {
+            return Err(bad(
+                "top_k = 0: at least one expert must run per token".into()
+            ));
+        }
+        Ok(manifest)
     }
 
     /// The built-in manifests.
@@ -103,8 +117,13 @@ impl AdapterSpec {
                     known: known_names(),
                 });
             }
-            // `hf:` always means the Hub, never a local folder of that name.
-            ModelSource::parse(&format!("hf:{owner}/{name}"))?;
+            // `hf:` always means the Hub, never a local folder of that name; the revision is
+            // checked here too, before anything is resolved.
+            let at_revision = revision
+                .as_deref()
+                .map(|r| format!("@{r}"))
+                .unwrap_or_default();
+            ModelSource::parse(&format!("hf:{owner}/{name}{at_revision}"))?;
             return Ok(Self::Hub {
                 repo: format!("{owner}/{name}"),
                 revision,
@@ -349,6 +368,22 @@ mod tests {
         assert_eq!(moe.top_k, Some(1));
     }
 
+    /// Found by tests/fuzz_parsers.rs: these parsed, to fail (or blacken the image) later.
+    #[test]
+    fn manifests_with_unusable_numbers_are_refused() {
+        let base = "name = \"x\"\nrepo = \"a/b\"\nkind = \"moe-lora\"\n";
+        assert!(Manifest::parse(base, "m.toml").is_ok());
+        for extra in ["scale = nan", "scale = +inf", "scale = -inf", "top_k = 0"] {
+            let err = Manifest::parse(&format!("{base}{extra}\n"), "m.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(extra.split(' ').next().unwrap()),
+                "{extra}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn specs_parse() {
         assert_eq!(
@@ -419,6 +454,11 @@ mod tests {
             "hf:a/..",
             "hf:/etc/passwd",
             "hf:a b/c",
+            // Found by tests/fuzz_parsers.rs: revisions were only checked on resolving.
+            "hf:a/b@",
+            "hf:a/b@..",
+            "hf:a/b@x y/f.safetensors",
+            "hf:a/b@x@y",
         ] {
             assert!(AdapterSpec::parse(bad).is_err(), "{bad}");
         }

@@ -29,6 +29,6 @@ pub use linear::{Linear, LinearAdapter, VisitLinears};
 pub use model::{FluxInput, FluxTransformer};
 pub use vae::{AutoencoderKl, Posterior, VaeConfig};
 pub use weights::{
-    bfl_linear, check_model_dtype, parse_dtype, BflPart, Checkpoint, Layout, MappedTensors,
-    SafetensorsFiles,
+    bfl_linear, check_model_dtype, parse_dtype, shape_fits, BflPart, Checkpoint, Layout,
+    MappedTensors, SafetensorsFiles,
 };

@@ -67,6 +67,17 @@ impl SafetensorsFiles {
                 })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
+                // A tensor with no data can still claim dimensions whose product overflows
+                // (e.g. [0, 2^32, 2^32]); candle's strides would overflow on it.
+                if !shape_fits(&info.shape) {
+                    return Err(FluxError::Safetensors {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor `{name}` has the impossible shape {:?}",
+                            info.shape
+                        ),
+                    });
+                }
                 let (begin, end) = info.data_offsets;
                 let entry = TensorEntry {
                     file,
@@ -703,6 +714,15 @@ impl candle_nn::var_builder::SimpleBackend for MappedBackend<'_> {
     }
 }
 
+/// Whether a shape's element count (and so every stride) fits in a `usize`.
+pub fn shape_fits(shape: &[usize]) -> bool {
+    shape
+        .iter()
+        .rev()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_some()
+}
+
 /// The safetensors files of a diffusers model folder: the shards named by the index, or the
 /// single weights file.
 pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -724,6 +744,15 @@ pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .and_then(|m| m.as_object())
             .ok_or_else(|| bad_index("no `weight_map` object".into()))?;
         let shards: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
+        // Shards are files beside the index: a path out of the folder is not one.
+        if let Some(bad) = shards
+            .iter()
+            .find(|s| s.is_empty() || s.contains(['/', '\\']) || **s == ".." || **s == ".")
+        {
+            return Err(bad_index(format!(
+                "the shard name {bad:?} is not a file name in the model folder"
+            )));
+        }
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         let missing: Vec<String> = paths
             .iter()
@@ -805,8 +834,22 @@ fn infer_config(files: &SafetensorsFiles, layout: Layout, prefix: &str) -> Resul
             .max()
             .map_or(0, |max| max + 1)
     };
-    let img_in = shape(img_in)?;
-    let head_dim = shape(q_norm)?[0];
+    // The tensors' ranks are checked before any dimension is read.
+    let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
+        let dims = shape(name)?;
+        if dims.len() != rank {
+            return Err(FluxError::Config {
+                path: None,
+                message: format!(
+                    "`{prefix}{name}` has shape {dims:?}; a FLUX transformer's has {rank} \
+                     dimension(s)"
+                ),
+            });
+        }
+        Ok(dims)
+    };
+    let img_in = dims(img_in, 2)?;
+    let head_dim = dims(q_norm, 1)?[0];
     let hidden = img_in[0];
     if head_dim == 0 || hidden % head_dim != 0 {
         return Err(FluxError::Config {
@@ -826,13 +869,13 @@ fn infer_config(files: &SafetensorsFiles, layout: Layout, prefix: &str) -> Resul
     let config = FluxConfig {
         patch_size: 1,
         in_channels: img_in[1],
-        out_channels: Some(shape(out)?[0]),
+        out_channels: Some(dims(out, 2)?[0]),
         num_layers: count_blocks(double),
         num_single_layers: count_blocks(single),
         attention_head_dim: head_dim,
         num_attention_heads: hidden / head_dim,
-        joint_attention_dim: shape(txt_in)?[1],
-        pooled_projection_dim: shape(vec_in)?[1],
+        joint_attention_dim: dims(txt_in, 2)?[1],
+        pooled_projection_dim: dims(vec_in, 2)?[1],
         guidance_embeds: files.contains(&format!("{prefix}{guidance}")),
         axes_dims_rope: vec![16, 56, 56],
     };

@@ -65,8 +65,22 @@ pub fn half_size(source_width: u32, source_height: u32, width: u32) -> Result<(u
         return Err(PipelineError::Input("the source image is empty".into()));
     }
     let exact = source_height as f64 * width as f64 / source_width as f64;
-    let height = ((exact / g as f64).round() as u32).max(1) * g;
-    check_size(2 * width, height, "the diptych")?;
+    // In u64: a huge --width or aspect ratio must fail the size check, not overflow.
+    let height = ((exact / g as f64).round() as u64)
+        .max(1)
+        .saturating_mul(g as u64);
+    let too_big = || {
+        PipelineError::Input(format!(
+            "the diptych of a {source_width}x{source_height} image at --width {width} would be \
+             {}x{height}, far more than icedit runs on; use a smaller --width",
+            2 * width as u64
+        ))
+    };
+    let (Ok(diptych_width), Ok(height)) = (u32::try_from(2 * width as u64), u32::try_from(height))
+    else {
+        return Err(too_big());
+    };
+    check_size(diptych_width, height, "the diptych")?;
     Ok((width, height))
 }
 
@@ -225,6 +239,21 @@ mod tests {
             .unwrap()
             .ends_with("left but  Give him a red scarf."));
         assert!(diptych_prompt("  ").is_err());
+    }
+
+    /// Found by tests/fuzz_parsers.rs: a huge --width or a very tall source overflowed u32.
+    #[test]
+    fn huge_half_sizes_are_refused_without_overflow() {
+        for (sw, sh, width) in [
+            (1, 15, 286331168),
+            (1, 1, 1 << 31),
+            (1, u32::MAX, 16),
+            (16, 16, u32::MAX - 15),
+            (1, u32::MAX, u32::MAX - 15),
+        ] {
+            let err = half_size(sw, sh, width).unwrap_err().to_string();
+            assert!(err.contains("more than"), "{sw}x{sh} @ {width}: {err}");
+        }
     }
 
     #[test]

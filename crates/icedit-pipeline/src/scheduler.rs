@@ -165,6 +165,18 @@ impl FlowMatchSchedule {
                 .map(|&s| shift * s / (1.0 + (shift - 1.0) * s))
                 .collect()
         };
+        // A config's shift values (or an image far larger than the config's sequence lengths)
+        // can make the shift overflow: refuse noise levels that are not in [0, 1].
+        if let Some(bad) = shifted
+            .iter()
+            .find(|s| !(s.is_finite() && (0.0..=1.0).contains(*s)))
+        {
+            return Err(PipelineError::Input(format!(
+                "the scheduler config gives a noise level of {bad} (it must be between 0 and 1) \
+                 for {steps} steps at {image_seq_len} image tokens; check shift, base_shift, \
+                 max_shift, base_image_seq_len and max_image_seq_len in scheduler_config.json"
+            )));
+        }
         let scale = config.num_train_timesteps as f32;
         let timesteps = shifted.iter().map(|&s| s * scale).collect();
         let mut sigmas = shifted;
@@ -239,6 +251,34 @@ mod tests {
     #[test]
     fn zero_steps_is_an_error() {
         assert!(FlowMatchSchedule::new(&SchedulerConfig::default(), 0, 256).is_err());
+    }
+
+    /// Found by tests/fuzz_parsers.rs: shifts that overflow gave NaN noise levels.
+    #[test]
+    fn schedules_outside_zero_to_one_are_refused() {
+        let close = SchedulerConfig {
+            base_image_seq_len: 256,
+            max_image_seq_len: 257,
+            max_shift: 1000.0,
+            ..Default::default()
+        };
+        let err = FlowMatchSchedule::new(&close, 28, 4096).unwrap_err();
+        assert!(err.to_string().contains("noise level"), "{err}");
+        let negative = SchedulerConfig {
+            use_dynamic_shifting: false,
+            shift: -2.0,
+            ..Default::default()
+        };
+        assert!(FlowMatchSchedule::new(&negative, 28, 4096).is_err());
+        let linear = SchedulerConfig {
+            time_shift_type: "linear".into(),
+            base_shift: -5.0,
+            max_shift: -5.0,
+            max_image_seq_len: 4097,
+            ..Default::default()
+        };
+        assert!(FlowMatchSchedule::new(&linear, 28, 4096).is_err());
+        assert!(FlowMatchSchedule::new(&SchedulerConfig::default(), 50, 16384).is_ok());
     }
 
     #[test]

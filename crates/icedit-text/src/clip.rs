@@ -82,6 +82,7 @@ impl ClipTextConfig {
                 1 << 16,
             ),
         ])?;
+        check_epsilon("layer_norm_eps", self.layer_norm_eps)?;
         if Activation::from_name(&self.hidden_act).is_none() {
             return Err(format!(
                 "hidden_act `{}` is not supported (quick_gelu, gelu, gelu_new, relu, silu are)",
@@ -381,7 +382,9 @@ impl ClipVisionConfig {
             ),
             ("image_size", self.image_size, 1 << 14),
             ("patch_size", self.patch_size, 1 << 10),
+            ("num_channels", self.num_channels, 16),
         ])?;
+        check_epsilon("layer_norm_eps", self.layer_norm_eps)?;
         if Activation::from_name(&self.hidden_act).is_none() {
             Err(format!("hidden_act `{}` is not supported", self.hidden_act))
         } else if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0
@@ -392,6 +395,17 @@ impl ClipVisionConfig {
         } else {
             Ok(())
         }
+    }
+}
+
+/// A normalisation epsilon must be a small positive number.
+pub(crate) fn check_epsilon(name: &str, eps: f64) -> std::result::Result<(), String> {
+    if eps.is_finite() && eps > 0.0 && eps < 1.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} is {eps}; it must be a small positive number (e.g. 1e-5)"
+        ))
     }
 }
 

@@ -85,6 +85,7 @@ impl T5Config {
                 1 << 12,
             ),
         ])
+        .and_then(|()| crate::clip::check_epsilon("layer_norm_epsilon", config.layer_norm_epsilon))
         .map_err(invalid)?;
         if config.num_heads == 0 || config.d_kv == 0 {
             return Err(invalid("num_heads and d_kv must be positive".into()));

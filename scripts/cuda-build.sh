@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Compile the CUDA build on a machine without a GPU or CUDA toolkit, using the toolchain that
+# scripts/cuda-toolchain.sh installs into .cuda/ (installed or verified first; cached).
+#
+#   scripts/cuda-build.sh check   # cargo check -p icedit-cli --features cuda (what CI runs):
+#                                 # build scripts run under check, so this compiles every candle
+#                                 # CUDA kernel with nvcc (PTX + the quantized-matmul library)
+#                                 # and type-checks all cfg(feature = "cuda") Rust code.
+#   scripts/cuda-build.sh build   # cargo build --release -p icedit-cli --features cuda: the same
+#                                 # plus codegen and the link against the stub libraries.
+#   scripts/cuda-build.sh build -- --other-cargo-args
+#
+# Output goes to target/cuda (ICEDIT_CUDA_TARGET_DIR overrides) so it does not invalidate the
+# CPU build in target/. CUDA_COMPUTE_CAP defaults to 90 (H100/H200). CUDAFORGE_THREADS (nvcc
+# jobs) defaults to the number of CPUs.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mode="${1:-check}"
+shift || true
+[ "${1:-}" = "--" ] && shift
+
+"$ROOT/scripts/cuda-toolchain.sh" >/dev/null
+# shellcheck source=cuda-env.sh
+source "$ROOT/scripts/cuda-env.sh"
+export CARGO_TARGET_DIR="${ICEDIT_CUDA_TARGET_DIR:-$ROOT/target/cuda}"
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc 2>/dev/null || echo 2)}"
+cd "$ROOT"
+echo "cuda-build: $(nvcc --version | tail -1), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR" >&2
+
+case "$mode" in
+  check) set -x; cargo check --locked -p icedit-cli --features cuda "$@" ;;
+  build) set -x; cargo build --locked --release -p icedit-cli --features cuda "$@" ;;
+  *) echo "usage: $0 [check|build] [-- cargo args]" >&2; exit 2 ;;
+esac

@@ -466,6 +466,35 @@ mod tests {
     }
 
     #[test]
+    fn animated_images_use_their_first_frame_and_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("anim.png");
+        let (w, h) = (4u32, 3u32);
+        {
+            let file = std::fs::File::create(&path).unwrap();
+            let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+            encoder.set_color(png::ColorType::Rgb);
+            encoder.set_depth(png::BitDepth::Eight);
+            encoder.set_animated(2, 0).unwrap();
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(&[10; 36]).unwrap();
+            writer.write_image_data(&[200; 36]).unwrap();
+            writer.finish().unwrap();
+        }
+        let loaded = load_rgb(&path).unwrap();
+        assert_eq!(loaded.rgb.get_pixel(0, 0).0, [10, 10, 10]);
+        assert!(
+            loaded.notes.iter().any(|n| n.contains("first frame")),
+            "{:?}",
+            loaded.notes
+        );
+        // A still PNG has no such note.
+        let still = dir.path().join("still.png");
+        save_png(&still, &RgbImage::new(w, h), &[]).unwrap();
+        assert!(load_rgb(&still).unwrap().notes.is_empty());
+    }
+
+    #[test]
     fn extreme_aspect_ratios_are_warned_about() {
         assert!(aspect_warning(1024, 512, "the diptych").is_none());
         assert!(aspect_warning(1024, 16, "the diptych").is_some());

@@ -82,16 +82,9 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
             latents.dtype()
         );
     }
-    let non_finite = latents
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .filter(|v| !v.is_finite())
-        .count();
-    if non_finite > 0 {
+    if !icedit_flux::all_finite(latents)? {
         bail!(
-            "{}: `latents` holds {non_finite} NaN or infinite value(s); the run would make a \
-             black image",
+            "{}: `latents` holds NaN or infinite values; the run would make a black image",
             path.display()
         );
     }

@@ -579,6 +579,18 @@ fn bad_files_and_models_are_refused() {
     args[4] = "cut.jpg";
     refused("truncated jpeg", &args, d, "truncated");
     args[4] = "photo.png";
+    // Latents holding a NaN: refused when read, before the model loads.
+    let mut values = vec![0f32; 16 * 6 * 16];
+    values[7] = f32::NAN;
+    let latents =
+        candle_core::Tensor::from_vec(values, (1, 16, 6, 16), &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), latents)]),
+        d.join("nan.safetensors"),
+    )
+    .unwrap();
+    let latent_args = edit_args(model, &["--latents", "nan.safetensors", "--out", "o.png"]);
+    refused("NaN latents", &latent_args, d, "NaN or infinite");
 
     // model_index.json naming another pipeline; a scheduler with 0 training timesteps.
     let other = d.join("other");

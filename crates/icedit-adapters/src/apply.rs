@@ -38,6 +38,10 @@ pub struct AppliedAdapter {
     pub name: String,
     pub lora_layers: usize,
     pub merged_layers: usize,
+    /// LoRA layers applied at run time although merging was asked for: their base weight is
+    /// quantized, and a merge would round the LoRA's change to the quantization's steps (as
+    /// diffusers on a GGUF model, the LoRA is added at run time instead).
+    pub runtime_on_quantized: usize,
     pub moe_layers: usize,
     pub experts: usize,
     pub top_k: usize,
@@ -92,6 +96,7 @@ pub fn apply_adapters(
             name: b.name.clone(),
             lora_layers: 0,
             merged_layers: 0,
+            runtime_on_quantized: 0,
             moe_layers: 0,
             experts: 0,
             top_k: 0,
@@ -149,8 +154,9 @@ fn install(
     };
     match layer {
         BoundLayer::Lora(delta) => {
-            if mode == ApplyMode::Merge && delta.up_bias.is_none() {
-                let merged = (linear.weight().to_dtype(DType::F32)?
+            let quantized = linear.quantization().is_some();
+            if mode == ApplyMode::Merge && delta.up_bias.is_none() && !quantized {
+                let merged = (linear.weight()?.to_dtype(DType::F32)?
                     + delta.weight_delta()?.to_device(&device)?)?
                 .to_dtype(dtype)?;
                 check(&[&merged], "merged weights", delta.scale)?;
@@ -158,6 +164,9 @@ fn install(
                 linear.set_weight(merged)?;
                 report.merged_layers += 1;
             } else {
+                if mode == ApplyMode::Merge && quantized {
+                    report.runtime_on_quantized += 1;
+                }
                 let delta = LoraDelta {
                     down: convert(&delta.down)?,
                     up: convert(&delta.up)?,

@@ -18,6 +18,9 @@ pub enum FluxError {
     #[error("{path} is not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
+    #[error("{path} is not a valid GGUF file: {message}")]
+    Gguf { path: PathBuf, message: String },
+
     #[error("invalid transformer config{}: {message}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
     Config {
         path: Option<PathBuf>,

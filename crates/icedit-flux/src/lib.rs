@@ -16,6 +16,7 @@ mod cpu_kernels;
 mod error;
 pub mod files;
 mod finite;
+pub mod gguf;
 mod linear;
 mod model;
 mod vae;
@@ -30,5 +31,5 @@ pub use model::{FluxInput, FluxTransformer};
 pub use vae::{AutoencoderKl, Posterior, VaeConfig};
 pub use weights::{
     bfl_linear, check_model_dtype, parse_dtype, shape_fits, BflPart, Checkpoint, Layout,
-    MappedTensors, SafetensorsFiles,
+    MappedTensors, Stored, TensorFiles, WeightSource,
 };

@@ -4,8 +4,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+
+use crate::weights::WeightSource;
 
 /// Something that adds to a linear layer's output, computed from the layer's input.
 ///
@@ -36,51 +38,108 @@ struct Attached {
     projection: Option<Range<usize>>,
 }
 
+/// How a layer's weight is held.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out_features + extra, in_features]`: the weight, then the rows adapters asked to have
+    /// projected (none unless such an adapter is attached), read by one matmul.
+    Dense(Tensor),
+    /// GGUF blocks `[out_features, in_features]`, dequantized for each product as diffusers'
+    /// and ComfyUI's GGUF layers do; adapters' extra rows `[extra, in_features]` beside them.
+    Quantized {
+        blocks: Arc<QTensor>,
+        extra: Option<Tensor>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out_features + extra, in_features]`: the layer's weight, then the rows adapters asked
-    /// to have projected (none unless such an adapter is attached).
-    weight: Tensor,
+    weight: Weight,
+    /// The dtype the layer computes in (a quantized weight is dequantized to it).
+    dtype: DType,
     out_features: usize,
+    in_features: usize,
     bias: Option<Tensor>,
     adapters: Vec<Attached>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let out_features = weight.dims()[0];
+        let (out_features, in_features) = (weight.dims()[0], weight.dims()[1]);
         Self {
-            weight,
+            dtype: weight.dtype(),
+            weight: Weight::Dense(weight),
             out_features,
+            in_features,
             bias,
             adapters: Vec::new(),
         }
     }
 
-    /// Loads `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`.
-    pub fn load(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((out_features, in_features), "weight")?;
-        let bias = vb.get(out_features, "bias")?;
-        Ok(Self::new(weight, Some(bias)))
+    /// A layer over quantized blocks `[out, in]`, computing in `dtype`.
+    pub fn quantized(blocks: QTensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let (out_features, in_features) = blocks.shape().dims2()?;
+        Ok(Self {
+            weight: Weight::Quantized {
+                blocks: Arc::new(blocks),
+                extra: None,
+            },
+            dtype,
+            out_features,
+            in_features,
+            bias,
+            adapters: Vec::new(),
+        })
     }
 
-    /// `[out_features, in_features]`.
-    pub fn weight(&self) -> Tensor {
-        if self.extra_rows() == 0 {
-            self.weight.clone()
-        } else {
-            self.weight
-                .narrow(0, 0, self.out_features)
-                .expect("the weight has its rows")
+    /// Loads `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`; a weight the checkpoint
+    /// stores quantized stays quantized.
+    pub fn load<'a>(
+        in_features: usize,
+        out_features: usize,
+        source: impl Into<WeightSource<'a>>,
+    ) -> Result<Self> {
+        let source = source.into();
+        let bias = source.get(out_features, "bias")?;
+        match source.quantized_weight(out_features, in_features)? {
+            Some(blocks) => Self::quantized(blocks, Some(bias), source.dtype()),
+            None => {
+                let weight = source.get((out_features, in_features), "weight")?;
+                Ok(Self::new(weight, Some(bias)))
+            }
         }
     }
 
-    pub fn dtype(&self) -> DType {
-        self.weight.dtype()
+    /// The ggml type of a quantized weight (`None`: dense).
+    pub fn quantization(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            Weight::Dense(_) => None,
+            Weight::Quantized { blocks, .. } => Some(blocks.dtype()),
+        }
     }
 
-    pub fn device(&self) -> &candle_core::Device {
-        self.weight.device()
+    /// `[out_features, in_features]` in the layer's dtype (dequantized if stored quantized).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) if self.extra_rows() == 0 => Ok(w.clone()),
+            Weight::Dense(w) => w.narrow(0, 0, self.out_features),
+            Weight::Quantized { blocks, .. } => self.dequantize(blocks),
+        }
+    }
+
+    fn dequantize(&self, blocks: &QTensor) -> Result<Tensor> {
+        blocks.dequantize(&blocks.device())?.to_dtype(self.dtype)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> candle_core::Device {
+        match &self.weight {
+            Weight::Dense(w) => w.device().clone(),
+            Weight::Quantized { blocks, .. } => blocks.device(),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -88,7 +147,7 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.in_features
     }
 
     pub fn out_features(&self) -> usize {
@@ -96,29 +155,40 @@ impl Linear {
     }
 
     fn extra_rows(&self) -> usize {
-        self.weight.dims()[0] - self.out_features
+        match &self.weight {
+            Weight::Dense(w) => w.dims()[0] - self.out_features,
+            Weight::Quantized { extra, .. } => extra.as_ref().map_or(0, |e| e.dims()[0]),
+        }
     }
 
     /// Replaces the weight, e.g. with a LoRA merged in. The shape and dtype must not change.
-    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
-        let old = self.weight();
-        if weight.shape() != old.shape() || weight.dtype() != old.dtype() {
+    /// A quantized layer re-quantizes it to its own type (lossy: the merged change is rounded
+    /// to the type's steps), and returns that type.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<Option<GgmlDType>> {
+        let (out, inp) = (self.out_features, self.in_features);
+        if weight.dims() != [out, inp] || weight.dtype() != self.dtype {
             candle_core::bail!(
-                "replacement weight is {:?} {:?}, the layer's is {:?} {:?}",
+                "replacement weight is {:?} {:?}, the layer's is [{out}, {inp}] {:?}",
                 weight.shape(),
                 weight.dtype(),
-                old.shape(),
-                old.dtype()
+                self.dtype
             );
         }
-        self.weight = match self.extra_rows() {
-            0 => weight,
-            extra => Tensor::cat(
-                &[weight, self.weight.narrow(0, self.out_features, extra)?],
-                0,
-            )?,
-        };
-        Ok(())
+        let extra = self.extra_rows();
+        match &mut self.weight {
+            Weight::Dense(w) => {
+                *w = match extra {
+                    0 => weight,
+                    extra => Tensor::cat(&[weight, w.narrow(0, out, extra)?], 0)?,
+                };
+                Ok(None)
+            }
+            Weight::Quantized { blocks, .. } => {
+                let dtype = blocks.dtype();
+                *blocks = Arc::new(QTensor::quantize(&weight, dtype)?);
+                Ok(Some(dtype))
+            }
+        }
     }
 
     /// Adds an adapter applied at run time, after those already attached.
@@ -126,17 +196,23 @@ impl Linear {
         let mut projection = None;
         if let Some(rows) = adapter.input_projection() {
             let (k, width) = rows.dims2()?;
-            if width != self.in_features() {
+            if width != self.in_features {
                 candle_core::bail!(
                     "the adapter projects {width} input features, the layer has {}",
-                    self.in_features()
+                    self.in_features
                 );
             }
-            let rows = rows
-                .to_device(self.weight.device())?
-                .to_dtype(self.weight.dtype())?;
-            let start = self.weight.dims()[0] - self.out_features;
-            self.weight = Tensor::cat(&[&self.weight, &rows], 0)?;
+            let rows = rows.to_device(&self.device())?.to_dtype(self.dtype)?;
+            let start = self.extra_rows();
+            match &mut self.weight {
+                Weight::Dense(w) => *w = Tensor::cat(&[&*w, &rows], 0)?,
+                Weight::Quantized { extra, .. } => {
+                    *extra = Some(match extra.take() {
+                        None => rows,
+                        Some(e) => Tensor::cat(&[e, rows], 0)?,
+                    })
+                }
+            }
             projection = Some(start..start + k);
         }
         self.adapters.push(Attached {
@@ -151,7 +227,10 @@ impl Linear {
     }
 
     pub fn detach_all(&mut self) -> Vec<Arc<dyn LinearAdapter>> {
-        self.weight = self.weight();
+        match &mut self.weight {
+            Weight::Dense(w) => *w = w.narrow(0, 0, self.out_features).expect("the weight has its rows"),
+            Weight::Quantized { extra, .. } => *extra = None,
+        }
         std::mem::take(&mut self.adapters)
             .into_iter()
             .map(|a| a.adapter)
@@ -160,13 +239,27 @@ impl Linear {
 }
 
 impl Linear {
+    /// The weight and the adapters' extra rows as one dense `[out + extra, in]` matrix.
+    fn matmul_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quantized { blocks, extra } => {
+                let w = self.dequantize(blocks)?;
+                match extra {
+                    None => Ok(w),
+                    Some(extra) => Tensor::cat(&[&w, extra], 0),
+                }
+            }
+        }
+    }
+
     /// `x W^T + b` over the last dimension of `x`, and the adapters' input projections
     /// (`[tokens, extra]`), from one matmul.
     fn forward_base(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let dims = x.dims();
         let in_features = dims[dims.len() - 1];
         let x2 = x.reshape(((), in_features))?;
-        let (mut w, mut b) = (self.weight.clone(), self.bias.clone());
+        let (mut w, mut b) = (self.matmul_weight()?, self.bias.clone());
         // candle widens bf16 matmuls to f32 on the CPU anyway; adding the bias before narrowing
         // rounds once, as PyTorch's fused addmm does.
         let widen = x.device().is_cpu() && x.dtype() == DType::BF16;
@@ -264,7 +357,7 @@ mod tests {
             seen: Mutex::new(None),
         });
         layer.attach(probe.clone()).unwrap();
-        assert_eq!(layer.weight().dims(), [5, 7]);
+        assert_eq!(layer.weight().unwrap().dims(), [5, 7]);
         let with_probe = layer.forward(&x).unwrap();
         let diff = |a: &Tensor, b: &Tensor| crate::compare::max_abs_diff(a, b).unwrap();
         assert!(diff(&plain, &with_probe) < 1e-6);
@@ -273,10 +366,10 @@ mod tests {
 
         // Merging keeps the projection rows; detaching drops them.
         layer.set_weight((w.clone() * 2.0).unwrap()).unwrap();
-        assert_eq!(layer.weight().dims(), [5, 7]);
+        assert_eq!(layer.weight().unwrap().dims(), [5, 7]);
         layer.forward(&x).unwrap();
         assert!(diff(probe.seen.lock().unwrap().as_ref().unwrap(), &expected) < 1e-6);
         layer.detach_all();
-        assert!(diff(&layer.weight(), &(w * 2.0).unwrap()) < 1e-6);
+        assert!(diff(&layer.weight().unwrap(), &(w * 2.0).unwrap()) < 1e-6);
     }
 }

@@ -6,14 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::TensorId;
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::VarBuilder;
 
 use crate::attention::{rope_attention, Rope};
 use crate::config::FluxConfig;
 use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
 use crate::linear::{join, Linear, VisitLinears};
-use crate::weights::{check_model_dtype, Checkpoint};
+use crate::weights::{check_model_dtype, Checkpoint, WeightSource};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -54,7 +53,7 @@ struct HeadRmsNorm {
 }
 
 impl HeadRmsNorm {
-    fn new(head_dim: usize, vb: VarBuilder) -> CResult<Self> {
+    fn new(head_dim: usize, vb: WeightSource) -> CResult<Self> {
         Ok(Self {
             weight: vb.get(head_dim, "weight")?,
         })
@@ -85,7 +84,7 @@ struct MlpEmbedder {
 }
 
 impl MlpEmbedder {
-    fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> CResult<Self> {
+    fn new(in_dim: usize, hidden: usize, vb: WeightSource) -> CResult<Self> {
         Ok(Self {
             linear_1: Linear::load(in_dim, hidden, vb.pp("linear_1"))?,
             linear_2: Linear::load(hidden, hidden, vb.pp("linear_2"))?,
@@ -129,7 +128,7 @@ struct TimeTextEmbed {
 }
 
 impl TimeTextEmbed {
-    fn new(cfg: &FluxConfig, vb: VarBuilder) -> CResult<Self> {
+    fn new(cfg: &FluxConfig, vb: WeightSource) -> CResult<Self> {
         let hidden = cfg.hidden_size();
         Ok(Self {
             timestep_embedder: MlpEmbedder::new(
@@ -192,7 +191,7 @@ struct QkvProjection {
 
 impl QkvProjection {
     /// `names`: the q, k, v linear and q, k norm module names under `vb`.
-    fn new(cfg: &FluxConfig, vb: &VarBuilder, names: [&str; 5]) -> CResult<Self> {
+    fn new(cfg: &FluxConfig, vb: &WeightSource, names: [&str; 5]) -> CResult<Self> {
         let hidden = cfg.hidden_size();
         let head_dim = cfg.attention_head_dim;
         Ok(Self {
@@ -264,7 +263,7 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(cfg: &FluxConfig, vb: VarBuilder) -> CResult<Self> {
+    fn new(cfg: &FluxConfig, vb: WeightSource) -> CResult<Self> {
         let (hidden, mlp) = (cfg.hidden_size(), cfg.mlp_hidden_size());
         Ok(Self {
             proj_in: Linear::load(hidden, mlp, vb.pp("net.0.proj"))?,
@@ -304,7 +303,7 @@ struct DoubleStreamBlock {
 }
 
 impl DoubleStreamBlock {
-    fn new(cfg: &FluxConfig, norm: PlainLayerNorm, vb: VarBuilder) -> CResult<Self> {
+    fn new(cfg: &FluxConfig, norm: PlainLayerNorm, vb: WeightSource) -> CResult<Self> {
         let hidden = cfg.hidden_size();
         let attn = vb.pp("attn");
         Ok(Self {
@@ -393,7 +392,7 @@ struct SingleStreamBlock {
 }
 
 impl SingleStreamBlock {
-    fn new(cfg: &FluxConfig, norm: PlainLayerNorm, vb: VarBuilder) -> CResult<Self> {
+    fn new(cfg: &FluxConfig, norm: PlainLayerNorm, vb: WeightSource) -> CResult<Self> {
         let (hidden, mlp) = (cfg.hidden_size(), cfg.mlp_hidden_size());
         Ok(Self {
             modulation: Linear::load(hidden, 3 * hidden, vb.pp("norm.linear"))?,
@@ -499,7 +498,8 @@ type RopeKey = (TensorId, TensorId);
 const ROPE_CACHE_ENTRIES: usize = 4;
 
 impl FluxTransformer {
-    pub fn new(config: &FluxConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new<'a>(config: &FluxConfig, vb: impl Into<WeightSource<'a>>) -> Result<Self> {
+        let vb = vb.into();
         config.validate()?;
         check_model_dtype(vb.dtype())?;
         let hidden = config.hidden_size();
@@ -543,7 +543,10 @@ impl FluxTransformer {
     /// Loads the weights of `checkpoint` onto `device` as `dtype` (f32, bf16 or f16).
     pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         check_model_dtype(dtype)?;
-        Self::new(checkpoint.config(), checkpoint.var_builder(dtype, device))
+        Self::new(
+            checkpoint.config(),
+            WeightSource::checkpoint(checkpoint, dtype, device),
+        )
     }
 
     pub fn config(&self) -> &FluxConfig {
@@ -551,11 +554,11 @@ impl FluxTransformer {
     }
 
     pub fn dtype(&self) -> DType {
-        self.x_embedder.dtype()
+        self.norm.ones.dtype()
     }
 
     pub fn device(&self) -> &Device {
-        self.x_embedder.device()
+        self.norm.ones.device()
     }
 
     /// Every linear layer, with its diffusers module path (`transformer_blocks.0.attn.to_q`, ...).
@@ -724,7 +727,7 @@ mod tests {
             ..FluxConfig::fill()
         };
         let device = Device::Cpu;
-        let model = FluxTransformer::new(&config, VarBuilder::zeros(DType::F32, &device)).unwrap();
+        let model = FluxTransformer::new(&config, candle_nn::VarBuilder::zeros(DType::F32, &device)).unwrap();
         let ids = |n: usize| Tensor::zeros((n, 3), DType::F32, &device).unwrap();
         let (txt, img) = (ids(2), ids(4));
         let first = model.rope(&txt, &img).unwrap();

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FluxError, Result};
 use crate::linear::Linear;
-use crate::weights::{check_model_dtype, diffusers_weight_files, MappedTensors, SafetensorsFiles};
+use crate::weights::{check_model_dtype, diffusers_weight_files, MappedTensors, TensorFiles};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -1280,7 +1280,7 @@ fn open_vae(path: &Path, config: Option<VaeConfig>) -> Result<(MappedTensors, Va
         Some(c) => c,
         None => VaeConfig::from_json_file(&config_path)?,
     };
-    let files = SafetensorsFiles::open(&diffusers_weight_files(&dir)?)?;
+    let files = TensorFiles::open(&diffusers_weight_files(&dir)?)?;
     Ok((MappedTensors::identity(files), config, String::new()))
 }
 
@@ -1288,7 +1288,7 @@ fn open_single_file(
     path: &Path,
     config: Option<VaeConfig>,
 ) -> Result<(MappedTensors, VaeConfig, String)> {
-    let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
+    let files = TensorFiles::open(&[path.to_path_buf()])?;
     let bad = |message: String| FluxError::VaeConfig {
         path: Some(path.to_path_buf()),
         message,

@@ -3,17 +3,21 @@
 //! or a BFL single file (`flux1-fill-dev.safetensors`, fused qkv). The model always asks for
 //! tensors by their diffusers names; a BFL checkpoint answers from its fused tensors.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use memmap2::Mmap;
 
 use crate::config::FluxConfig;
 use crate::error::{FluxError, Result};
+use crate::gguf::GgufValue;
 
 /// Tensor names are diffusers'; BFL single files are read through [`bfl_source`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,27 +32,43 @@ const BFL_WRAPPED_PREFIX: &str = "model.diffusion_model.";
 const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 const DIFFUSERS_INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
 
+/// How a tensor is stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stored {
+    /// Plain values (safetensors' F32/F16/BF16/F64, GGUF's F32/F16/BF16).
+    Dense(DType),
+    /// GGUF blocks, read as they are and multiplied dequantized.
+    Quantized(GgmlDType),
+    /// A safetensors dtype this loader cannot read (its name).
+    Unsupported(&'static str),
+}
+
 struct TensorEntry {
     file: usize,
-    dtype: safetensors::Dtype,
+    stored: Stored,
     shape: Vec<usize>,
     /// Byte range of the data within the file's mapping.
     bytes: Range<usize>,
 }
 
-/// A set of memory-mapped safetensors files seen as one name -> tensor map.
-pub struct SafetensorsFiles {
+/// A set of memory-mapped weight files (safetensors, GGUF, or both) seen as one name -> tensor
+/// map: the one place every model's weights are read from.
+pub struct TensorFiles {
     paths: Vec<PathBuf>,
     maps: Vec<Mmap>,
     tensors: HashMap<String, TensorEntry>,
+    /// Each GGUF file's metadata (`general.architecture`, ...), by file.
+    gguf_metadata: Vec<Option<BTreeMap<String, GgufValue>>>,
 }
 
-impl SafetensorsFiles {
-    /// Maps the files and reads their headers; the tensor data is only read on demand.
+impl TensorFiles {
+    /// Maps the files and reads their headers; the tensor data is only read on demand. A file
+    /// starting with `GGUF` is read as GGUF, any other as safetensors.
     /// A tensor name found in two files is an error (a broken shard index).
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut maps = Vec::with_capacity(paths.len());
         let mut tensors = HashMap::new();
+        let mut gguf_metadata = Vec::with_capacity(paths.len());
         for (file, path) in paths.iter().enumerate() {
             let io_err = |source| FluxError::Io {
                 path: path.clone(),
@@ -58,41 +78,35 @@ impl SafetensorsFiles {
             // SAFETY: the file is opened read-only; as with every mmap, it must not be truncated
             // while the model loads.
             let mmap = unsafe { Mmap::map(&handle) }.map_err(io_err)?;
-            let (header_len, metadata) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                    FluxError::Safetensors {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    }
+            let (entries, metadata) = if mmap.starts_with(b"GGUF") {
+                let header = crate::gguf::parse(&mmap).map_err(|e| FluxError::Gguf {
+                    path: path.clone(),
+                    message: e.0,
                 })?;
-            let data_start = 8 + header_len;
-            for (name, info) in metadata.tensors() {
-                // A tensor with no data can still claim dimensions whose product overflows
-                // (e.g. [0, 2^32, 2^32]); candle's strides would overflow on it.
-                if !shape_fits(&info.shape) {
-                    return Err(FluxError::Safetensors {
-                        path: path.clone(),
-                        message: format!(
-                            "tensor `{name}` has the impossible shape {:?}",
-                            info.shape
-                        ),
-                    });
-                }
-                let (begin, end) = info.data_offsets;
-                let entry = TensorEntry {
-                    file,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    bytes: data_start + begin..data_start + end,
-                };
-                if entry.bytes.end > mmap.len() {
-                    return Err(FluxError::Safetensors {
-                        path: path.clone(),
-                        message: format!(
-                            "tensor `{name}` runs past the end of the file (truncated download?)"
-                        ),
-                    });
-                }
+                let entries = header
+                    .tensors
+                    .into_iter()
+                    .map(|t| {
+                        let stored = match t.dtype {
+                            GgmlDType::F32 => Stored::Dense(DType::F32),
+                            GgmlDType::F16 => Stored::Dense(DType::F16),
+                            GgmlDType::BF16 => Stored::Dense(DType::BF16),
+                            q => Stored::Quantized(q),
+                        };
+                        let entry = TensorEntry {
+                            file,
+                            stored,
+                            shape: t.shape,
+                            bytes: t.bytes,
+                        };
+                        (t.name, entry)
+                    })
+                    .collect();
+                (entries, Some(header.metadata))
+            } else {
+                (safetensors_entries(path, &mmap, file)?, None)
+            };
+            for (name, entry) in entries {
                 if let Some(previous) = tensors.insert(name.clone(), entry) {
                     return Err(FluxError::Safetensors {
                         path: path.clone(),
@@ -104,11 +118,13 @@ impl SafetensorsFiles {
                 }
             }
             maps.push(mmap);
+            gguf_metadata.push(metadata);
         }
         Ok(Self {
             paths: paths.to_vec(),
             maps,
             tensors,
+            gguf_metadata,
         })
     }
 
@@ -128,7 +144,17 @@ impl SafetensorsFiles {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// Reads `name` (only `rows` of its first dimension, if given) onto `device` as `dtype`.
+    pub fn stored(&self, name: &str) -> Option<Stored> {
+        self.tensors.get(name).map(|e| e.stored)
+    }
+
+    /// The metadata of the first GGUF file among them, if any.
+    pub fn gguf_metadata(&self) -> Option<&BTreeMap<String, GgufValue>> {
+        self.gguf_metadata.iter().flatten().next()
+    }
+
+    /// Reads `name` (only `rows` of its first dimension, if given) onto `device` as `dtype`;
+    /// quantized tensors are dequantized (as ggml's `dequantize_row_*`, in f32).
     ///
     /// On Unix the pages read are then dropped from this process's resident set, so that
     /// loading never holds the mapped file and the loaded weights at the same time.
@@ -139,51 +165,130 @@ impl SafetensorsFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let parts = rows.map(|r| vec![r]);
+        self.read_parts(name, parts.as_deref(), dtype, device)
+    }
+
+    /// [`TensorFiles::read`] of the rows `parts` (in that order) of the first dimension.
+    pub fn read_parts(
+        &self,
+        name: &str,
+        parts: Option<&[Range<usize>]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let entry = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
-        let stored =
-            candle_dtype(entry.dtype).ok_or_else(|| FluxError::UnsupportedTensorDtype {
-                name: name.to_string(),
-                dtype: format!("{:?}", entry.dtype),
-            })?;
-        let mut shape = entry.shape.clone();
-        let mut bytes = entry.bytes.clone();
-        if let Some(rows) = rows {
-            let row_bytes = shape[1..].iter().product::<usize>() * stored.size_in_bytes();
-            bytes = bytes.start + rows.start * row_bytes..bytes.start + rows.end * row_bytes;
-            shape[0] = rows.len();
+        let (bytes, shape) = self.raw_rows(entry, parts);
+        let tensor = match entry.stored {
+            Stored::Dense(stored) => {
+                let tensor = Tensor::from_raw_buffer(&bytes, stored, &shape, device)?;
+                if !crate::finite::all_finite(&tensor)? {
+                    return Err(self.non_finite(name, entry, stored, stored, true));
+                }
+                let converted = tensor.to_dtype(dtype)?;
+                // A value beyond the dtype's range becomes infinite in the conversion.
+                if stored != dtype && !crate::finite::all_finite(&converted)? {
+                    return Err(self.non_finite(name, entry, stored, dtype, false));
+                }
+                converted
+            }
+            Stored::Quantized(q) => {
+                let dequantized = quantized_tensor(q, &bytes, &shape, &Device::Cpu)?
+                    .dequantize(&Device::Cpu)?;
+                if !crate::finite::all_finite(&dequantized)? {
+                    return Err(self.non_finite(name, entry, DType::F32, DType::F32, true));
+                }
+                let converted = dequantized.to_dtype(dtype)?.to_device(device)?;
+                if dtype != DType::F32 && !crate::finite::all_finite(&converted)? {
+                    return Err(self.non_finite(name, entry, DType::F32, dtype, false));
+                }
+                converted
+            }
+            Stored::Unsupported(stored) => {
+                return Err(FluxError::UnsupportedTensorDtype {
+                    name: name.to_string(),
+                    dtype: stored.to_string(),
+                })
+            }
+        };
+        self.drop_pages(entry);
+        Ok(tensor)
+    }
+
+    /// The rows `parts` of a quantized tensor as it is stored, on `device`; `None` when the
+    /// tensor is stored dense (read it with [`TensorFiles::read_parts`]).
+    pub fn read_quantized(
+        &self,
+        name: &str,
+        parts: Option<&[Range<usize>]>,
+        device: &Device,
+    ) -> Result<Option<QTensor>> {
+        let entry = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        let Stored::Quantized(q) = entry.stored else {
+            return Ok(None);
+        };
+        let (bytes, shape) = self.raw_rows(entry, parts);
+        let tensor = quantized_tensor(q, &bytes, &shape, device)?;
+        // The block scales are f16: a NaN or infinite one spoils its whole block.
+        if !crate::finite::all_finite(&tensor.dequantize(device)?)? {
+            return Err(self.non_finite(name, entry, DType::F32, DType::F32, true));
         }
+        self.drop_pages(entry);
+        Ok(Some(tensor))
+    }
+
+    /// The bytes of rows `parts` (all rows if `None`) and their shape.
+    fn raw_rows(&self, entry: &TensorEntry, parts: Option<&[Range<usize>]>) -> (Cow<'_, [u8]>, Vec<usize>) {
         let map = &self.maps[entry.file];
-        let tensor = Tensor::from_raw_buffer(&map[bytes.clone()], stored, &shape, device)?
-            .to_dtype(dtype)?;
+        let all = &map[entry.bytes.clone()];
+        let Some(parts) = parts else {
+            return (Cow::Borrowed(all), entry.shape.clone());
+        };
+        let row_bytes = all.len() / entry.shape[0].max(1);
+        let mut shape = entry.shape.clone();
+        shape[0] = parts.iter().map(|r| r.len()).sum();
+        let bytes = match parts {
+            [one] => Cow::Borrowed(&all[one.start * row_bytes..one.end * row_bytes]),
+            many => Cow::Owned(
+                many.iter()
+                    .flat_map(|r| &all[r.start * row_bytes..r.end * row_bytes])
+                    .copied()
+                    .collect(),
+            ),
+        };
+        (bytes, shape)
+    }
+
+    fn drop_pages(&self, entry: &TensorEntry) {
         #[cfg(unix)]
         // SAFETY: the mapping is read-only and file-backed, and no slice of it outlives the copy
-        // above: dropped pages are simply read from the file again if ever touched.
+        // made when the tensor was built: dropped pages are read from the file again if touched.
         unsafe {
-            let _ = map.unchecked_advise_range(
+            let _ = self.maps[entry.file].unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
-                bytes.start,
-                bytes.len(),
+                entry.bytes.start,
+                entry.bytes.len(),
             );
         }
-        // One pass where the tensor landed: a NaN weight would blacken every image, and a value
-        // beyond the dtype's range becomes infinite in the conversion above.
-        if !crate::finite::all_finite(&tensor)? {
-            return Err(FluxError::NonFiniteWeight {
-                name: name.to_string(),
-                file: self.paths[entry.file].clone(),
-                stored,
-                dtype,
-                // Only on failure: was it so in the file, or did the conversion overflow?
-                in_file: stored == dtype
-                    || !crate::finite::all_finite(&Tensor::from_raw_buffer(
-                        &map[bytes],
-                        stored,
-                        &shape,
-                        &Device::Cpu,
-                    )?)?,
-            });
+        #[cfg(not(unix))]
+        let _ = entry;
+    }
+
+    fn non_finite(
+        &self,
+        name: &str,
+        entry: &TensorEntry,
+        stored: DType,
+        dtype: DType,
+        in_file: bool,
+    ) -> FluxError {
+        FluxError::NonFiniteWeight {
+            name: name.to_string(),
+            file: self.paths[entry.file].clone(),
+            stored,
+            dtype,
+            in_file,
         }
-        Ok(tensor)
     }
 
     fn missing(&self, name: &str) -> FluxError {
@@ -195,15 +300,75 @@ impl SafetensorsFiles {
     }
 }
 
-fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+/// The tensor directory of a safetensors file, checked against the file's length.
+fn safetensors_entries(path: &Path, mmap: &[u8], file: usize) -> Result<Vec<(String, TensorEntry)>> {
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(mmap).map_err(|e| FluxError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let data_start = 8 + header_len;
+    let mut entries = Vec::new();
+    for (name, info) in metadata.tensors() {
+        // A tensor with no data can still claim dimensions whose product overflows
+        // (e.g. [0, 2^32, 2^32]); candle's strides would overflow on it.
+        if !shape_fits(&info.shape) {
+            return Err(FluxError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}` has the impossible shape {:?}", info.shape),
+            });
+        }
+        let (begin, end) = info.data_offsets;
+        let entry = TensorEntry {
+            file,
+            stored: stored_safetensors(info.dtype),
+            shape: info.shape.clone(),
+            bytes: data_start + begin..data_start + end,
+        };
+        if entry.bytes.end > mmap.len() {
+            return Err(FluxError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` runs past the end of the file (truncated download?)"
+                ),
+            });
+        }
+        entries.push((name, entry));
+    }
+    Ok(entries)
+}
+
+fn stored_safetensors(dtype: safetensors::Dtype) -> Stored {
     use safetensors::Dtype as S;
-    Some(match dtype {
-        S::F32 => DType::F32,
-        S::F16 => DType::F16,
-        S::BF16 => DType::BF16,
-        S::F64 => DType::F64,
-        _ => return None,
-    })
+    match dtype {
+        S::F32 => Stored::Dense(DType::F32),
+        S::F16 => Stored::Dense(DType::F16),
+        S::BF16 => Stored::Dense(DType::BF16),
+        S::F64 => Stored::Dense(DType::F64),
+        S::F8_E4M3 => Stored::Unsupported("F8_E4M3"),
+        S::F8_E5M2 => Stored::Unsupported("F8_E5M2"),
+        S::I8 => Stored::Unsupported("I8"),
+        S::U8 => Stored::Unsupported("U8"),
+        S::I16 => Stored::Unsupported("I16"),
+        S::I32 => Stored::Unsupported("I32"),
+        S::I64 => Stored::Unsupported("I64"),
+        S::BOOL => Stored::Unsupported("BOOL"),
+        _ => Stored::Unsupported("an unknown dtype"),
+    }
+}
+
+/// A quantized tensor from its stored bytes (whole blocks, exactly `shape`'s worth).
+fn quantized_tensor(dtype: GgmlDType, bytes: &[u8], shape: &[usize], device: &Device) -> Result<QTensor> {
+    debug_assert_eq!(crate::gguf::tensor_bytes(dtype, shape), Some(bytes.len()));
+    // candle reads the blocks in place: they must sit at an address their fields align to.
+    if bytes.as_ptr() as usize % 8 == 0 {
+        return Ok(qtensor_from_ggml(dtype, bytes, shape.to_vec(), device)?);
+    }
+    let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `aligned` has at least `bytes.len()` bytes, and u64 has no invalid bit patterns.
+    let view = unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
+    view.copy_from_slice(bytes);
+    Ok(qtensor_from_ggml(dtype, view, shape.to_vec(), device)?)
 }
 
 /// Where a diffusers-named tensor lives in a BFL checkpoint.
@@ -336,7 +501,7 @@ pub fn bfl_linear(module: &str, cfg: &FluxConfig) -> Option<(String, BflPart)> {
 
 /// A located, opened transformer checkpoint with its config.
 pub struct Checkpoint {
-    files: SafetensorsFiles,
+    files: TensorFiles,
     layout: Layout,
     /// Prefix to put before a BFL name to find it in the files.
     bfl_prefix: &'static str,
@@ -386,10 +551,11 @@ impl Checkpoint {
                     FluxConfig::from_json_file(&config_path)?
                 }
             };
-            let files = SafetensorsFiles::open(&diffusers_weight_files(&dir)?)?;
+            let files = TensorFiles::open(&diffusers_weight_files(&dir)?)?;
             Ok(Self::new(files, config, Layout::Diffusers, ""))
         } else {
-            let files = SafetensorsFiles::open(&[path.to_path_buf()])?;
+            let files = TensorFiles::open(&[path.to_path_buf()])?;
+            check_gguf_architecture(&files, path)?;
             let (layout, prefix) = detect_layout(&files).ok_or_else(|| FluxError::Config {
                 path: Some(path.to_path_buf()),
                 message: "no FLUX transformer tensors found (expected `double_blocks.*` from BFL \
@@ -411,7 +577,7 @@ impl Checkpoint {
     }
 
     fn new(
-        files: SafetensorsFiles,
+        files: TensorFiles,
         config: FluxConfig,
         layout: Layout,
         bfl_prefix: &'static str,
@@ -433,7 +599,7 @@ impl Checkpoint {
         self.layout
     }
 
-    pub fn files(&self) -> &SafetensorsFiles {
+    pub fn files(&self) -> &TensorFiles {
         &self.files
     }
 
@@ -485,8 +651,9 @@ impl Checkpoint {
         }
     }
 
-    /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
-    fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+    /// Finds the tensor the model knows as `name`, checking it has `expected` shape: its stored
+    /// name and which of its rows make it (`None`: all, in order).
+    fn locate(&self, name: &str, expected: &Shape) -> Result<(String, Option<Vec<Range<usize>>>)> {
         let source = self.source(name).ok_or_else(|| self.missing(name, name))?;
         let stored = source.name();
         let read_as = (stored != name).then(|| name.to_string());
@@ -516,16 +683,32 @@ impl Checkpoint {
                 found,
             });
         }
-        let tensor = match source {
-            Source::Whole(n) => self.files.read(&n, None, dtype, device)?,
-            Source::Rows { name: n, rows, .. } => self.files.read(&n, Some(rows), dtype, device)?,
+        Ok(match source {
+            Source::Whole(n) => (n, None),
+            Source::Rows { name: n, rows, .. } => (n, Some(vec![rows])),
             Source::SwappedHalves(n) => {
-                let t = self.files.read(&n, None, dtype, device)?;
-                let half = t.dim(0)? / 2;
-                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)?
+                let half = found[0] / 2;
+                (n, Some(vec![half..2 * half, 0..half]))
             }
-        };
-        Ok(tensor)
+        })
+    }
+
+    /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
+    fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (stored, parts) = self.locate(name, expected)?;
+        self.files.read_parts(&stored, parts.as_deref(), dtype, device)
+    }
+
+    /// The tensor the model knows as `name` as the file stores it when that is quantized (GGUF
+    /// blocks stay blocks, on `device`), else `None`.
+    pub fn read_quantized(
+        &self,
+        name: &str,
+        expected: &Shape,
+        device: &Device,
+    ) -> Result<Option<QTensor>> {
+        let (stored, parts) = self.locate(name, expected)?;
+        self.files.read_quantized(&stored, parts.as_deref(), device)
     }
 }
 
@@ -580,14 +763,14 @@ type Rename = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// tensor may differ from the requested shape by trailing 1-sized dimensions only (a 1x1 conv
 /// weight `[o, i, 1, 1]` read as a linear weight `[o, i]`, or back); it is reshaped on read.
 pub struct MappedTensors {
-    files: SafetensorsFiles,
+    files: TensorFiles,
     rename: Rename,
     used: Mutex<HashSet<String>>,
 }
 
 impl MappedTensors {
     pub fn new(
-        files: SafetensorsFiles,
+        files: TensorFiles,
         rename: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
         Self {
@@ -598,11 +781,11 @@ impl MappedTensors {
     }
 
     /// The files read under their own names.
-    pub fn identity(files: SafetensorsFiles) -> Self {
+    pub fn identity(files: TensorFiles) -> Self {
         Self::new(files, |name| Some(name.to_string()))
     }
 
-    pub fn files(&self) -> &SafetensorsFiles {
+    pub fn files(&self) -> &TensorFiles {
         &self.files
     }
 
@@ -779,7 +962,30 @@ pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-fn detect_layout(files: &SafetensorsFiles) -> Option<(Layout, &'static str)> {
+/// A GGUF names its model in `general.architecture` (ComfyUI-GGUF's FLUX files say `flux`);
+/// a T5 encoder or an LLM given as the transformer is refused by it, before any shape.
+fn check_gguf_architecture(files: &TensorFiles, path: &Path) -> Result<()> {
+    let architecture = files
+        .gguf_metadata()
+        .and_then(|m| m.get("general.architecture"));
+    match architecture {
+        None => Ok(()),
+        Some(value) if value.as_str() == Some("flux") => Ok(()),
+        Some(value) => Err(FluxError::Config {
+            path: Some(path.to_path_buf()),
+            message: format!(
+                "this GGUF's `general.architecture` is {}, not `flux`: it holds another model \
+                 than a FLUX transformer",
+                match value.as_str() {
+                    Some(s) => format!("`{s}`"),
+                    None => format!("{value:?}"),
+                }
+            ),
+        }),
+    }
+}
+
+fn detect_layout(files: &TensorFiles) -> Option<(Layout, &'static str)> {
     let has_prefix = |p: &str| files.names().any(|n| n.starts_with(p));
     if has_prefix(&format!("{BFL_WRAPPED_PREFIX}double_blocks.")) {
         Some((Layout::Bfl, BFL_WRAPPED_PREFIX))
@@ -795,7 +1001,7 @@ fn detect_layout(files: &SafetensorsFiles) -> Option<(Layout, &'static str)> {
 /// Reads the config off the tensor shapes of a single-file checkpoint. The RoPE axes cannot be
 /// seen in the weights: FLUX's (16, 56, 56) is assumed for its 128-wide heads, any other head
 /// size needs an explicit config.
-fn infer_config(files: &SafetensorsFiles, layout: Layout, prefix: &str) -> Result<FluxConfig> {
+fn infer_config(files: &TensorFiles, layout: Layout, prefix: &str) -> Result<FluxConfig> {
     let (double, single, img_in, out, txt_in, vec_in, guidance, q_norm) = match layout {
         Layout::Bfl => (
             "double_blocks.",
@@ -902,5 +1108,66 @@ pub fn check_model_dtype(dtype: DType) -> Result<()> {
         other => Err(FluxError::UnsupportedDtype {
             requested: other.as_str().to_string(),
         }),
+    }
+}
+
+/// What a model reads its layers from: a `VarBuilder` for dense tensors and, when loading a
+/// checkpoint, that checkpoint, whose quantized linear weights stay quantized.
+#[derive(Clone)]
+pub struct WeightSource<'a> {
+    vb: VarBuilder<'a>,
+    checkpoint: Option<&'a Checkpoint>,
+}
+
+impl<'a> From<VarBuilder<'a>> for WeightSource<'a> {
+    fn from(vb: VarBuilder<'a>) -> Self {
+        Self {
+            vb,
+            checkpoint: None,
+        }
+    }
+}
+
+impl<'a> WeightSource<'a> {
+    /// Dense tensors as `dtype` on `device`, quantized linears as stored.
+    pub fn checkpoint(checkpoint: &'a Checkpoint, dtype: DType, device: &Device) -> Self {
+        Self {
+            vb: checkpoint.var_builder(dtype, device),
+            checkpoint: Some(checkpoint),
+        }
+    }
+
+    pub fn pp(&self, name: impl ToString) -> Self {
+        Self {
+            vb: self.vb.pp(name),
+            checkpoint: self.checkpoint,
+        }
+    }
+
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Tensor> {
+        self.vb.get(shape, name)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    /// The quantized `weight` of this module `[out, in]`, if the checkpoint stores it so.
+    pub(crate) fn quantized_weight(
+        &self,
+        out_features: usize,
+        in_features: usize,
+    ) -> candle_core::Result<Option<QTensor>> {
+        let Some(checkpoint) = self.checkpoint else {
+            return Ok(None);
+        };
+        let name = crate::linear::join(&self.vb.prefix(), "weight");
+        checkpoint
+            .read_quantized(&name, &Shape::from((out_features, in_features)), self.device())
+            .map_err(FluxError::into_candle)
     }
 }

@@ -1,5 +1,5 @@
 //! Fuzzing (proptest, bounded case counts) of what icedit-flux reads from a user's files:
-//! safetensors headers (`SafetensorsFiles`, `MappedTensors`, `Checkpoint::open` with its
+//! safetensors headers (`TensorFiles`, `MappedTensors`, `Checkpoint::open` with its
 //! config inference and shard index) and the transformer and VAE `config.json`.
 //!
 //! Every input must give `Ok` or a clear `Err`: no panic, no hang, no allocation sized by a
@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Shape};
 use fuzz::*;
 use icedit_flux::{
-    AutoencoderKl, Checkpoint, FluxConfig, FluxTransformer, MappedTensors, SafetensorsFiles,
+    AutoencoderKl, Checkpoint, FluxConfig, FluxTransformer, MappedTensors, TensorFiles,
     VaeConfig, MLP_RATIO,
 };
 use proptest::prelude::*;
@@ -30,7 +30,7 @@ fn fixture_path(relative: &str) -> std::path::PathBuf {
 
 /// Everything a caller may do with an opened set of files: read every tensor (whole), under
 /// its own name and through a `VarBuilder`.
-fn exercise_files(files: SafetensorsFiles) {
+fn exercise_files(files: TensorFiles) {
     let names: Vec<String> = files.names().map(str::to_string).collect();
     for name in &names {
         let shape = files.shape(name).expect("listed").to_vec();
@@ -52,7 +52,7 @@ fn exercise_files(files: SafetensorsFiles) {
 }
 
 fn open_and_exercise(path: &Path) {
-    if let Ok(files) = SafetensorsFiles::open(&[path.to_path_buf()]) {
+    if let Ok(files) = TensorFiles::open(&[path.to_path_buf()]) {
         exercise_files(files);
     }
 }
@@ -80,7 +80,7 @@ fn float_tensor() -> impl Strategy<Value = TensorSpec> {
         })
 }
 
-/// `SafetensorsFiles::read` (and candle's safetensors loader, which `AdapterFile::read` uses)
+/// `TensorFiles::read` (and candle's safetensors loader, which `AdapterFile::read` uses)
 /// panics with overflow checks on a zero-element tensor whose other dimensions multiply past
 /// usize (candle's contiguous strides overflow). Set to `false` once that is fixed.
 const KNOWN_STRIDE_PANIC: bool = false;
@@ -156,7 +156,7 @@ proptest! {
         let path = dir.path().join("x.safetensors");
         std::fs::write(&path, valid_safetensors(&tensors, meta.as_ref())).unwrap();
         bounded("round trip", MAX_ALLOC, || {
-            let files = SafetensorsFiles::open(std::slice::from_ref(&path)).unwrap();
+            let files = TensorFiles::open(std::slice::from_ref(&path)).unwrap();
             let mut names: Vec<&str> = files.names().collect();
             names.sort();
             let mut want: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
@@ -383,7 +383,7 @@ fn config_inference_with_too_few_dimensions() {
 /// Regression input for the stride panic: `{"a":{"dtype":"F32","shape":[0,4294967296,4294967296],
 /// "data_offsets":[0,0]}}` is a valid safetensors header (no data); reading `a` panics with
 /// "attempt to multiply with overflow" in candle's `Shape::stride_contiguous`, called from
-/// `Tensor::from_raw_buffer` in `SafetensorsFiles::read` (weights.rs).
+/// `Tensor::from_raw_buffer` in `TensorFiles::read` (weights.rs).
 #[test]
 fn zero_element_tensor_with_huge_dimensions() {
     let dir = tempfile::tempdir().unwrap();
@@ -397,7 +397,7 @@ fn zero_element_tensor_with_huge_dimensions() {
         };
         std::fs::write(&path, valid_safetensors(&[t], None)).unwrap();
         // Refused when opened, or read as an empty tensor: either is fine, a panic is not.
-        if let Ok(files) = SafetensorsFiles::open(std::slice::from_ref(&path)) {
+        if let Ok(files) = TensorFiles::open(std::slice::from_ref(&path)) {
             let _ = files.read("a", None, DType::F32, &Device::Cpu);
         }
     }

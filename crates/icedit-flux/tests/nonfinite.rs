@@ -201,7 +201,7 @@ fn medium_sized_load_cost() {
         .collect();
     candle_core::safetensors::save(&tensors, &path).unwrap();
     drop(tensors);
-    let files = icedit_flux::SafetensorsFiles::open(&[path]).unwrap();
+    let files = icedit_flux::TensorFiles::open(&[path]).unwrap();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         // Warm the page cache, then time the reads (checks included) and the checks alone.
         let read_all = || -> Vec<Tensor> {

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use icedit_flux::SafetensorsFiles;
+use icedit_flux::TensorFiles;
 
 use crate::error::{read_json, Result, TextError};
 
@@ -17,7 +17,7 @@ const INDEX: &str = "model.safetensors.index.json";
 pub(crate) struct ModelWeights {
     /// What the folder should hold, for error messages ("CLIP text encoder").
     model: &'static str,
-    files: SafetensorsFiles,
+    files: TensorFiles,
     /// File of each tensor, from the shard index (empty for a single file).
     shard_of: HashMap<String, PathBuf>,
 }
@@ -79,7 +79,7 @@ impl ModelWeights {
             });
         };
 
-        let files = SafetensorsFiles::open(&paths)?;
+        let files = TensorFiles::open(&paths)?;
         Ok((
             config,
             Self {

@@ -11,7 +11,7 @@ use icedit_adapters::{
     Manifest, ResolvedAdapter, DEFAULT_ADAPTER,
 };
 use icedit_flux::parse_dtype;
-use icedit_hub::{HubOptions, ModelRepo, ModelSource};
+use icedit_hub::{HubOptions, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
 use icedit_judge::{Judge, JudgeSpec};
 use icedit_pipeline::edit::{prompt_template, templated_prompt, DEFAULT_WIDTH, DIPTYCH_TEMPLATE};
@@ -21,14 +21,14 @@ use icedit_pipeline::recipe::{AdapterUse, Recipe};
 use icedit_pipeline::search::{
     EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
 };
-use icedit_pipeline::{Diptych, EditOutput, EditSettings, FillPipeline, InitialNoise};
+use icedit_pipeline::{Diptych, EditOutput, EditSettings, InitialNoise};
 use serde_json::json;
 
 use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_latents};
 use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, device_name, ModelArgs};
+use crate::{device, device_name, ModelArgs, OpenedPipeline};
 
 #[derive(clap::Args)]
 pub struct EditArgs {
@@ -239,7 +239,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     if let Some(latents) = &args.latents {
         inputs.file("--latents", latents);
     }
-    add_model_inputs(&mut inputs, &args.model.model, &hub);
+    add_model_inputs(&mut inputs, &args.model, &hub)?;
     for spec in &adapter_specs {
         add_adapter_inputs(&mut inputs, spec);
     }
@@ -300,14 +300,12 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     planned.check(&inputs)?;
 
-    let repo = ModelRepo::open(&args.model.model, &hub)
-        .with_context(|| format!("cannot open the model {}", args.model.model))?;
-    let model_name = repo.describe();
-    let mut pipeline = FillPipeline::new(repo, dtype, device.clone())
-        .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
-    pipeline.fetch_all()?;
-    // The recipe names the commit the files came from, for Hub models.
-    let model_name = pipeline.repo().describe_commit();
+    let OpenedPipeline {
+        mut pipeline,
+        model_name,
+        transformer,
+        weights,
+    } = args.model.open_pipeline(&hub, dtype, &device)?;
     let judge = match &judge_specs {
         Some(specs) => {
             let names: Vec<String> = specs.iter().map(|s| s.name()).collect();
@@ -375,6 +373,8 @@ pub fn run(args: EditArgs) -> Result<()> {
             height: 0,
             expand: None,
             model: model_name.clone(),
+            transformer: transformer.clone(),
+            weights: weights.clone(),
             adapters: adapter_uses.clone(),
             dtype: format!("{dtype:?}").to_lowercase(),
             software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),

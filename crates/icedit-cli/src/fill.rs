@@ -2,19 +2,19 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use icedit_flux::parse_dtype;
-use icedit_hub::{HubOptions, ModelRepo};
+use icedit_hub::HubOptions;
 use icedit_image::resize::{resize_gray, Filter};
 use icedit_pipeline::canvas::{self, Margins};
 use icedit_pipeline::image_io::{self, load_mask, load_rgb, save_png};
 use icedit_pipeline::recipe::Recipe;
-use icedit_pipeline::{EditSettings, FillPipeline, FillRequest, InitialNoise};
+use icedit_pipeline::{EditSettings, FillRequest, InitialNoise};
 
 use crate::inputs::{add_model_inputs, check_png_name, random_seed, read_latents};
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, device_name, ModelArgs};
+use crate::{device, device_name, ModelArgs, OpenedPipeline};
 
 #[derive(clap::Args)]
 pub struct FillArgs {
@@ -81,7 +81,7 @@ pub fn run(args: FillArgs) -> Result<()> {
     if let Some(latents) = &args.latents {
         inputs.file("--latents", latents);
     }
-    add_model_inputs(&mut inputs, &args.model.model, &hub);
+    add_model_inputs(&mut inputs, &args.model, &hub)?;
     let mut outputs = Outputs::default();
     outputs.file("--out", &args.out);
     outputs.check(&inputs)?;
@@ -140,14 +140,12 @@ pub fn run(args: FillArgs) -> Result<()> {
         None => InitialNoise::Seed(seed),
     };
 
-    let repo = ModelRepo::open(&args.model.model, &hub)
-        .with_context(|| format!("cannot open the model {}", args.model.model))?;
-    let model_name = repo.describe();
-    let mut pipeline = FillPipeline::new(repo, dtype, device.clone())
-        .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
-    pipeline.fetch_all()?;
-    // The recipe names the commit the files came from, for Hub models.
-    let model_name = pipeline.repo().describe_commit();
+    let OpenedPipeline {
+        mut pipeline,
+        model_name,
+        transformer,
+        weights,
+    } = args.model.open_pipeline(&hub, dtype, &device)?;
     let request = FillRequest {
         image: &image,
         mask: &mask,
@@ -188,6 +186,8 @@ pub fn run(args: FillArgs) -> Result<()> {
         height: image.height(),
         expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),
         model: model_name,
+        transformer,
+        weights,
         adapters: vec![],
         dtype: format!("{dtype:?}").to_lowercase(),
         software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),

@@ -8,6 +8,7 @@ use icedit_adapters::AdapterSpec;
 use icedit_hub::{HubOptions, ModelSource};
 
 use crate::outputs::Inputs;
+use crate::ModelArgs;
 
 /// Results are PNG files (lossless, with the recipe in their metadata).
 pub fn check_png_name(out: &Path) -> Result<()> {
@@ -25,11 +26,15 @@ pub fn check_png_name(out: &Path) -> Result<()> {
 
 /// The model's files as inputs: a local model folder, and the Hub cache that Hub models,
 /// adapters and judges are read from. Outputs never go inside either.
-pub fn add_model_inputs(inputs: &mut Inputs, model: &str, hub: &HubOptions) {
-    if let Ok(ModelSource::Local(folder)) = ModelSource::parse(model) {
+pub fn add_model_inputs(inputs: &mut Inputs, model: &ModelArgs, hub: &HubOptions) -> Result<()> {
+    if let Ok(ModelSource::Local(folder)) = ModelSource::parse(&model.model) {
         inputs.folder("model folder", &folder);
     }
     inputs.folder("Hugging Face cache", &hub.cache_dir);
+    if let Some(icedit_hub::FileSpec::Local(path)) = model.transformer_spec()? {
+        inputs.file("--transformer", &path);
+    }
+    Ok(())
 }
 
 /// A `--lora` given as a local file, folder or manifest is an input (a manifest's own local

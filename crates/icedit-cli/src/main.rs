@@ -59,6 +59,11 @@ pub(crate) struct ModelArgs {
     /// Hub repo id (`owner/name[@revision]`) or a local folder in diffusers layout.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
+    /// The transformer's weights from this file instead of --model's: a GGUF (Q8_0, Q4_K, ...)
+    /// or a single .safetensors (BFL or diffusers names); a local path or
+    /// `hf:OWNER/REPO[@REVISION]/FILE`. --model's transformer weights are then never fetched.
+    #[arg(long, value_name = "SPEC")]
+    pub transformer: Option<String>,
     /// T5 prompt length in tokens (longer prompts are truncated, with a warning).
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
@@ -68,6 +73,62 @@ pub(crate) struct ModelArgs {
     /// auto: CUDA if built in and present, else Metal, else the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
+}
+
+/// The pipeline `edit` and `fill` run, with its files fetched.
+pub(crate) struct OpenedPipeline {
+    pub pipeline: icedit_pipeline::FillPipeline,
+    /// `--model` as the recipe names it (with the commit, for Hub models).
+    pub model_name: String,
+    /// `--transformer`'s origin, when given.
+    pub transformer: Option<String>,
+    /// What the transformer's weights are stored as (`diffusers safetensors`, `GGUF Q4_K x30`).
+    pub weights: String,
+}
+
+impl ModelArgs {
+    /// `--transformer`, checked without touching the network.
+    pub fn transformer_spec(&self) -> Result<Option<icedit_hub::FileSpec>> {
+        self.transformer
+            .as_deref()
+            .map(|spec| {
+                icedit_hub::FileSpec::parse(spec)
+                    .with_context(|| format!("--transformer {spec}: not a usable weights file"))
+            })
+            .transpose()
+    }
+
+    /// Opens `--model` (and `--transformer`) and fetches every file the run needs.
+    pub fn open_pipeline(
+        &self,
+        hub: &icedit_hub::HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<OpenedPipeline> {
+        let repo = icedit_hub::ModelRepo::open(&self.model, hub)
+            .with_context(|| format!("cannot open the model {}", self.model))?;
+        let model_name = repo.describe();
+        let mut pipeline = icedit_pipeline::FillPipeline::new(repo, dtype, device.clone())
+            .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
+        let (transformer, weights) = match self.transformer_spec()? {
+            Some(spec) => {
+                let (path, origin) = spec.fetch(hub)?;
+                let files = icedit_flux::TensorFiles::open(std::slice::from_ref(&path))
+                    .with_context(|| format!("--transformer {}", path.display()))?;
+                pipeline.set_transformer_file(path);
+                (Some(origin), files.format_summary())
+            }
+            None => (None, "diffusers safetensors".to_string()),
+        };
+        pipeline.fetch_all()?;
+        Ok(OpenedPipeline {
+            // The recipe names the commit the files came from, for Hub models.
+            model_name: pipeline.repo().describe_commit(),
+            pipeline,
+            transformer,
+            weights,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

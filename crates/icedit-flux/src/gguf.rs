@@ -381,9 +381,15 @@ mod tests {
     fn reads_the_directory_in_pytorch_order() {
         let file = tiny_file();
         let header = parse(&file).unwrap();
-        assert_eq!(header.metadata["general.architecture"].as_str(), Some("flux"));
+        assert_eq!(
+            header.metadata["general.architecture"].as_str(),
+            Some("flux")
+        );
         let t = &header.tensors[0];
-        assert_eq!((t.name.as_str(), t.dtype, t.shape.as_slice()), ("w", GgmlDType::Q8_0, &[2usize, 32][..]));
+        assert_eq!(
+            (t.name.as_str(), t.dtype, t.shape.as_slice()),
+            ("w", GgmlDType::Q8_0, &[2usize, 32][..])
+        );
         assert_eq!(t.bytes.len(), 68);
         assert_eq!(t.bytes.end, file.len());
     }
@@ -412,7 +418,10 @@ mod tests {
     fn unknown_types_are_named() {
         let mut file = tiny_file();
         // The type follows the two dimensions (32, 2).
-        let dims = file.windows(8).position(|w| w == 32u64.to_le_bytes()).unwrap();
+        let dims = file
+            .windows(8)
+            .position(|w| w == 32u64.to_le_bytes())
+            .unwrap();
         let type_pos = dims + 16;
         file[type_pos..type_pos + 4].copy_from_slice(&23u32.to_le_bytes());
         let err = parse(&file).unwrap_err().0;

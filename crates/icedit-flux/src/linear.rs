@@ -228,7 +228,11 @@ impl Linear {
 
     pub fn detach_all(&mut self) -> Vec<Arc<dyn LinearAdapter>> {
         match &mut self.weight {
-            Weight::Dense(w) => *w = w.narrow(0, 0, self.out_features).expect("the weight has its rows"),
+            Weight::Dense(w) => {
+                *w = w
+                    .narrow(0, 0, self.out_features)
+                    .expect("the weight has its rows")
+            }
             Weight::Quantized { extra, .. } => *extra = None,
         }
         std::mem::take(&mut self.adapters)

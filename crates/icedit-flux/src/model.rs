@@ -727,7 +727,9 @@ mod tests {
             ..FluxConfig::fill()
         };
         let device = Device::Cpu;
-        let model = FluxTransformer::new(&config, candle_nn::VarBuilder::zeros(DType::F32, &device)).unwrap();
+        let model =
+            FluxTransformer::new(&config, candle_nn::VarBuilder::zeros(DType::F32, &device))
+                .unwrap();
         let ids = |n: usize| Tensor::zeros((n, 3), DType::F32, &device).unwrap();
         let (txt, img) = (ids(2), ids(4));
         let first = model.rope(&txt, &img).unwrap();

@@ -148,6 +148,28 @@ impl TensorFiles {
         self.tensors.get(name).map(|e| e.stored)
     }
 
+    /// How the weights are stored, for recipes and reports: `safetensors BF16 x780` or
+    /// `GGUF Q4_K x304, F32 x472, ...` (tensor counts by type, most common first).
+    pub fn format_summary(&self) -> String {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for entry in self.tensors.values() {
+            let name = match entry.stored {
+                Stored::Dense(d) => d.as_str().to_uppercase(),
+                Stored::Quantized(q) => crate::gguf::ggml_type_name(q).to_string(),
+                Stored::Unsupported(s) => s.to_string(),
+            };
+            *counts.entry(name).or_default() += 1;
+        }
+        let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let format = match self.gguf_metadata.iter().any(Option::is_some) {
+            true => "GGUF",
+            false => "safetensors",
+        };
+        let types: Vec<String> = counts.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+        format!("{format} {}", types.join(", "))
+    }
+
     /// The metadata of the first GGUF file among them, if any.
     pub fn gguf_metadata(&self) -> Option<&BTreeMap<String, GgufValue>> {
         self.gguf_metadata.iter().flatten().next()
@@ -193,8 +215,8 @@ impl TensorFiles {
                 converted
             }
             Stored::Quantized(q) => {
-                let dequantized = quantized_tensor(q, &bytes, &shape, &Device::Cpu)?
-                    .dequantize(&Device::Cpu)?;
+                let dequantized =
+                    quantized_tensor(q, &bytes, &shape, &Device::Cpu)?.dequantize(&Device::Cpu)?;
                 if !crate::finite::all_finite(&dequantized)? {
                     return Err(self.non_finite(name, entry, DType::F32, DType::F32, true));
                 }
@@ -238,7 +260,11 @@ impl TensorFiles {
     }
 
     /// The bytes of rows `parts` (all rows if `None`) and their shape.
-    fn raw_rows(&self, entry: &TensorEntry, parts: Option<&[Range<usize>]>) -> (Cow<'_, [u8]>, Vec<usize>) {
+    fn raw_rows(
+        &self,
+        entry: &TensorEntry,
+        parts: Option<&[Range<usize>]>,
+    ) -> (Cow<'_, [u8]>, Vec<usize>) {
         let map = &self.maps[entry.file];
         let all = &map[entry.bytes.clone()];
         let Some(parts) = parts else {
@@ -301,7 +327,11 @@ impl TensorFiles {
 }
 
 /// The tensor directory of a safetensors file, checked against the file's length.
-fn safetensors_entries(path: &Path, mmap: &[u8], file: usize) -> Result<Vec<(String, TensorEntry)>> {
+fn safetensors_entries(
+    path: &Path,
+    mmap: &[u8],
+    file: usize,
+) -> Result<Vec<(String, TensorEntry)>> {
     let (header_len, metadata) =
         safetensors::SafeTensors::read_metadata(mmap).map_err(|e| FluxError::Safetensors {
             path: path.to_path_buf(),
@@ -358,7 +388,12 @@ fn stored_safetensors(dtype: safetensors::Dtype) -> Stored {
 }
 
 /// A quantized tensor from its stored bytes (whole blocks, exactly `shape`'s worth).
-fn quantized_tensor(dtype: GgmlDType, bytes: &[u8], shape: &[usize], device: &Device) -> Result<QTensor> {
+fn quantized_tensor(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    shape: &[usize],
+    device: &Device,
+) -> Result<QTensor> {
     debug_assert_eq!(crate::gguf::tensor_bytes(dtype, shape), Some(bytes.len()));
     // candle reads the blocks in place: they must sit at an address their fields align to.
     if bytes.as_ptr() as usize % 8 == 0 {
@@ -366,7 +401,8 @@ fn quantized_tensor(dtype: GgmlDType, bytes: &[u8], shape: &[usize], device: &De
     }
     let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: `aligned` has at least `bytes.len()` bytes, and u64 has no invalid bit patterns.
-    let view = unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
+    let view =
+        unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr() as *mut u8, bytes.len()) };
     view.copy_from_slice(bytes);
     Ok(qtensor_from_ggml(dtype, view, shape.to_vec(), device)?)
 }
@@ -696,7 +732,8 @@ impl Checkpoint {
     /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
     fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
         let (stored, parts) = self.locate(name, expected)?;
-        self.files.read_parts(&stored, parts.as_deref(), dtype, device)
+        self.files
+            .read_parts(&stored, parts.as_deref(), dtype, device)
     }
 
     /// The tensor the model knows as `name` as the file stores it when that is quantized (GGUF
@@ -1167,7 +1204,11 @@ impl<'a> WeightSource<'a> {
         };
         let name = crate::linear::join(&self.vb.prefix(), "weight");
         checkpoint
-            .read_quantized(&name, &Shape::from((out_features, in_features)), self.device())
+            .read_quantized(
+                &name,
+                &Shape::from((out_features, in_features)),
+                self.device(),
+            )
             .map_err(FluxError::into_candle)
     }
 }

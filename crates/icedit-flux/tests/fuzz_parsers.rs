@@ -14,8 +14,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Shape};
 use fuzz::*;
 use icedit_flux::{
-    AutoencoderKl, Checkpoint, FluxConfig, FluxTransformer, MappedTensors, TensorFiles,
-    VaeConfig, MLP_RATIO,
+    AutoencoderKl, Checkpoint, FluxConfig, FluxTransformer, MappedTensors, TensorFiles, VaeConfig,
+    MLP_RATIO,
 };
 use proptest::prelude::*;
 use serde_json::Value;

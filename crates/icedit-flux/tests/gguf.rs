@@ -42,8 +42,13 @@ fn every_type_dequantizes_as_ggml() {
         let err = max_abs_diff(&ours, &reference[&name]);
         assert_eq!(err, 0.0, "{ty}: max abs difference {err}");
         // Rows read alone are the same rows.
-        let rows = files.read(&name, Some(1..3), DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(max_abs_diff(&rows, &reference[&name].narrow(0, 1, 2).unwrap()), 0.0);
+        let rows = files
+            .read(&name, Some(1..3), DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&rows, &reference[&name].narrow(0, 1, 2).unwrap()),
+            0.0
+        );
     }
 }
 
@@ -81,7 +86,9 @@ fn forwards_match_diffusers_gguf_loader() {
         (
             "flux_mixed.gguf",
             "out.mixed",
-            vec!["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1", "Q3_K", "Q2_K"],
+            vec![
+                "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1", "Q3_K", "Q2_K",
+            ],
         ),
     ] {
         // With the pipeline's config, and inferred from the file (FLUX's 128-wide heads).
@@ -105,7 +112,11 @@ fn forwards_match_diffusers_gguf_loader() {
             });
             let mut want: Vec<&str> = quantized_types.clone();
             want.sort();
-            assert_eq!(seen.into_iter().collect::<Vec<_>>(), want, "{file}: held quantized");
+            assert_eq!(
+                seen.into_iter().collect::<Vec<_>>(),
+                want,
+                "{file}: held quantized"
+            );
             let ours = model.forward(&input).unwrap();
             let err = max_abs_diff(&ours, &io[out]);
             println!("{file}: max abs error {err:.2e} vs diffusers");
@@ -174,7 +185,10 @@ fn a_tensor_of_the_wrong_shape_is_named() {
     let err = FluxTransformer::load(&checkpoint, DType::F32, &Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("img_in.weight") && err.contains("384"), "{err}");
+    assert!(
+        err.contains("img_in.weight") && err.contains("384"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -187,7 +201,10 @@ fn a_gguf_of_another_architecture_is_refused() {
     bytes[at..at + 4].copy_from_slice(b"t5xx");
     std::fs::write(&path, &bytes).unwrap();
     let err = open_error(&path);
-    assert!(err.contains("general.architecture") && err.contains("t5xx"), "{err}");
+    assert!(
+        err.contains("general.architecture") && err.contains("t5xx"),
+        "{err}"
+    );
 }
 
 #[test]

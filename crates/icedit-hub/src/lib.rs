@@ -23,5 +23,5 @@ mod source;
 pub use cache::import_folder;
 pub use error::{HubError, MissingFiles, MissingReason, Result, UntrustedResponse};
 pub use options::{HubOptions, DEFAULT_ENDPOINT};
-pub use repo::ModelRepo;
+pub use repo::{FileSpec, ModelRepo};
 pub use source::{ModelSource, DEFAULT_REVISION};

@@ -492,3 +492,70 @@ fn with_note(mut error: HubError, text: String) -> HubError {
     }
     error
 }
+
+/// One file given on its own (`--transformer`): a local path, or `hf:OWNER/REPO[@REVISION]/FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileSpec {
+    Local(PathBuf),
+    /// `repo` is `owner/name[@revision]`; `file` a path in it.
+    Hub {
+        repo: String,
+        file: String,
+    },
+}
+
+impl FileSpec {
+    /// Checks the spec without touching the network: a local file must exist and be a file, a
+    /// Hub reference must name a valid repo and a file in it.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let invalid = |reason: String| HubError::InvalidSpec {
+            spec: spec.to_string(),
+            reason,
+        };
+        if let Some(rest) = spec.strip_prefix("hf:") {
+            let mut parts = rest.splitn(3, '/');
+            let (owner, name, file) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            if file.is_empty() {
+                return Err(invalid(
+                    "a Hub file is `hf:OWNER/REPO[@REVISION]/FILE`, with the file's path in the \
+                     repo (e.g. hf:YarvixPA/FLUX.1-Fill-dev-gguf/flux1-fill-dev-Q4_0.gguf)"
+                        .into(),
+                ));
+            }
+            let repo = format!("{owner}/{name}");
+            ModelSource::parse(&format!("hf:{repo}"))?;
+            check_file_name(file)?;
+            return Ok(Self::Hub {
+                repo,
+                file: file.to_string(),
+            });
+        }
+        let path = Path::new(spec);
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => Ok(Self::Local(path.to_path_buf())),
+            Ok(_) => Err(invalid(
+                "it is a folder; name the weights file in it".into(),
+            )),
+            Err(_) => Err(HubError::PathNotFound {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+
+    /// The file on disk, downloading it into the Hub cache if needed, and where it came from
+    /// (the local path, or `owner/repo@commit/file`) for recipes.
+    pub fn fetch(&self, options: &HubOptions) -> Result<(PathBuf, String)> {
+        match self {
+            FileSpec::Local(path) => Ok((path.clone(), path.display().to_string())),
+            FileSpec::Hub { repo, file } => {
+                let model = ModelRepo::open(&format!("hf:{repo}"), options)?;
+                let path = model.file(file)?;
+                Ok((path, format!("{}/{file}", model.describe_commit())))
+            }
+        }
+    }
+}

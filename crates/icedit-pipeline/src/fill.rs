@@ -5,9 +5,11 @@
 //! dropped as soon as the prompt is encoded, before the transformer loads, unless the caller
 //! keeps them for serving several prompts.
 
+use std::path::PathBuf;
+
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
-use icedit_flux::{AutoencoderKl, Checkpoint, FluxInput, FluxTransformer, Posterior};
+use icedit_flux::{AutoencoderKl, Checkpoint, FluxConfig, FluxInput, FluxTransformer, Posterior};
 use icedit_hub::ModelRepo;
 use icedit_text::{TextConditioning, TextEncoders};
 use image::{GrayImage, RgbImage};
@@ -84,6 +86,8 @@ pub struct FillPipeline {
     keep_text_encoders: bool,
     text: Option<TextEncoders>,
     transformer: Option<FluxTransformer>,
+    /// A transformer file used instead of the pipeline's own weights (`--transformer`).
+    transformer_file: Option<PathBuf>,
     vae: Option<AutoencoderKl>,
     /// Adapters to apply when the transformer loads, and what applying them did.
     pending_adapters: Vec<AdapterChoice>,
@@ -110,6 +114,7 @@ impl FillPipeline {
             keep_text_encoders: false,
             text: None,
             transformer: None,
+            transformer_file: None,
             vae: None,
             pending_adapters: Vec::new(),
             adapter_mode: ApplyMode::Merge,
@@ -123,6 +128,15 @@ impl FillPipeline {
     pub fn keep_text_encoders(mut self, keep: bool) -> Self {
         self.keep_text_encoders = keep;
         self
+    }
+
+    /// Loads the transformer from `file` (a GGUF or a single `.safetensors`, in BFL or diffusers
+    /// naming) instead of the pipeline's `transformer/` weights, which are then never fetched.
+    /// The pipeline's `transformer/config.json` is used when it has one (a GGUF user's download
+    /// often holds only that), else the config is read off the file.
+    pub fn set_transformer_file(&mut self, file: PathBuf) {
+        self.transformer_file = Some(file);
+        self.transformer = None;
     }
 
     /// Adapters (LoRA, MoE-LoRA) for the transformer, applied in order when it loads. Must be
@@ -161,9 +175,11 @@ impl FillPipeline {
     /// all files that are unavailable), without loading anything.
     pub fn fetch_all(&self) -> Result<()> {
         fetch_text_files(&self.repo)?;
-        self.repo
-            .safetensors_set("transformer", "diffusion_pytorch_model")?;
-        self.repo.file("transformer/config.json")?;
+        if self.transformer_file.is_none() {
+            self.repo
+                .safetensors_set("transformer", "diffusion_pytorch_model")?;
+            self.repo.file("transformer/config.json")?;
+        }
         self.repo.file("vae/config.json")?;
         self.repo
             .safetensors_set("vae", "diffusion_pytorch_model")?;
@@ -198,11 +214,23 @@ impl FillPipeline {
     fn transformer(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<&FluxTransformer> {
         if self.transformer.is_none() {
             progress(Progress::Loading("transformer"));
-            // The folder (local, or the Hub cache's snapshot) holds config, index and shards.
-            let config = self.repo.file("transformer/config.json")?;
-            self.repo
-                .safetensors_set("transformer", "diffusion_pytorch_model")?;
-            let checkpoint = Checkpoint::open(folder_of(&config))?;
+            let checkpoint = match &self.transformer_file {
+                Some(file) => match self.repo.exists("transformer/config.json")? {
+                    true => {
+                        let config = self.repo.file("transformer/config.json")?;
+                        Checkpoint::open_with_config(file, FluxConfig::from_json_file(&config)?)?
+                    }
+                    false => Checkpoint::open(file)?,
+                },
+                None => {
+                    // The folder (local, or the Hub cache's snapshot) holds config, index and
+                    // shards.
+                    let config = self.repo.file("transformer/config.json")?;
+                    self.repo
+                        .safetensors_set("transformer", "diffusion_pytorch_model")?;
+                    Checkpoint::open(folder_of(&config))?
+                }
+            };
             let mut transformer = FluxTransformer::load(&checkpoint, self.dtype, &self.device)?;
             drop(checkpoint);
             let adapters = std::mem::take(&mut self.pending_adapters);

@@ -25,6 +25,12 @@ pub struct Recipe {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expand: Option<[u32; 4]>,
     pub model: String,
+    /// The transformer file used instead of the model's own weights (`--transformer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transformer: Option<String>,
+    /// How the transformer's weights are stored (`diffusers safetensors`, `GGUF Q4_K x27, ...`).
+    #[serde(default)]
+    pub weights: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AdapterUse>,
     pub dtype: String,

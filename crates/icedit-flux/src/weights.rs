@@ -599,7 +599,10 @@ impl Checkpoint {
                     .into(),
             })?;
             let config = match config {
-                Some(c) => c,
+                Some(c) => {
+                    check_embedder(&files, layout, prefix, &c, path)?;
+                    c
+                }
                 None => infer_config(&files, layout, prefix).map_err(|e| match e {
                     FluxError::Config { message, .. } => FluxError::Config {
                         path: Some(path.to_path_buf()),
@@ -997,6 +1000,43 @@ pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             "no weights: expected {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} with its shards"
         ),
     })
+}
+
+/// A single file given with a config (a pipeline's `transformer/config.json`) must be for that
+/// model: its input embedder says which (FLUX.1 dev and Kontext take 64 input channels, Fill
+/// 384) and how wide. Checked before anything loads, so the error names the real mismatch.
+fn check_embedder(
+    files: &TensorFiles,
+    layout: Layout,
+    prefix: &str,
+    config: &FluxConfig,
+    path: &Path,
+) -> Result<()> {
+    let name = match layout {
+        Layout::Bfl => format!("{prefix}img_in.weight"),
+        Layout::Diffusers => format!("{prefix}x_embedder.weight"),
+    };
+    let Some(shape) = files.shape(&name) else {
+        return Ok(()); // reported as missing when the model loads
+    };
+    let expected = [config.hidden_size(), config.in_channels];
+    if shape != expected {
+        let found = match shape {
+            [width, inputs] => format!("{inputs} input channels and width {width}"),
+            other => format!("the shape {other:?}"),
+        };
+        return Err(FluxError::Config {
+            path: Some(path.to_path_buf()),
+            message: format!(
+                "this transformer is for another model: its `{name}` has {found}, the \
+                 pipeline's config wants {} input channels and width {} (FLUX.1 dev and Kontext \
+                 take 64 input channels, FLUX.1 Fill 384); give the transformer file made for \
+                 this pipeline",
+                expected[1], expected[0]
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A GGUF names its model in `general.architecture` (ComfyUI-GGUF's FLUX files say `flux`);

@@ -181,12 +181,29 @@ fn a_tensor_of_the_wrong_shape_is_named() {
     // A checkpoint for a model with other input channels (FLUX.1 dev's 64 vs Fill's 384).
     let mut other = config();
     other.in_channels = 64;
-    let checkpoint = Checkpoint::open_with_config(&fixture("flux_q8_0.gguf"), other).unwrap();
-    let err = FluxTransformer::load(&checkpoint, DType::F32, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let err = match Checkpoint::open_with_config(&fixture("flux_q8_0.gguf"), other) {
+        Ok(_) => panic!("a Fill GGUF opened with a 64-channel config"),
+        Err(e) => e.to_string(),
+    };
     assert!(
-        err.contains("img_in.weight") && err.contains("384"),
+        err.contains("img_in.weight")
+            && err.contains("384 input channels")
+            && err.contains("wants 64"),
+        "{err}"
+    );
+    // A tensor of the wrong shape past the embedder is named. The qkv weight's row count (its
+    // outer dimension, stored last) from 768 to 384: the data still fits, the shape does not.
+    let (_dir, path, mut bytes) = copy_of("flux_q8_0.gguf");
+    let at = type_field(&bytes, "double_blocks.0.img_attn.qkv.weight") - 8;
+    assert_eq!(
+        u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()),
+        768
+    );
+    bytes[at..at + 8].copy_from_slice(&384u64.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = open_error(&path);
+    assert!(
+        err.contains("double_blocks.0.img_attn.qkv.weight") && err.contains("[384, 256]"),
         "{err}"
     );
 }

@@ -1,0 +1,271 @@
+//! `icedit edit` and `icedit fill` with a GGUF transformer (`--transformer`), against diffusers'
+//! FluxFillPipeline on the same GGUF files (tests/reference/gen_gguf.py): the pipeline folder
+//! holds only the transformer's config.json, as a GGUF user's download does; Q8_0 and Q4_K,
+//! bare, with a LoRA and with the MoE-LoRA; from a local file and from the Hub cache; and the
+//! errors (missing file, a GGUF for another model, an output onto the GGUF), exiting 1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn gguf(rel: &str) -> String {
+    fixtures()
+        .join("gguf")
+        .join(rel)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The tiny pipeline's text encoders, VAE and scheduler, with a transformer folder holding
+/// only the GGUF transformer's config.json: no transformer weights at all.
+fn gguf_user_pipeline() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = fixtures().join("fill_pipeline/tiny");
+    copy_tree(&tiny, dir.path(), &|p| {
+        !p.starts_with(tiny.join("transformer"))
+    });
+    std::fs::create_dir(dir.path().join("transformer")).unwrap();
+    std::fs::copy(
+        gguf("transformer/config.json"),
+        dir.path().join("transformer/config.json"),
+    )
+    .unwrap();
+    dir
+}
+
+fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if !keep(&path) {
+            continue;
+        }
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            std::fs::create_dir(&target).unwrap();
+            copy_tree(&path, &target, keep);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_icedit"))
+        .arg(command)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .expect("run icedit")
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The reference's edit: 64-pixel halves, 4 steps, guidance 50 (edit's default), f32.
+fn edit_args(model: &Path, transformer: &str, out: &Path) -> Vec<String> {
+    strings(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--transformer",
+        transformer,
+        "--image",
+        &gguf("source.png"),
+        "--instruction",
+        "make it night",
+        "--width",
+        "64",
+        "--steps",
+        "4",
+        "--seed",
+        "42",
+        "--dtype",
+        "f32",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn max_png_diff(a: &Path, b: &Path) -> u8 {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    icedit_pipeline::image_io::max_pixel_diff(&a, &b).unwrap()
+}
+
+fn recipe(path: &Path) -> serde_json::Value {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let chunk = reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "icedit")
+        .expect("recipe chunk")
+        .get_text()
+        .unwrap();
+    serde_json::from_str(&chunk).unwrap()
+}
+
+#[test]
+fn gguf_edits_match_diffusers_gguf_pipelines() {
+    let model = gguf_user_pipeline();
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (run, file, adapter) in [
+        ("q8_0_bare", "flux_q8_0.gguf", None),
+        ("q4_k_bare", "flux_q4_k.gguf", None),
+        (
+            "q4_k_lora",
+            "flux_q4_k.gguf",
+            Some("adapters/lora_peft.safetensors"),
+        ),
+        (
+            "q8_0_moe",
+            "flux_q8_0.gguf",
+            Some("adapters/moe_lora.safetensors"),
+        ),
+    ] {
+        let out = dir.path().join(format!("{run}.png"));
+        let mut args = edit_args(model.path(), &gguf(file), &out);
+        match adapter {
+            Some(adapter) => args.extend(strings(&["--lora", &gguf(adapter)])),
+            None => args.push("--no-lora".into()),
+        }
+        let result = icedit("edit", &args, home.path());
+        assert!(result.status.success(), "{run}: {}", stderr(&result));
+        let diff = max_png_diff(&out, Path::new(&gguf(&format!("runs/{run}/edit.png"))));
+        eprintln!("{run}: PNG max difference {diff}/255");
+        assert!(diff <= 1, "{run}: PNG differs by {diff}/255");
+        let recipe = recipe(&out);
+        let quant = if file.contains("q4_k") {
+            "Q4_K"
+        } else {
+            "Q8_0"
+        };
+        let weights = recipe["weights"].as_str().unwrap();
+        assert!(
+            weights.starts_with("GGUF") && weights.contains(quant),
+            "{weights}"
+        );
+        assert_eq!(recipe["transformer"].as_str(), Some(gguf(file).as_str()));
+    }
+}
+
+#[test]
+fn gguf_fill_matches_diffusers_and_resolves_from_the_hub_cache() {
+    let model = gguf_user_pipeline();
+    let home = tempfile::tempdir().unwrap();
+    // The GGUF in an offline Hub cache, as `hf:` downloads it.
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        gguf("flux_q4_k.gguf"),
+        repo.path().join("flux1-fill-dev-Q4_K_S.gguf"),
+    )
+    .unwrap();
+    icedit_hub::import_folder(
+        &home.path().join("hub"),
+        "YarvixPA/FLUX.1-Fill-dev-gguf",
+        repo.path(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fill.png");
+    let args = strings(&[
+        "--model",
+        model.path().to_str().unwrap(),
+        "--transformer",
+        "hf:YarvixPA/FLUX.1-Fill-dev-gguf/flux1-fill-dev-Q4_K_S.gguf",
+        "--image",
+        &gguf("runs/q4_k_fill/image.png"),
+        "--mask",
+        &gguf("runs/q4_k_fill/mask.png"),
+        "--prompt",
+        "give him a red scarf",
+        "--steps",
+        "4",
+        "--guidance",
+        "30",
+        "--seed",
+        "3",
+        "--dtype",
+        "f32",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let result = icedit("fill", &args, home.path());
+    assert!(result.status.success(), "{}", stderr(&result));
+    let diff = max_png_diff(&out, Path::new(&gguf("runs/q4_k_fill/out.png")));
+    assert!(diff <= 1, "fill PNG differs by {diff}/255");
+    let recipe = recipe(&out);
+    let source = recipe["transformer"].as_str().unwrap();
+    assert!(
+        source.starts_with("YarvixPA/FLUX.1-Fill-dev-gguf@")
+            && source.ends_with("/flux1-fill-dev-Q4_K_S.gguf"),
+        "{source}"
+    );
+}
+
+#[test]
+fn bad_transformers_exit_1_with_a_reason_and_leave_nothing() {
+    let model = gguf_user_pipeline();
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let cases: Vec<(Vec<String>, &[&str])> = vec![
+        (
+            edit_args(model.path(), "/nonexistent/flux.gguf", &out),
+            &["--transformer", "/nonexistent/flux.gguf"],
+        ),
+        (
+            edit_args(model.path(), "hf:YarvixPA/FLUX.1-Fill-dev-gguf", &out),
+            &["hf:OWNER/REPO[@REVISION]/FILE"],
+        ),
+        // A GGUF for another model: the tiny pipeline's own config is 32 wide.
+        (
+            edit_args(
+                &fixtures().join("fill_pipeline/tiny"),
+                &gguf("flux_q8_0.gguf"),
+                &out,
+            ),
+            &["img_in.weight", "another model", "width 256"],
+        ),
+    ];
+    for (mut args, expected) in cases {
+        args.push("--no-lora".into());
+        let result = icedit("edit", &args, home.path());
+        let message = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{args:?}: {message}");
+        for part in expected {
+            assert!(message.contains(part), "{args:?}: {message}");
+        }
+        assert!(!out.exists());
+    }
+
+    // The output onto the GGUF itself is refused before anything runs; the file is untouched.
+    // Named .png so that only the input check can refuse it.
+    let copy = dir.path().join("weights.png");
+    std::fs::copy(gguf("flux_q8_0.gguf"), &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let mut args = edit_args(model.path(), copy.to_str().unwrap(), &copy);
+    args.push("--no-lora".into());
+    let result = icedit("edit", &args, home.path());
+    assert_eq!(result.status.code(), Some(1), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("--transformer"),
+        "{}",
+        stderr(&result)
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+}

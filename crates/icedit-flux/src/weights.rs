@@ -200,7 +200,7 @@ impl TensorFiles {
         device: &Device,
     ) -> Result<Tensor> {
         let entry = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
-        let (bytes, shape) = self.raw_rows(entry, parts);
+        let (bytes, shape) = self.raw_rows(name, entry, parts)?;
         let tensor = match entry.stored {
             Stored::Dense(stored) => {
                 let tensor = Tensor::from_raw_buffer(&bytes, stored, &shape, device)?;
@@ -249,7 +249,7 @@ impl TensorFiles {
         let Stored::Quantized(q) = entry.stored else {
             return Ok(None);
         };
-        let (bytes, shape) = self.raw_rows(entry, parts);
+        let (bytes, shape) = self.raw_rows(name, entry, parts)?;
         let tensor = quantized_tensor(q, &bytes, &shape, device)?;
         // The block scales are f16: a NaN or infinite one spoils its whole block.
         if !crate::finite::all_finite(&tensor.dequantize(device)?)? {
@@ -262,14 +262,27 @@ impl TensorFiles {
     /// The bytes of rows `parts` (all rows if `None`) and their shape.
     fn raw_rows(
         &self,
+        name: &str,
         entry: &TensorEntry,
         parts: Option<&[Range<usize>]>,
-    ) -> (Cow<'_, [u8]>, Vec<usize>) {
+    ) -> Result<(Cow<'_, [u8]>, Vec<usize>)> {
         let map = &self.maps[entry.file];
         let all = &map[entry.bytes.clone()];
         let Some(parts) = parts else {
-            return (Cow::Borrowed(all), entry.shape.clone());
+            return Ok((Cow::Borrowed(all), entry.shape.clone()));
         };
+        let rows = entry.shape.first().copied().unwrap_or(0);
+        // A 1-D tensor's rows are single values: not whole blocks when quantized.
+        if entry.shape.len() < 2 && matches!(entry.stored, Stored::Quantized(_)) {
+            return Err(FluxError::Input(format!(
+                "tensor `{name}` is 1-D and quantized: its rows cannot be read apart"
+            )));
+        }
+        if let Some(bad) = parts.iter().find(|r| r.start > r.end || r.end > rows) {
+            return Err(FluxError::Input(format!(
+                "rows {bad:?} of tensor `{name}`, which has {rows}"
+            )));
+        }
         let row_bytes = all.len() / entry.shape[0].max(1);
         let mut shape = entry.shape.clone();
         shape[0] = parts.iter().map(|r| r.len()).sum();
@@ -282,7 +295,7 @@ impl TensorFiles {
                     .collect(),
             ),
         };
-        (bytes, shape)
+        Ok((bytes, shape))
     }
 
     fn drop_pages(&self, entry: &TensorEntry) {

@@ -146,6 +146,37 @@ proptest! {
         });
     }
 
+    /// GGUF files: the per-type fixture with bytes changed in its header (counts, lengths,
+    /// types, dimensions, offsets) or cut short; every tensor that opens is read, dense and as
+    /// blocks.
+    #[test]
+    fn gguf_mutated(
+        edits in byte_edits(4),
+        cut in proptest::option::of(0usize..4096),
+    ) {
+        let mut bytes = std::fs::read(fixture_path("gguf/dequant.gguf")).unwrap();
+        // The header is the first ~1.4 KB; aim the edits there.
+        apply_byte_edits(&mut bytes, &edits, 1536);
+        if let Some(cut) = cut {
+            bytes.truncate(cut);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        bounded("mutated GGUF", MAX_ALLOC, || {
+            let _ = icedit_flux::gguf::parse(&bytes);
+            if let Ok(files) = TensorFiles::open(std::slice::from_ref(&path)) {
+                let names: Vec<String> = files.names().map(str::to_string).collect();
+                for name in &names {
+                    let _ = files.read_quantized(name, None, &Device::Cpu);
+                    let _ = files.read_quantized(name, Some(&[0..1]), &Device::Cpu);
+                }
+                exercise_files(files);
+            }
+            let _ = Checkpoint::open(&path);
+        });
+    }
+
     /// Valid files open, list their tensors with their shapes, and read back their values.
     #[test]
     fn safetensors_round_trip(

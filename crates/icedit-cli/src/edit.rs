@@ -304,6 +304,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         mut pipeline,
         model_name,
         transformer,
+        text_encoder_2,
         weights,
     } = args.model.open_pipeline(&hub, dtype, &device)?;
     let judge = match &judge_specs {
@@ -374,6 +375,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             expand: None,
             model: model_name.clone(),
             transformer: transformer.clone(),
+            text_encoder_2: text_encoder_2.clone(),
             weights: weights.clone(),
             adapters: adapter_uses.clone(),
             dtype: format!("{dtype:?}").to_lowercase(),

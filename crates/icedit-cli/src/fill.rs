@@ -144,6 +144,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         mut pipeline,
         model_name,
         transformer,
+        text_encoder_2,
         weights,
     } = args.model.open_pipeline(&hub, dtype, &device)?;
     let request = FillRequest {
@@ -187,6 +188,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),
         model: model_name,
         transformer,
+        text_encoder_2,
         weights,
         adapters: vec![],
         dtype: format!("{dtype:?}").to_lowercase(),

@@ -34,6 +34,9 @@ pub fn add_model_inputs(inputs: &mut Inputs, model: &ModelArgs, hub: &HubOptions
     if let Some(icedit_hub::FileSpec::Local(path)) = model.transformer_spec()? {
         inputs.file("--transformer", &path);
     }
+    if let Some(icedit_hub::FileSpec::Local(path)) = model.text_encoder_2_spec()? {
+        inputs.file("--text-encoder-2", &path);
+    }
     Ok(())
 }
 

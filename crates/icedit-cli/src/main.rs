@@ -64,6 +64,11 @@ pub(crate) struct ModelArgs {
     /// `hf:OWNER/REPO[@REVISION]/FILE`. --model's transformer weights are then never fetched.
     #[arg(long, value_name = "SPEC")]
     pub transformer: Option<String>,
+    /// The T5 encoder's weights from this file instead of --model's `text_encoder_2/`: a GGUF
+    /// in llama.cpp's naming (city96/t5-v1_1-xxl-encoder-gguf) or a .safetensors in
+    /// transformers' naming; a local path or `hf:OWNER/REPO[@REVISION]/FILE`.
+    #[arg(long = "text-encoder-2", value_name = "SPEC")]
+    pub text_encoder_2: Option<String>,
     /// T5 prompt length in tokens (longer prompts are truncated, with a warning).
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
@@ -82,6 +87,8 @@ pub(crate) struct OpenedPipeline {
     pub model_name: String,
     /// `--transformer`'s origin, when given.
     pub transformer: Option<String>,
+    /// `--text-encoder-2`'s origin, when given.
+    pub text_encoder_2: Option<String>,
     /// What the transformer's weights are stored as (`diffusers safetensors`, `GGUF Q4_K x30`).
     pub weights: String,
 }
@@ -89,13 +96,12 @@ pub(crate) struct OpenedPipeline {
 impl ModelArgs {
     /// `--transformer`, checked without touching the network.
     pub fn transformer_spec(&self) -> Result<Option<icedit_hub::FileSpec>> {
-        self.transformer
-            .as_deref()
-            .map(|spec| {
-                icedit_hub::FileSpec::parse(spec)
-                    .with_context(|| format!("--transformer {spec}: not a usable weights file"))
-            })
-            .transpose()
+        file_spec("--transformer", self.transformer.as_deref())
+    }
+
+    /// `--text-encoder-2`, checked without touching the network.
+    pub fn text_encoder_2_spec(&self) -> Result<Option<icedit_hub::FileSpec>> {
+        file_spec("--text-encoder-2", self.text_encoder_2.as_deref())
     }
 
     /// Opens `--model` (and `--transformer`) and fetches every file the run needs.
@@ -120,15 +126,32 @@ impl ModelArgs {
             }
             None => (None, "diffusers safetensors".to_string()),
         };
+        let text_encoder_2 = match self.text_encoder_2_spec()? {
+            Some(spec) => {
+                let (path, origin) = spec.fetch(hub)?;
+                pipeline.set_text_encoder_2_file(path);
+                Some(origin)
+            }
+            None => None,
+        };
         pipeline.fetch_all()?;
         Ok(OpenedPipeline {
             // The recipe names the commit the files came from, for Hub models.
             model_name: pipeline.repo().describe_commit(),
             pipeline,
             transformer,
+            text_encoder_2,
             weights,
         })
     }
+}
+
+fn file_spec(flag: &str, spec: Option<&str>) -> Result<Option<icedit_hub::FileSpec>> {
+    spec.map(|spec| {
+        icedit_hub::FileSpec::parse(spec)
+            .with_context(|| format!("{flag} {spec}: not a usable weights file"))
+    })
+    .transpose()
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -53,7 +53,7 @@ pub enum FluxError {
         found: Vec<usize>,
     },
 
-    #[error("tensor `{name}` is stored as {dtype}, which this loader cannot read (supported: F32, F16, BF16, F64)")]
+    #[error("tensor `{name}` is stored as {dtype}, which this loader cannot read (supported: F32, F16, BF16, F64, F8_E4M3, and GGUF blocks)")]
     UnsupportedTensorDtype { name: String, dtype: String },
 
     /// A weight holds NaN or infinite values once read in the model's dtype: stored so (a

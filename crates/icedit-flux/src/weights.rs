@@ -203,7 +203,11 @@ impl TensorFiles {
         let (bytes, shape) = self.raw_rows(name, entry, parts)?;
         let tensor = match entry.stored {
             Stored::Dense(stored) => {
-                let tensor = Tensor::from_raw_buffer(&bytes, stored, &shape, device)?;
+                let mut tensor = Tensor::from_raw_buffer(&bytes, stored, &shape, device)?;
+                if stored == DType::F8E4M3 {
+                    // Exact in f32; the checks and every op below want a dtype candle computes in.
+                    tensor = tensor.to_dtype(DType::F32)?;
+                }
                 if !crate::finite::all_finite(&tensor)? {
                     return Err(self.non_finite(name, entry, stored, stored, true));
                 }
@@ -388,7 +392,7 @@ fn stored_safetensors(dtype: safetensors::Dtype) -> Stored {
         S::F16 => Stored::Dense(DType::F16),
         S::BF16 => Stored::Dense(DType::BF16),
         S::F64 => Stored::Dense(DType::F64),
-        S::F8_E4M3 => Stored::Unsupported("F8_E4M3"),
+        S::F8_E4M3 => Stored::Dense(DType::F8E4M3),
         S::F8_E5M2 => Stored::Unsupported("F8_E5M2"),
         S::I8 => Stored::Unsupported("I8"),
         S::U8 => Stored::Unsupported("U8"),
@@ -664,10 +668,12 @@ impl Checkpoint {
     /// checkpoint made for another model.
     pub fn unused_tensors(&self) -> Vec<String> {
         let used = self.used.lock().expect("poisoned");
+        // ComfyUI's scaled-FP8 marker and the input scales of FP8 matmuls: nothing to load.
+        let fp8_extra = |n: &str| n.ends_with("scaled_fp8") || n.ends_with(".scale_input");
         let mut unused: Vec<String> = self
             .files
             .names()
-            .filter(|n| !used.contains(*n))
+            .filter(|n| !used.contains(*n) && !fp8_extra(n))
             .map(str::to_string)
             .collect();
         unused.sort();
@@ -748,8 +754,52 @@ impl Checkpoint {
     /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
     fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
         let (stored, parts) = self.locate(name, expected)?;
-        self.files
-            .read_parts(&stored, parts.as_deref(), dtype, device)
+        match self.weight_scale(&stored, device)? {
+            None => self
+                .files
+                .read_parts(&stored, parts.as_deref(), dtype, device),
+            // ComfyUI's scaled FP8: the weight is `stored * scale_weight`, upcast first.
+            Some(scale) => {
+                let weight = self
+                    .files
+                    .read_parts(&stored, parts.as_deref(), DType::F32, device)?
+                    .broadcast_mul(&scale)?
+                    .to_dtype(dtype)?;
+                if !crate::finite::all_finite(&weight)? {
+                    return Err(FluxError::NonFiniteValues {
+                        stage: format!("scaling `{stored}` by its `scale_weight`"),
+                        dtype,
+                    });
+                }
+                Ok(weight)
+            }
+        }
+    }
+
+    /// The per-tensor scale of a scaled-FP8 weight (`<module>.scale_weight`, one f32), if the
+    /// checkpoint has one for `stored`.
+    fn weight_scale(&self, stored: &str, device: &Device) -> Result<Option<Tensor>> {
+        let Some(module) = stored.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        let name = format!("{module}.scale_weight");
+        let Some(shape) = self.files.shape(&name) else {
+            return Ok(None);
+        };
+        if shape.iter().product::<usize>() != 1 {
+            return Err(FluxError::ShapeMismatch {
+                name,
+                read_as: None,
+                expected: vec![],
+                found: shape.to_vec(),
+            });
+        }
+        self.used.lock().expect("poisoned").insert(name.clone());
+        let scale = self
+            .files
+            .read(&name, None, DType::F32, device)?
+            .flatten_all()?;
+        Ok(Some(scale))
     }
 
     /// The tensor the model knows as `name` as the file stores it when that is quantized (GGUF

@@ -88,6 +88,8 @@ pub struct FillPipeline {
     transformer: Option<FluxTransformer>,
     /// A transformer file used instead of the pipeline's own weights (`--transformer`).
     transformer_file: Option<PathBuf>,
+    /// A T5 encoder file used instead of `text_encoder_2/`'s weights (`--text-encoder-2`).
+    text_encoder_2_file: Option<PathBuf>,
     vae: Option<AutoencoderKl>,
     /// Adapters to apply when the transformer loads, and what applying them did.
     pending_adapters: Vec<AdapterChoice>,
@@ -115,6 +117,7 @@ impl FillPipeline {
             text: None,
             transformer: None,
             transformer_file: None,
+            text_encoder_2_file: None,
             vae: None,
             pending_adapters: Vec::new(),
             adapter_mode: ApplyMode::Merge,
@@ -137,6 +140,14 @@ impl FillPipeline {
     pub fn set_transformer_file(&mut self, file: PathBuf) {
         self.transformer_file = Some(file);
         self.transformer = None;
+    }
+
+    /// Loads the T5 encoder's weights from `file` (a GGUF in llama.cpp's naming, or a
+    /// `.safetensors` in transformers'), with the pipeline's `text_encoder_2/config.json`;
+    /// `text_encoder_2/`'s own weights are then never fetched.
+    pub fn set_text_encoder_2_file(&mut self, file: PathBuf) {
+        self.text_encoder_2_file = Some(file);
+        self.text = None;
     }
 
     /// Adapters (LoRA, MoE-LoRA) for the transformer, applied in order when it loads. Must be
@@ -174,7 +185,7 @@ impl FillPipeline {
     /// Fetches every file the pipeline needs (downloading what is missing, or one error naming
     /// all files that are unavailable), without loading anything.
     pub fn fetch_all(&self) -> Result<()> {
-        fetch_text_files(&self.repo)?;
+        fetch_text_files(&self.repo, self.text_encoder_2_file.is_some())?;
         if self.transformer_file.is_none() {
             self.repo
                 .safetensors_set("transformer", "diffusion_pytorch_model")?;
@@ -200,8 +211,13 @@ impl FillPipeline {
         }
         if self.text.is_none() {
             progress(Progress::Loading("text encoders"));
-            let root = fetch_text_files(&self.repo)?;
-            self.text = Some(TextEncoders::load(&root, self.dtype, &self.device)?);
+            let root = fetch_text_files(&self.repo, self.text_encoder_2_file.is_some())?;
+            self.text = Some(TextEncoders::load(
+                &root,
+                self.text_encoder_2_file.as_deref(),
+                self.dtype,
+                &self.device,
+            )?);
         }
         let encoders = self.text.as_ref().expect("loaded above");
         let conditioning = encoders.encode(prompt, max_sequence_length)?;
@@ -551,7 +567,8 @@ impl Denoising {
 
 /// Makes the tokenizer and text-encoder files of the repo local (downloading what is missing)
 /// and returns the pipeline root they live under.
-fn fetch_text_files(repo: &ModelRepo) -> Result<std::path::PathBuf> {
+/// The text encoders' files; T5's weights only when no file replaces them (`t5_file`).
+fn fetch_text_files(repo: &ModelRepo, t5_file: bool) -> Result<std::path::PathBuf> {
     let mut required = vec![
         "text_encoder/config.json",
         "text_encoder_2/config.json",
@@ -575,7 +592,9 @@ fn fetch_text_files(repo: &ModelRepo) -> Result<std::path::PathBuf> {
     }
     let paths = repo.files(&required)?;
     repo.safetensors_set("text_encoder", "model")?;
-    repo.safetensors_set("text_encoder_2", "model")?;
+    if !t5_file {
+        repo.safetensors_set("text_encoder_2", "model")?;
+    }
     // `text_encoder/config.json` -> the pipeline root.
     let config = &paths[0];
     Ok(folder_of(folder_of(config)).to_path_buf())

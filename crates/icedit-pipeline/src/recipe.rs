@@ -28,6 +28,9 @@ pub struct Recipe {
     /// The transformer file used instead of the model's own weights (`--transformer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transformer: Option<String>,
+    /// The T5 encoder file used instead of the model's own (`--text-encoder-2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder_2: Option<String>,
     /// How the transformer's weights are stored (`diffusers safetensors`, `GGUF Q4_K x27, ...`).
     #[serde(default)]
     pub weights: String,

@@ -6,7 +6,7 @@
 //! use candle_core::{DType, Device};
 //! use icedit_text::TextEncoders;
 //!
-//! let encoders = TextEncoders::load("FLUX.1-Fill-dev".as_ref(), DType::BF16, &Device::Cpu)?;
+//! let encoders = TextEncoders::load("FLUX.1-Fill-dev".as_ref(), None, DType::BF16, &Device::Cpu)?;
 //! let text = encoders.encode("make it night", 512)?;
 //! for warning in text.truncation_warnings() {
 //!     eprintln!("warning: {warning}");
@@ -75,13 +75,25 @@ pub struct TextEncoders {
 
 impl TextEncoders {
     /// Loads `tokenizer/`, `tokenizer_2/`, `text_encoder/` and `text_encoder_2/` of a diffusers
-    /// FLUX pipeline folder, the encoders in `dtype` on `device`.
-    pub fn load(pipeline_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// FLUX pipeline folder, the encoders in `dtype` on `device`; T5's weights from `t5_file`
+    /// when given (see [`T5Encoder::load_file`]).
+    pub fn load(
+        pipeline_dir: &Path,
+        t5_file: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let t5_dir = pipeline_dir.join("text_encoder_2");
         Ok(Self {
             clip_tokenizer: PromptTokenizer::clip(&pipeline_dir.join("tokenizer"))?,
             t5_tokenizer: PromptTokenizer::t5(&pipeline_dir.join("tokenizer_2"))?,
             clip: ClipTextEncoder::load(&pipeline_dir.join("text_encoder"), dtype, device)?,
-            t5: T5Encoder::load(&pipeline_dir.join("text_encoder_2"), dtype, device)?,
+            t5: match t5_file {
+                Some(file) => {
+                    T5Encoder::load_file(&t5_dir.join("config.json"), file, dtype, device)?
+                }
+                None => T5Encoder::load(&t5_dir, dtype, device)?,
+            },
         })
     }
 

@@ -192,9 +192,48 @@ impl T5Encoder {
     /// (`_keep_in_fp32_modules`): T5's activations overflow f16 otherwise.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let (config_path, weights) = ModelWeights::open(dir, MODEL)?;
-        let config = T5Config::from_file(&config_path)?;
+        Self::from_weights(&config_path, &weights, dtype, device)
+    }
+
+    /// Loads the encoder's weights from one file: a GGUF in llama.cpp's T5 naming (as
+    /// city96/t5-v1_1-xxl-encoder-gguf publishes T5-XXL) or a `.safetensors` in transformers'
+    /// naming, with the config of the pipeline's `text_encoder_2/config.json`. GGUF blocks are
+    /// dequantized at load (as transformers' GGUF loader does): the encoder is freed before the
+    /// transformer loads, so it never adds to the transformer's peak.
+    pub fn load_file(
+        config_path: &Path,
+        file: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let weights = ModelWeights::open_file(file, MODEL, llama_cpp_name)?;
+        if let Some(architecture) = weights
+            .files()
+            .gguf_metadata()
+            .and_then(|m| m.get("general.architecture"))
+        {
+            if !matches!(architecture.as_str(), Some("t5encoder" | "t5")) {
+                return Err(TextError::Config {
+                    path: file.to_path_buf(),
+                    message: format!(
+                        "this GGUF's `general.architecture` is {architecture:?}, not `t5encoder`: \
+                         it holds another model than a T5 encoder"
+                    ),
+                });
+            }
+        }
+        Self::from_weights(config_path, &weights, dtype, device)
+    }
+
+    fn from_weights(
+        config_path: &Path,
+        weights: &ModelWeights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = T5Config::from_file(config_path)?;
         let (gated, activation) = config.feed_forward().map_err(|message| TextError::Config {
-            path: config_path.clone(),
+            path: config_path.to_path_buf(),
             message,
         })?;
         let (d, inner, heads) = (
@@ -475,4 +514,30 @@ mod tests {
             );
         }
     }
+}
+
+/// llama.cpp's name (gguf-py `MODEL_ARCH.T5ENCODER`) of a transformers T5 encoder tensor; names
+/// already in that form, or unknown, pass through.
+fn llama_cpp_name(name: &str) -> Option<String> {
+    match name {
+        "shared.weight" | "encoder.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "encoder.final_layer_norm.weight" => return Some("enc.output_norm.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("encoder.block.")?;
+    let (block, rest) = rest.split_once('.')?;
+    let part = match rest {
+        "layer.0.SelfAttention.q.weight" => "attn_q",
+        "layer.0.SelfAttention.k.weight" => "attn_k",
+        "layer.0.SelfAttention.v.weight" => "attn_v",
+        "layer.0.SelfAttention.o.weight" => "attn_o",
+        "layer.0.SelfAttention.relative_attention_bias.weight" => "attn_rel_b",
+        "layer.0.layer_norm.weight" => "attn_norm",
+        "layer.1.DenseReluDense.wi_0.weight" => "ffn_gate",
+        "layer.1.DenseReluDense.wi_1.weight" | "layer.1.DenseReluDense.wi.weight" => "ffn_up",
+        "layer.1.DenseReluDense.wo.weight" => "ffn_down",
+        "layer.1.layer_norm.weight" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("enc.blk.{block}.{part}.weight"))
 }

@@ -13,13 +13,19 @@ const CONFIG: &str = "config.json";
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
 
-/// The weights of one model folder, read by name with the shape its config implies.
+/// Maps a transformers tensor name to its name in the file (`None`: not stored there).
+pub(crate) type Rename = fn(&str) -> Option<String>;
+
+/// The weights of one model folder (or one file), read by transformers' names with the shape
+/// its config implies.
 pub(crate) struct ModelWeights {
     /// What the folder should hold, for error messages ("CLIP text encoder").
     model: &'static str,
     files: TensorFiles,
     /// File of each tensor, from the shard index (empty for a single file).
     shard_of: HashMap<String, PathBuf>,
+    /// For files in another naming (llama.cpp's, in GGUF).
+    rename: Option<Rename>,
 }
 
 #[derive(serde::Deserialize)]
@@ -86,12 +92,33 @@ impl ModelWeights {
                 model,
                 files,
                 shard_of,
+                rename: None,
             },
         ))
     }
 
+    /// One weights file (safetensors or GGUF) whose tensors are named as `rename` says.
+    pub(crate) fn open_file(path: &Path, model: &'static str, rename: Rename) -> Result<Self> {
+        Ok(Self {
+            model,
+            files: TensorFiles::open(&[path.to_path_buf()])?,
+            shard_of: HashMap::new(),
+            rename: Some(rename),
+        })
+    }
+
+    pub(crate) fn files(&self) -> &TensorFiles {
+        &self.files
+    }
+
+    fn stored_name(&self, name: &str) -> String {
+        self.rename
+            .and_then(|rename| rename(name))
+            .unwrap_or_else(|| name.to_string())
+    }
+
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.files.contains(name)
+        self.files.contains(&self.stored_name(name))
     }
 
     /// Reads `name`, checking that it has `shape`, converted to `dtype` on `device` (whatever
@@ -103,6 +130,8 @@ impl ModelWeights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let stored = self.stored_name(name);
+        let name = stored.as_str();
         let Some(found) = self.files.shape(name) else {
             // A shard index that lists the tensor points at the file that should have it.
             let files = match self.shard_of.get(name) {

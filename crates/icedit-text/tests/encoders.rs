@@ -128,7 +128,7 @@ fn clip_pools_at_the_first_end_token_with_a_modern_config() {
 
 #[test]
 fn encode_prompt_matches_diffusers() {
-    let encoders = TextEncoders::load(&tiny(), DType::F32, &Device::Cpu).unwrap();
+    let encoders = TextEncoders::load(&tiny(), None, DType::F32, &Device::Cpu).unwrap();
     let reference = reference();
     for (i, case) in cases().iter().enumerate() {
         let text = encoders.encode(&case.prompt, 16).unwrap();
@@ -160,7 +160,7 @@ fn encode_prompt_matches_diffusers() {
 fn half_precision_is_close_to_f32() {
     let reference = reference();
     for (dtype, tolerance) in [(DType::BF16, 0.05f32), (DType::F16, 0.01)] {
-        let encoders = TextEncoders::load(&tiny(), dtype, &Device::Cpu).unwrap();
+        let encoders = TextEncoders::load(&tiny(), None, dtype, &Device::Cpu).unwrap();
         let (mut t5_worst, mut clip_worst) = (0f32, 0f32);
         for (i, case) in cases().iter().enumerate() {
             let text = encoders.encode(&case.prompt, 16).unwrap();

@@ -303,7 +303,7 @@ fn config_that_does_not_parse() {
 #[test]
 fn pipeline_folder_without_text_encoders() {
     let dir = tempfile::tempdir().unwrap();
-    let err = TextEncoders::load(dir.path(), DType::F32, &Device::Cpu)
+    let err = TextEncoders::load(dir.path(), None, DType::F32, &Device::Cpu)
         .err()
         .unwrap();
     assert!(matches!(err, TextError::MissingFile { .. }), "{err:?}");

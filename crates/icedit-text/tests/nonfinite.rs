@@ -48,7 +48,7 @@ fn pipeline_with(folder: &str, tensor: &str, edit: impl Fn(f32) -> f32) -> tempf
 }
 
 fn load_err(dir: &Path, dtype: DType) -> TextError {
-    match TextEncoders::load(dir, dtype, &Device::Cpu) {
+    match TextEncoders::load(dir, None, dtype, &Device::Cpu) {
         Ok(_) => panic!("loaded"),
         Err(e) => e,
     }
@@ -87,9 +87,9 @@ fn a_t5_overflow_in_float16_stops_the_encoding() {
     let dir = pipeline_with("text_encoder_2", "encoder.final_layer_norm.weight", |_| {
         60000.0
     });
-    let f32_encoders = TextEncoders::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let f32_encoders = TextEncoders::load(dir.path(), None, DType::F32, &Device::Cpu).unwrap();
     f32_encoders.encode("a red door", 16).unwrap();
-    let f16_encoders = TextEncoders::load(dir.path(), DType::F16, &Device::Cpu).unwrap();
+    let f16_encoders = TextEncoders::load(dir.path(), None, DType::F16, &Device::Cpu).unwrap();
     let err = f16_encoders.encode("a red door", 16).unwrap_err();
     let message = err.to_string();
     assert!(

@@ -217,6 +217,36 @@ fn gguf_fill_matches_diffusers_and_resolves_from_the_hub_cache() {
     );
 }
 
+/// T5 from a GGUF (`--text-encoder-2`) in the tiny pipeline: diffusers' run with transformers'
+/// GGUF-loaded T5. (The PNG alone barely tells a Q8_0 T5 from the f32 one on this tiny model;
+/// icedit-text's tests compare the encoder's states, which it moves by 0.03.)
+#[test]
+fn t5_from_gguf_edits_match_diffusers() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t5.png");
+    let tiny = fixtures().join("fill_pipeline/tiny");
+    let t5 = fixtures().join("t5_gguf/t5_q8_0.gguf");
+    let mut args = edit_args(&tiny, &gguf("flux_q8_0.gguf"), &out);
+    // No --transformer here: the tiny pipeline's own.
+    let at = args.iter().position(|a| a == "--transformer").unwrap();
+    args.drain(at..at + 2);
+    args.extend(strings(&[
+        "--no-lora",
+        "--text-encoder-2",
+        t5.to_str().unwrap(),
+    ]));
+    let result = icedit("edit", &args, home.path());
+    assert!(result.status.success(), "{}", stderr(&result));
+    let reference = fixtures().join("t5_gguf/runs/t5_q8_0_bare/edit.png");
+    let diff = max_png_diff(&out, &reference);
+    assert!(diff <= 1, "PNG differs by {diff}/255");
+    assert_eq!(
+        recipe(&out)["text_encoder_2"].as_str(),
+        Some(t5.to_str().unwrap())
+    );
+}
+
 #[test]
 fn bad_transformers_exit_1_with_a_reason_and_leave_nothing() {
     let model = gguf_user_pipeline();

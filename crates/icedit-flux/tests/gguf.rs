@@ -1,7 +1,9 @@
-//! GGUF transformers against the reference (tests/reference/gen_gguf.py): every ggml type
+//! Quantized transformers against the reference. GGUF (tests/reference/gen_gguf.py): every ggml type
 //! dequantized as gguf-py's numpy decoder (= ggml's `dequantize_row_*`), and whole forwards of a
 //! tiny FLUX.1 Fill in BFL naming (Q8_0, Q4_K, and one file mixing all types) against diffusers'
 //! GGUF loader. Also the files' errors: truncated, unknown type, wrong shape, other architecture.
+//! FP8 (tests/reference/gen_t5_gguf_fp8.py): float8 e4m3fn safetensors as ComfyUI users have them,
+//! plain and with per-tensor `scale_weight`, against torch upcasting the same values.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -242,4 +244,39 @@ fn nan_block_scales_are_caught_naming_the_tensor() {
         err.contains("double_blocks.0.img_mlp.0.weight") && err.contains("NaN"),
         "{err}"
     );
+}
+
+#[test]
+fn fp8_checkpoints_match_torch_upcast() {
+    let io = forward_inputs();
+    let input = FluxInput::from_named(&io).unwrap();
+    let reference = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fp8/forward.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (file, out) in [
+        ("flux_fp8_e4m3fn.safetensors", "out.fp8"),
+        ("flux_fp8_scaled.safetensors", "out.fp8_scaled"),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/fp8")
+            .join(file);
+        let checkpoint = Checkpoint::open_with_config(&path, config()).unwrap();
+        assert_eq!(checkpoint.layout(), Layout::Bfl);
+        let model = FluxTransformer::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            checkpoint.unused_tensors().is_empty(),
+            "{file}: unused {:?}",
+            checkpoint.unused_tensors()
+        );
+        let ours = model.forward(&input).unwrap();
+        let err = max_abs_diff(&ours, &reference[out]);
+        println!("{file}: max abs error {err:.2e} vs torch");
+        assert!(err <= F32_TOLERANCE, "{file}: max abs error {err}");
+        assert!(max_abs_diff(&ours, &io["out.f32"]) > 10.0 * F32_TOLERANCE);
+        // 15 weights (and the scaled file's marker).
+        let summary = checkpoint.files().format_summary();
+        assert!(summary.contains("F8E4M3 x1"), "{summary}");
+    }
 }

@@ -193,7 +193,8 @@ def main():
             torch_cmd = [sys.executable, __file__, "--threads", str(a.threads), "--reps", str(a.reps),
                          "--torch-side-gguf", str(models[kind]), str(model_dir), str(inputs),
                          str(o["diffusers"])]
-        rust_cmd = cargo + ["--", str(models[kind]), str(inputs), str(o["icedit"]), str(a.reps), "f32", "cpu"]
+        rust_cmd = cargo + ["--", str(models[kind]), str(inputs), str(o["icedit"]), str(a.reps),
+                            "f32", "cpu"]
         return {"diffusers": torch_cmd, "icedit": rust_cmd}
 
     def run(cmd):

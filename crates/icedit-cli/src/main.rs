@@ -18,6 +18,7 @@ mod inputs;
 mod judge;
 mod outputs;
 mod progress;
+mod quantize;
 
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
 // page faults (measurably faster on CPU).
@@ -45,6 +46,9 @@ enum Command {
     Edit(edit::EditArgs),
     /// Inpaint (regenerate the masked area) or outpaint (--expand) an image with FLUX.1 Fill.
     Fill(fill::FillArgs),
+    /// Write a FLUX transformer as a GGUF file (BFL naming, as ComfyUI-GGUF and diffusers read
+    /// it), its matrices quantized (q8_0, q4_k, ...), for `--transformer` on smaller GPUs.
+    Quantize(quantize::QuantizeArgs),
     /// Ask a judge which of two edits of a photo is better: tries a judge setup (a server,
     /// CLIP or Qwen3-VL) before a seed search relies on it.
     Judge(judge::JudgeCommandArgs),
@@ -204,6 +208,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Edit(args) => edit::run(args),
         Command::Fill(args) => fill::run(args),
         Command::Judge(args) => judge::run(args),
+        Command::Quantize(args) => quantize::run(args),
     }
 }
 

@@ -299,3 +299,160 @@ fn bad_transformers_exit_1_with_a_reason_and_leave_nothing() {
     );
     assert_eq!(std::fs::read(&copy).unwrap(), before);
 }
+
+/// `icedit quantize` writes what the Python tools read (tests/reference/check_quantized.py read
+/// the committed files with gguf-py and diffusers): the same bytes again, the same dequantized
+/// values, the same forward; at F32 it is lossless, so the BFL layout it writes (fused qkv and
+/// linear1, swapped final modulation) gives back the model exactly.
+#[test]
+fn quantize_writes_what_gguf_py_and_diffusers_read() {
+    use candle_core::{DType, Device};
+    use icedit_flux::{Checkpoint, FluxConfig, FluxInput, FluxTransformer, TensorFiles};
+
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = fixtures().join("fill_pipeline/tiny");
+    let config = FluxConfig::from_json_file(&tiny.join("transformer/config.json")).unwrap();
+    let reference = candle_core::safetensors::load(
+        fixtures().join("quantize/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let io = candle_core::safetensors::load(gguf("forward.safetensors"), &Device::Cpu).unwrap();
+    let mut named: std::collections::HashMap<String, candle_core::Tensor> = Default::default();
+    for (theirs, ours) in [
+        ("hidden_states", "img"),
+        ("encoder_hidden_states", "txt"),
+        ("pooled_projections", "pooled"),
+        ("timestep", "timestep"),
+        ("guidance", "guidance"),
+        ("txt_ids", "txt_ids"),
+        ("img_ids", "img_ids"),
+    ] {
+        named.insert(ours.into(), io[theirs].clone());
+    }
+    let input = FluxInput::from_named(&named).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        icedit_flux::compare::max_abs_diff(a, b).unwrap()
+    };
+
+    for ty in ["q8_0", "q4_0", "f32"] {
+        let out = dir.path().join(format!("tiny_{ty}.gguf"));
+        let args = strings(&[
+            "--model",
+            tiny.to_str().unwrap(),
+            "--type",
+            ty,
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        let result = icedit("quantize", &args, home.path());
+        assert!(result.status.success(), "{ty}: {}", stderr(&result));
+        let checkpoint = Checkpoint::open_with_config(&out, config.clone()).unwrap();
+        let model = FluxTransformer::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+        assert!(checkpoint.unused_tensors().is_empty());
+        let ours = model.forward(&input).unwrap();
+        if ty == "f32" {
+            let err = diff(&ours, &reference["out.f32"]);
+            // diffusers' f32 rounding differs a little; our own dense model's output is equal.
+            assert!(err < 1e-4, "F32 round trip differs by {err}");
+            let dense = Checkpoint::open(&tiny).unwrap();
+            let dense = FluxTransformer::load(&dense, DType::F32, &Device::Cpu).unwrap();
+            let err = diff(&ours, &dense.forward(&input).unwrap());
+            assert!(
+                err < 1e-6,
+                "F32 round trip differs from the source model by {err}"
+            );
+            continue;
+        }
+        let name = format!("tiny_{ty}.gguf");
+        let committed = fixtures().join("quantize").join(&name);
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&committed).unwrap(),
+            "{ty}: not the file the Python tools read; rerun tests/reference/check_quantized.py"
+        );
+        let files = TensorFiles::open(&[committed]).unwrap();
+        for tensor in files.names() {
+            let values = files.read(tensor, None, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(
+                diff(&values, &reference[&format!("{name}/{tensor}")]),
+                0.0,
+                "{tensor}"
+            );
+        }
+        let err = diff(&ours, &reference[&format!("out.{name}")]);
+        assert!(err < 1e-4, "{ty}: forward differs from diffusers' by {err}");
+        assert!(
+            diff(&ours, &reference["out.f32"]) > 1e-3,
+            "{ty}: not quantized"
+        );
+    }
+}
+
+#[test]
+fn quantize_refuses_bad_requests_and_writes_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = fixtures().join("fill_pipeline/tiny");
+    let copy = dir.path().join("model.gguf");
+    std::fs::copy(gguf("flux_q8_0.gguf"), &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let out = dir.path().join("out.gguf");
+    let (out_bin, missing) = (dir.path().join("out.bin"), dir.path().join("missing"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--model",
+                tiny.to_str().unwrap(),
+                "--type",
+                "iq4_xs",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            "--type iq4_xs",
+        ),
+        (
+            vec![
+                "--model",
+                tiny.to_str().unwrap(),
+                "--type",
+                "q8_0",
+                "--out",
+                out_bin.to_str().unwrap(),
+            ],
+            ".gguf",
+        ),
+        (
+            vec![
+                "--model",
+                copy.to_str().unwrap(),
+                "--type",
+                "q4_0",
+                "--out",
+                copy.to_str().unwrap(),
+            ],
+            "--model",
+        ),
+        (
+            vec![
+                "--model",
+                missing.to_str().unwrap(),
+                "--type",
+                "q8_0",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            "missing",
+        ),
+    ];
+    for (args, expected) in cases {
+        let result = icedit("quantize", &strings(&args), home.path());
+        let message = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{args:?}: {message}");
+        assert!(message.contains(expected), "{args:?}: {message}");
+    }
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the input is left: {left:?}");
+}

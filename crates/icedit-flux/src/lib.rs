@@ -19,6 +19,7 @@ mod finite;
 pub mod gguf;
 mod linear;
 mod model;
+pub mod quantize;
 mod vae;
 mod weights;
 

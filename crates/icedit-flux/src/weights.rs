@@ -523,6 +523,56 @@ fn bfl_source(name: &str, cfg: &FluxConfig) -> Option<Source> {
     }
 }
 
+/// A piece of a BFL tensor made from a diffusers tensor (for writing BFL files).
+pub(crate) struct BflPiece {
+    pub name: String,
+    /// Rows of the BFL tensor.
+    pub rows: Range<usize>,
+    /// Rows of the diffusers tensor.
+    pub stored_rows: Range<usize>,
+    /// Rows of the whole BFL tensor.
+    pub total_rows: usize,
+}
+
+/// Where the diffusers tensor `name` (with `rows` rows) goes in a BFL checkpoint.
+pub(crate) fn bfl_tensor_of(name: &str, rows: usize, cfg: &FluxConfig) -> Option<Vec<BflPiece>> {
+    Some(match bfl_source(name, cfg)? {
+        Source::Whole(n) => vec![BflPiece {
+            name: n,
+            rows: 0..rows,
+            stored_rows: 0..rows,
+            total_rows: rows,
+        }],
+        Source::Rows {
+            name: n,
+            rows: r,
+            total_rows,
+        } => vec![BflPiece {
+            name: n,
+            stored_rows: 0..r.len(),
+            rows: r,
+            total_rows,
+        }],
+        Source::SwappedHalves(n) => {
+            let half = rows / 2;
+            vec![
+                BflPiece {
+                    name: n.clone(),
+                    rows: 0..half,
+                    stored_rows: half..rows,
+                    total_rows: rows,
+                },
+                BflPiece {
+                    name: n,
+                    rows: half..rows,
+                    stored_rows: 0..half,
+                    total_rows: rows,
+                },
+            ]
+        }
+    })
+}
+
 /// How one diffusers linear layer is stored in BFL naming.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BflPart {
@@ -653,6 +703,27 @@ impl Checkpoint {
 
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// The prefix before the BFL names in the files (`model.diffusion_model.` or none).
+    pub fn bfl_prefix(&self) -> &str {
+        self.bfl_prefix
+    }
+
+    /// Rows `rows` of a tensor under its stored name, with its scaled-FP8 scale applied.
+    pub fn read_stored(
+        &self,
+        stored: &str,
+        rows: Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let tensor = self.files.read(stored, Some(rows), DType::F32, device)?;
+        let tensor = match self.weight_scale(stored, device)? {
+            Some(scale) => tensor.broadcast_mul(&scale)?,
+            None => tensor,
+        };
+        Ok(tensor.to_dtype(dtype)?)
     }
 
     pub fn files(&self) -> &TensorFiles {

@@ -1,0 +1,333 @@
+//! Writing a transformer checkpoint as GGUF in BFL naming, the layout the community's FLUX files
+//! have (ComfyUI-GGUF, diffusers' `from_single_file`). One tensor is read, quantized and written
+//! at a time, so memory stays at one tensor whatever the model's size; the file appears only
+//! when complete (written beside it, then renamed).
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Seek, Write};
+use std::ops::Range;
+use std::path::Path;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{FluxError, Result};
+use crate::gguf::{ggml_type_name, tensor_bytes};
+use crate::weights::{bfl_tensor_of, BflPiece, Checkpoint, Layout};
+
+const ALIGNMENT: usize = 32;
+
+/// The BFL modules kept at F16 whatever the type asked, as community files keep them: the input
+/// embedders and the final layer are small and sensitive.
+const KEPT_HIGH: [&str; 6] = [
+    "img_in.",
+    "txt_in.",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+    "final_layer.",
+];
+
+/// ggml's `general.file_type` ids (llama.cpp's `LLAMA_FTYPE_MOSTLY_*`).
+fn file_type(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q8_0 => 7,
+        GgmlDType::Q5_0 => 8,
+        GgmlDType::Q5_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 12, // Q3_K_M
+        GgmlDType::Q4K => 15, // Q4_K_M
+        GgmlDType::Q5K => 17, // Q5_K_M
+        GgmlDType::Q6K => 18,
+        GgmlDType::BF16 => 32,
+        GgmlDType::Q8_1 | GgmlDType::Q8K => 1024,
+    }
+}
+
+/// The types `icedit quantize --type` offers, by their ggml names.
+pub fn parse_quant_type(name: &str) -> Option<GgmlDType> {
+    Some(match name.to_ascii_uppercase().as_str() {
+        "F32" => GgmlDType::F32,
+        "F16" => GgmlDType::F16,
+        "BF16" => GgmlDType::BF16,
+        "Q8_0" => GgmlDType::Q8_0,
+        "Q6_K" => GgmlDType::Q6K,
+        "Q5_K" => GgmlDType::Q5K,
+        "Q5_0" => GgmlDType::Q5_0,
+        "Q5_1" => GgmlDType::Q5_1,
+        "Q4_K" => GgmlDType::Q4K,
+        "Q4_0" => GgmlDType::Q4_0,
+        "Q4_1" => GgmlDType::Q4_1,
+        "Q3_K" => GgmlDType::Q3K,
+        "Q2_K" => GgmlDType::Q2K,
+        _ => return None,
+    })
+}
+
+/// One tensor of the file to write.
+struct Planned {
+    name: String,
+    shape: Vec<usize>,
+    dtype: GgmlDType,
+    /// Where its values come from in the checkpoint.
+    parts: Vec<Part>,
+}
+
+/// Rows of the BFL tensor read from rows of one stored tensor.
+#[derive(Clone)]
+struct Part {
+    stored: String,
+    stored_rows: Range<usize>,
+    /// Rows of the BFL tensor this part fills.
+    rows: Range<usize>,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct QuantizeSummary {
+    pub tensors: usize,
+    pub bytes: u64,
+    /// Tensor counts by ggml type name.
+    pub types: BTreeMap<&'static str, usize>,
+}
+
+/// The type a BFL tensor gets: 1-D tensors F32; the kept modules F16; the rest `dtype` when
+/// their rows are whole blocks of it, else Q8_0 when they are of that, else F16.
+fn tensor_type(name: &str, shape: &[usize], dtype: GgmlDType) -> GgmlDType {
+    if shape.len() < 2 {
+        return GgmlDType::F32;
+    }
+    if KEPT_HIGH.iter().any(|m| name.starts_with(m)) {
+        // Never more precision than asked, never less than F16.
+        return if dtype == GgmlDType::F32 {
+            GgmlDType::F32
+        } else {
+            GgmlDType::F16
+        };
+    }
+    [dtype, GgmlDType::Q8_0, GgmlDType::F16]
+        .into_iter()
+        .find(|t| tensor_bytes(*t, shape).is_some())
+        .expect("F16 fits any shape")
+}
+
+/// The BFL tensors of `checkpoint` and where each one's rows are stored.
+fn plan(checkpoint: &Checkpoint, dtype: GgmlDType) -> Result<Vec<Planned>> {
+    let files = checkpoint.files();
+    let mut names: Vec<&str> = files.names().collect();
+    names.sort();
+    let mut by_bfl: BTreeMap<String, (Vec<usize>, Vec<Part>)> = BTreeMap::new();
+    for stored in names {
+        // ComfyUI's scaled-FP8 markers and input scales are not weights; scales are applied.
+        if stored.ends_with("scaled_fp8")
+            || stored.ends_with(".scale_input")
+            || stored.ends_with(".scale_weight")
+        {
+            continue;
+        }
+        let shape = files.shape(stored).expect("listed").to_vec();
+        let rows = shape.first().copied().unwrap_or(1);
+        let pieces = match checkpoint.layout() {
+            Layout::Bfl => {
+                let name = stored
+                    .strip_prefix(checkpoint.bfl_prefix())
+                    .unwrap_or(stored);
+                vec![BflPiece {
+                    name: name.to_string(),
+                    rows: 0..rows,
+                    stored_rows: 0..rows,
+                    total_rows: rows,
+                }]
+            }
+            Layout::Diffusers => {
+                bfl_tensor_of(stored, rows, checkpoint.config()).ok_or_else(|| {
+                    FluxError::Config {
+                        path: files.paths().first().cloned(),
+                        message: format!("tensor `{stored}` has no place in a FLUX transformer"),
+                    }
+                })?
+            }
+        };
+        for piece in pieces {
+            let entry = by_bfl.entry(piece.name).or_insert_with(|| {
+                let mut full = shape.clone();
+                if let Some(first) = full.first_mut() {
+                    *first = piece.total_rows;
+                }
+                (full, Vec::new())
+            });
+            entry.1.push(Part {
+                stored: stored.to_string(),
+                stored_rows: piece.stored_rows,
+                rows: piece.rows,
+            });
+        }
+    }
+    let mut planned = Vec::with_capacity(by_bfl.len());
+    for (name, (shape, mut parts)) in by_bfl {
+        parts.sort_by_key(|p| p.rows.start);
+        let covered: usize = parts.iter().map(|p| p.rows.len()).sum();
+        if covered != shape.first().copied().unwrap_or(1) {
+            return Err(FluxError::Config {
+                path: files.paths().first().cloned(),
+                message: format!("the parts of `{name}` do not make its {shape:?}"),
+            });
+        }
+        planned.push(Planned {
+            dtype: tensor_type(&name, &shape, dtype),
+            name,
+            shape,
+            parts,
+        });
+    }
+    Ok(planned)
+}
+
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn ggml_id(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// Writes `checkpoint` to `out` as GGUF (version 3, BFL names, `general.architecture` `flux`),
+/// its matrices in `dtype` where their widths allow. `progress(done, total)` after each tensor.
+pub fn write_gguf(
+    checkpoint: &Checkpoint,
+    dtype: GgmlDType,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<QuantizeSummary> {
+    let planned = plan(checkpoint, dtype)?;
+    let io_err = |source| FluxError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let folder = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let temp = tempfile::NamedTempFile::new_in(folder).map_err(io_err)?;
+    let mut w = BufWriter::new(temp.as_file());
+    let metadata: [(&str, u32, Vec<u8>); 4] = [
+        ("general.architecture", 8, string_value("flux")),
+        (
+            "general.quantization_version",
+            4,
+            2u32.to_le_bytes().to_vec(),
+        ),
+        (
+            "general.file_type",
+            4,
+            file_type(dtype).to_le_bytes().to_vec(),
+        ),
+        (
+            "general.alignment",
+            4,
+            (ALIGNMENT as u32).to_le_bytes().to_vec(),
+        ),
+    ];
+    let mut header = Vec::new();
+    header.extend(b"GGUF");
+    header.extend(3u32.to_le_bytes());
+    header.extend((planned.len() as u64).to_le_bytes());
+    header.extend((metadata.len() as u64).to_le_bytes());
+    for (key, kind, value) in &metadata {
+        write_str(&mut header, key).map_err(io_err)?;
+        header.extend(kind.to_le_bytes());
+        header.extend(value);
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(planned.len());
+    for t in &planned {
+        write_str(&mut header, &t.name).map_err(io_err)?;
+        header.extend((t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            header.extend((*d as u64).to_le_bytes());
+        }
+        header.extend(ggml_id(t.dtype).to_le_bytes());
+        header.extend((offset as u64).to_le_bytes());
+        let size = tensor_bytes(t.dtype, &t.shape).expect("types are chosen to fit");
+        sizes.push(size);
+        offset += size.div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    header.resize(header.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    w.write_all(&header).map_err(io_err)?;
+
+    let mut summary = QuantizeSummary {
+        tensors: planned.len(),
+        bytes: 0,
+        types: BTreeMap::new(),
+    };
+    for (i, (t, size)) in planned.iter().zip(&sizes).enumerate() {
+        let values = read_bfl(checkpoint, t)?;
+        let blocks = QTensor::quantize(&values, t.dtype)?;
+        let data = blocks.data()?;
+        debug_assert_eq!(data.len(), *size);
+        w.write_all(&data).map_err(io_err)?;
+        let padding = size.div_ceil(ALIGNMENT) * ALIGNMENT - size;
+        w.write_all(&vec![0u8; padding]).map_err(io_err)?;
+        *summary.types.entry(ggml_type_name(t.dtype)).or_default() += 1;
+        progress(i + 1, planned.len());
+    }
+    w.flush().map_err(io_err)?;
+    summary.bytes = w.stream_position().map_err(io_err)?;
+    drop(w);
+    temp.as_file().sync_all().map_err(io_err)?;
+    // A temporary file is private (0600); the result is an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err)?;
+    }
+    temp.persist(out).map_err(|e| io_err(e.error))?;
+    Ok(summary)
+}
+
+fn string_value(s: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    write_str(&mut v, s).expect("writing to a Vec");
+    v
+}
+
+/// The BFL tensor `t` in f32 on the CPU, assembled from its stored parts (scaled-FP8 scales
+/// applied, the final modulation's halves put back in BFL's order).
+fn read_bfl(checkpoint: &Checkpoint, t: &Planned) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(t.parts.len());
+    for part in &t.parts {
+        parts.push(checkpoint.read_stored(
+            &part.stored,
+            part.stored_rows.clone(),
+            DType::F32,
+            &Device::Cpu,
+        )?);
+    }
+    let tensor = match parts.len() {
+        1 => parts.pop().expect("one"),
+        _ => Tensor::cat(&parts, 0)?,
+    };
+    Ok(tensor.reshape(t.shape.as_slice())?)
+}

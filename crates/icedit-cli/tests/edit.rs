@@ -6,6 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+use cli_support::*;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -94,30 +98,6 @@ fn base_args(out: &Path) -> Vec<String> {
 fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn max_png_diff(a: &Path, b: &Path) -> u8 {
-    let a = image::open(a).unwrap().to_rgb8();
-    let b = image::open(b).unwrap().to_rgb8();
-    icedit_pipeline::image_io::max_pixel_diff(&a, &b).unwrap()
-}
-
-fn recipe(path: &Path) -> serde_json::Value {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let reader = decoder.read_info().unwrap();
-    let chunk = reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "icedit")
-        .expect("recipe chunk")
-        .get_text()
-        .unwrap();
-    serde_json::from_str(&chunk).unwrap()
 }
 
 fn reference_png(run: &str, file: &str) -> PathBuf {

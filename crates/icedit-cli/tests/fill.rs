@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+use cli_support::*;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline")
 }
@@ -30,16 +34,6 @@ fn icedit(args: &[&str]) -> Output {
         .env("HF_HOME", std::env::temp_dir().join("icedit-test-hf-home"))
         .output()
         .expect("run icedit")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn max_png_diff(a: &Path, b: &Path) -> u8 {
-    let a = image::open(a).unwrap().to_rgb8();
-    let b = image::open(b).unwrap().to_rgb8();
-    icedit_pipeline::image_io::max_pixel_diff(&a, &b).unwrap()
 }
 
 fn metadata(path: &Path) -> String {

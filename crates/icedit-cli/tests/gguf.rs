@@ -7,6 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+use cli_support::*;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -64,10 +68,6 @@ fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
         .expect("run icedit")
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 /// The reference's edit: 64-pixel halves, 4 steps, guidance 50 (edit's default), f32.
 fn edit_args(model: &Path, transformer: &str, out: &Path) -> Vec<String> {
     strings(&[
@@ -91,30 +91,6 @@ fn edit_args(model: &Path, transformer: &str, out: &Path) -> Vec<String> {
         "--out",
         out.to_str().unwrap(),
     ])
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn max_png_diff(a: &Path, b: &Path) -> u8 {
-    let a = image::open(a).unwrap().to_rgb8();
-    let b = image::open(b).unwrap().to_rgb8();
-    icedit_pipeline::image_io::max_pixel_diff(&a, &b).unwrap()
-}
-
-fn recipe(path: &Path) -> serde_json::Value {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let reader = decoder.read_info().unwrap();
-    let chunk = reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "icedit")
-        .expect("recipe chunk")
-        .get_text()
-        .unwrap();
-    serde_json::from_str(&chunk).unwrap()
 }
 
 #[test]

@@ -6,6 +6,10 @@ use std::process::{Command, Output};
 
 use icedit_judge::fake_server::{serve, Reply};
 
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+use cli_support::*;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -32,10 +36,6 @@ fn icedit_in(args: &[&str], env: &[(&str, &str)], dir: Option<&Path>) -> Output 
         command.current_dir(dir);
     }
     command.output().unwrap()
-}
-
-fn stderr(run: &Output) -> String {
-    String::from_utf8_lossy(&run.stderr).into_owned()
 }
 
 /// Runs `icedit judge --json` on images of `set` (a fixture folder) and returns its summary.

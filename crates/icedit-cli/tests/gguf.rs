@@ -136,6 +136,28 @@ fn gguf_edits_match_diffusers_gguf_pipelines() {
         );
         assert_eq!(recipe["transformer"].as_str(), Some(gguf(file).as_str()));
     }
+
+    // --json reports the weights and that the LoRA runs beside the quantized layers.
+    let out = dir.path().join("json.png");
+    let mut args = edit_args(model.path(), &gguf("flux_q4_k.gguf"), &out);
+    args.extend(strings(&[
+        "--lora",
+        &gguf("adapters/lora_peft.safetensors"),
+        "--json",
+    ]));
+    let result = icedit("edit", &args, home.path());
+    assert!(result.status.success(), "{}", stderr(&result));
+    let summary: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    assert!(
+        summary["weights"].as_str().unwrap().contains("Q4_K"),
+        "{summary}"
+    );
+    let adapter = &summary["adapters"][0];
+    assert_eq!(
+        adapter["runtime_on_quantized"], adapter["lora_layers"],
+        "{summary}"
+    );
+    assert_eq!(adapter["merged_layers"], 0);
 }
 
 #[test]

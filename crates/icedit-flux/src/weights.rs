@@ -1,7 +1,9 @@
-//! Finding, memory-mapping and reading transformer checkpoints in either layout:
-//! diffusers (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`, maybe sharded)
-//! or a BFL single file (`flux1-fill-dev.safetensors`, fused qkv). The model always asks for
-//! tensors by their diffusers names; a BFL checkpoint answers from its fused tensors.
+//! Finding, memory-mapping and reading weight files: [`TensorFiles`], the one reader of
+//! safetensors and GGUF files (dense, FP8 or ggml blocks), and transformer checkpoints in either
+//! layout: diffusers (`transformer/config.json` + `diffusion_pytorch_model*.safetensors`, maybe
+//! sharded) or a BFL single file (`flux1-fill-dev.safetensors` or a community GGUF, fused qkv).
+//! The model always asks for tensors by their diffusers names; a BFL checkpoint answers from its
+//! fused tensors.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

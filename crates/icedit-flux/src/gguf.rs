@@ -163,26 +163,37 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// ggml's type ids (ggml.h), for the types candle can hold.
+/// ggml's type ids (ggml.h) of the types candle can hold: one table for reading and writing.
+const GGML_IDS: [(u32, GgmlDType); 15] = [
+    (0, GgmlDType::F32),
+    (1, GgmlDType::F16),
+    (2, GgmlDType::Q4_0),
+    (3, GgmlDType::Q4_1),
+    (6, GgmlDType::Q5_0),
+    (7, GgmlDType::Q5_1),
+    (8, GgmlDType::Q8_0),
+    (9, GgmlDType::Q8_1),
+    (10, GgmlDType::Q2K),
+    (11, GgmlDType::Q3K),
+    (12, GgmlDType::Q4K),
+    (13, GgmlDType::Q5K),
+    (14, GgmlDType::Q6K),
+    (15, GgmlDType::Q8K),
+    (30, GgmlDType::BF16),
+];
+
+/// The type of ggml id `id`, if candle can hold it.
 pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
-    Some(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
+    GGML_IDS.iter().find(|(i, _)| *i == id).map(|(_, t)| *t)
+}
+
+/// The ggml id of `dtype`.
+pub fn ggml_id(dtype: GgmlDType) -> u32 {
+    GGML_IDS
+        .iter()
+        .find(|(_, t)| *t == dtype)
+        .map(|(i, _)| *i)
+        .expect("every candle type has a ggml id")
 }
 
 /// The name ggml and the community's file names use (`Q4_K`, `Q8_0`, `BF16`).

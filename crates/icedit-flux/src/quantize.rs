@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{FluxError, Result};
-use crate::gguf::{ggml_type_name, tensor_bytes};
+use crate::gguf::{ggml_id, ggml_type_name, tensor_bytes};
 use crate::weights::{bfl_tensor_of, BflPiece, Checkpoint, Layout};
 
 const ALIGNMENT: usize = 32;
@@ -48,24 +48,28 @@ fn file_type(dtype: GgmlDType) -> u32 {
     }
 }
 
-/// The types `icedit quantize --type` offers, by their ggml names.
+/// The types `icedit quantize --type` offers.
+const WRITABLE: [GgmlDType; 13] = [
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q6K,
+    GgmlDType::Q5K,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q4K,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q3K,
+    GgmlDType::Q2K,
+];
+
+/// A writable type by its ggml name (`q4_k`, `Q8_0`, `bf16`).
 pub fn parse_quant_type(name: &str) -> Option<GgmlDType> {
-    Some(match name.to_ascii_uppercase().as_str() {
-        "F32" => GgmlDType::F32,
-        "F16" => GgmlDType::F16,
-        "BF16" => GgmlDType::BF16,
-        "Q8_0" => GgmlDType::Q8_0,
-        "Q6_K" => GgmlDType::Q6K,
-        "Q5_K" => GgmlDType::Q5K,
-        "Q5_0" => GgmlDType::Q5_0,
-        "Q5_1" => GgmlDType::Q5_1,
-        "Q4_K" => GgmlDType::Q4K,
-        "Q4_0" => GgmlDType::Q4_0,
-        "Q4_1" => GgmlDType::Q4_1,
-        "Q3_K" => GgmlDType::Q3K,
-        "Q2_K" => GgmlDType::Q2K,
-        _ => return None,
-    })
+    WRITABLE
+        .into_iter()
+        .find(|t| ggml_type_name(*t).eq_ignore_ascii_case(name))
 }
 
 /// One tensor of the file to write.
@@ -190,26 +194,6 @@ fn plan(checkpoint: &Checkpoint, dtype: GgmlDType) -> Result<Vec<Planned>> {
 fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
     w.write_all(&(s.len() as u64).to_le_bytes())?;
     w.write_all(s.as_bytes())
-}
-
-fn ggml_id(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
 }
 
 /// Writes `checkpoint` to `out` as GGUF (version 3, BFL names, `general.architecture` `flux`),

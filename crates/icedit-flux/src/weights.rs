@@ -720,12 +720,7 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let tensor = self.files.read(stored, Some(rows), DType::F32, device)?;
-        let tensor = match self.weight_scale(stored, device)? {
-            Some(scale) => tensor.broadcast_mul(&scale)?,
-            None => tensor,
-        };
-        Ok(tensor.to_dtype(dtype)?)
+        self.read_scaled(stored, Some(&[rows]), dtype, device)
     }
 
     pub fn files(&self) -> &TensorFiles {
@@ -827,26 +822,33 @@ impl Checkpoint {
     /// Reads the tensor the model knows as `name`, checking it has `expected` shape.
     fn read(&self, name: &str, expected: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
         let (stored, parts) = self.locate(name, expected)?;
-        match self.weight_scale(&stored, device)? {
-            None => self
-                .files
-                .read_parts(&stored, parts.as_deref(), dtype, device),
-            // ComfyUI's scaled FP8: the weight is `stored * scale_weight`, upcast first.
-            Some(scale) => {
-                let weight = self
-                    .files
-                    .read_parts(&stored, parts.as_deref(), DType::F32, device)?
-                    .broadcast_mul(&scale)?
-                    .to_dtype(dtype)?;
-                if !crate::finite::all_finite(&weight)? {
-                    return Err(FluxError::NonFiniteValues {
-                        stage: format!("scaling `{stored}` by its `scale_weight`"),
-                        dtype,
-                    });
-                }
-                Ok(weight)
-            }
+        self.read_scaled(&stored, parts.as_deref(), dtype, device)
+    }
+
+    /// Rows `parts` of the stored tensor `stored`; ComfyUI's scaled FP8 weights are
+    /// `stored * scale_weight`, upcast first.
+    fn read_scaled(
+        &self,
+        stored: &str,
+        parts: Option<&[Range<usize>]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let Some(scale) = self.weight_scale(stored, device)? else {
+            return self.files.read_parts(stored, parts, dtype, device);
+        };
+        let weight = self
+            .files
+            .read_parts(stored, parts, DType::F32, device)?
+            .broadcast_mul(&scale)?
+            .to_dtype(dtype)?;
+        if !crate::finite::all_finite(&weight)? {
+            return Err(FluxError::NonFiniteValues {
+                stage: format!("scaling `{stored}` by its `scale_weight`"),
+                dtype,
+            });
         }
+        Ok(weight)
     }
 
     /// The per-tensor scale of a scaled-FP8 weight (`<module>.scale_weight`, one f32), if the

@@ -1,5 +1,5 @@
 //! `icedit edit`: instruction-based editing, ICEdit's in-context diptych on FLUX.1 Fill with
-//! LoRA / MoE-LoRA adapters.
+//! LoRA / MoE-LoRA adapters, or FLUX.1 Kontext's in-sequence conditioning on a Kontext model.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,13 +15,18 @@ use icedit_hub::{HubOptions, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
 use icedit_judge::{Judge, JudgeSpec};
 use icedit_pipeline::edit::{prompt_template, templated_prompt, DEFAULT_WIDTH, DIPTYCH_TEMPLATE};
-use icedit_pipeline::image_io::{aspect_warning, load_rgb, save_png, write_file_atomically};
+use icedit_pipeline::image_io::{
+    aspect_warning, load_mask, load_rgb, save_png, write_file_atomically,
+};
+use icedit_pipeline::kontext::{self, KontextJob, KontextOptions};
 use icedit_pipeline::latents::VAE_SCALE;
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
 use icedit_pipeline::search::{
     EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
 };
-use icedit_pipeline::{Diptych, EditOutput, EditSettings, InitialNoise};
+use icedit_pipeline::{
+    Diptych, EditJob, EditOutput, EditSettings, EditText, InitialNoise, PipelineKind,
+};
 use serde_json::json;
 
 use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_latents};
@@ -35,15 +40,16 @@ pub struct EditArgs {
     /// The photo to edit (PNG, JPEG, WebP, BMP, TIFF).
     #[arg(long)]
     image: PathBuf,
-    /// What to change, e.g. "make it night"; it completes ICEdit's in-context prompt
-    /// (prompts/icedit-diptych.txt).
+    /// What to change, e.g. "make it night". ICEdit: it completes the in-context prompt
+    /// (prompts/icedit-diptych.txt); Kontext: it is the prompt, as typed.
     #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt")]
     instruction: Option<String>,
     /// The whole prompt instead of the templated instruction.
     #[arg(long)]
     prompt: Option<String>,
-    /// Adapter: a known name (icedit-moe, icedit-normal), `hf:OWNER/REPO[/FILE]`, or a local
-    /// .safetensors file, folder or .toml manifest. Repeat to combine. Default: icedit-moe.
+    /// Adapter: a known name (icedit-moe, icedit-normal, ...), `hf:OWNER/REPO[/FILE]`, or a
+    /// local .safetensors file, folder or .toml manifest. Repeat to combine. Default: icedit-moe
+    /// on Fill models, none on Kontext models.
     #[arg(long = "lora", value_name = "SPEC")]
     loras: Vec<String>,
     /// Strength of each --lora, in order (default: the manifest's, else 1).
@@ -59,13 +65,38 @@ pub struct EditArgs {
     /// PEFT does. MoE layers always run at run time.
     #[arg(long, value_enum, default_value = "merge")]
     lora_mode: LoraMode,
-    /// Width of each half of the diptych (the adapters were trained at 512).
-    #[arg(long, default_value_t = DEFAULT_WIDTH)]
-    width: u32,
+    /// ICEdit: the width of each half of the diptych [default: 512, as the adapters were
+    /// trained]. Kontext: the output's width, with --height [default: the photo's aspect ratio
+    /// at --max-area].
+    #[arg(long)]
+    width: Option<u32>,
+    /// Kontext: the output's height, with --width.
+    #[arg(long)]
+    height: Option<u32>,
+    /// Kontext: the output's pixel budget; the size keeps --width/--height's (or the photo's)
+    /// aspect ratio [default: --width x --height, else 1048576 (1024^2)].
+    #[arg(long, value_name = "PIXELS")]
+    max_area: Option<u64>,
+    /// Kontext: use the photo at its own size (floored to multiples of 16) instead of the
+    /// Kontext training resolution of the nearest aspect ratio.
+    #[arg(long)]
+    no_auto_resize: bool,
+    /// Kontext: change only where this mask is white (a PNG of the photo's size), as
+    /// diffusers' FluxKontextInpaintPipeline; the output has the photo's Kontext size.
+    #[arg(long, value_name = "PNG")]
+    mask: Option<PathBuf>,
+    /// Kontext: what the edit should avoid, with --true-cfg (two transformer passes per step).
+    #[arg(long, requires = "true_cfg")]
+    negative_prompt: Option<String>,
+    /// Kontext: true classifier-free guidance scale (> 1) with --negative-prompt.
+    #[arg(long, value_name = "SCALE", requires = "negative_prompt")]
+    true_cfg: Option<f32>,
     #[arg(long, default_value_t = 28)]
     steps: usize,
-    #[arg(long, default_value_t = 50.0)]
-    guidance: f32,
+    /// Embedded guidance [default: 50 for ICEdit, as its paper; 2.5 for Kontext, as BFL's
+    /// examples].
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Noise seed (torch-compatible) [default: 42]; with --judge and `--seeds N`, the first
     /// candidate's.
     #[arg(long)]
@@ -96,7 +127,7 @@ pub struct EditArgs {
     #[arg(long, value_name = "DIR")]
     save_candidates: Option<PathBuf>,
     /// Initial latents instead of seeded noise: a safetensors file with a float32 tensor
-    /// `latents` [1, 16, H/8, 2W/8] for the whole diptych.
+    /// `latents` [1, 16, H/8, W/8] for the whole generated image (ICEdit: the diptych).
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
     #[command(flatten)]
@@ -107,7 +138,7 @@ pub struct EditArgs {
     /// Resize the result back to the source image's size.
     #[arg(long)]
     keep_size: bool,
-    /// Also write the whole generated diptych, as OUT-diptych.png.
+    /// ICEdit: also write the whole generated diptych, as OUT-diptych.png.
     #[arg(long)]
     save_diptych: bool,
     /// Print a machine-readable summary (JSON) on stdout.
@@ -120,6 +151,9 @@ pub struct EditArgs {
     #[arg(long)]
     quiet: bool,
 }
+
+/// ICEdit's guidance (its paper and scripts).
+const ICEDIT_GUIDANCE: f32 = 50.0;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum EarlyFilterArg {
@@ -144,26 +178,16 @@ pub fn run(args: EditArgs) -> Result<()> {
     let started = Instant::now();
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = device(args.model.device)?;
-    // The adapters' manifests (built in or local, no download) say which prompt template they
-    // were trained with and on which model.
-    let adapter_specs = adapter_specs(&args);
-    let mut manifests = Vec::new();
-    for spec in &adapter_specs {
-        manifests.extend(manifest_of(spec).with_context(|| format!("--lora {spec}"))?);
-    }
-    for manifest in &manifests {
-        if let Some(warning) = base_model_warning(manifest, &args.model.model) {
-            reporter.warn(&warning);
+    match (&args.instruction, &args.prompt) {
+        (Some(i), _) if i.trim().is_empty() => {
+            bail!("the instruction is empty; say what to change, e.g. \"make it night\"")
         }
-    }
-    let prompt = match (&args.instruction, &args.prompt) {
-        (Some(instruction), _) => templated_prompt(manifest_template(&manifests)?, instruction)?,
         (None, Some(p)) if p.trim().is_empty() => {
             bail!("--prompt is empty; describe the edit, or give --instruction")
         }
-        (None, Some(p)) => p.clone(),
         (None, None) => bail!("give --instruction (what to change)"),
-    };
+        _ => {}
+    }
     let first_seed = args.seed.unwrap_or(42);
     let seeds = match (&args.judging.judge, args.seeds.as_slice()) {
         (Some(_), []) => bail!("--judge compares candidates: give --seeds N (a count) or a list"),
@@ -200,9 +224,11 @@ pub fn run(args: EditArgs) -> Result<()> {
         },
         batch: args.batch_candidates,
     };
-    let settings = EditSettings {
+    // The guidance's default depends on the model, known once it is opened; the numbers given
+    // are checked now.
+    let mut settings = EditSettings {
         steps: args.steps,
-        guidance: args.guidance,
+        guidance: args.guidance.unwrap_or(ICEDIT_GUIDANCE),
         max_sequence_length: args.model.max_seq_len,
     };
     settings.validate()?;
@@ -236,11 +262,14 @@ pub fn run(args: EditArgs) -> Result<()> {
     let hub = HubOptions::from_env();
     let mut inputs = Inputs::default();
     inputs.file("--image", &args.image);
+    if let Some(mask) = &args.mask {
+        inputs.file("--mask", mask);
+    }
     if let Some(latents) = &args.latents {
         inputs.file("--latents", latents);
     }
     add_model_inputs(&mut inputs, &args.model, &hub)?;
-    for spec in &adapter_specs {
+    for spec in &args.loras {
         add_adapter_inputs(&mut inputs, spec);
     }
     for spec in judge_specs.iter().flatten() {
@@ -267,33 +296,98 @@ pub fn run(args: EditArgs) -> Result<()> {
     for note in &source.notes {
         reporter.note(&format!("{}: {note}", args.image.display()));
     }
-    let diptych = Diptych::new(&source.rgb, args.width)?;
-    if let Some(warning) = aspect_warning(diptych.half_width, diptych.height, "the edit") {
-        reporter.warn(&warning);
+    let mask = args.mask.as_deref().map(load_mask).transpose()?;
+    // The model's kind, from its small config files; its weights are fetched later.
+    let pipeline = args.model.open(&hub, dtype, &device)?;
+    let kind = pipeline.kind();
+    check_flags_for(kind, &args)?;
+    if kind == PipelineKind::Kontext {
+        settings.guidance = args.guidance.unwrap_or(kontext::DEFAULT_GUIDANCE);
     }
+    // The adapters' manifests (built in or local, no download) say which prompt template they
+    // were trained with and on which model.
+    let adapter_specs = adapter_specs(&args, kind);
+    let mut manifests = Vec::new();
+    for spec in &adapter_specs {
+        manifests.extend(manifest_of(spec).with_context(|| format!("--lora {spec}"))?);
+    }
+    for manifest in &manifests {
+        check_base_model(manifest, kind)?;
+        if let Some(warning) = base_model_warning(manifest, &args.model.model) {
+            reporter.warn(&warning);
+        }
+    }
+    let prompt = match (&args.instruction, &args.prompt) {
+        (Some(instruction), _) => {
+            let default = match kind {
+                PipelineKind::Fill => DIPTYCH_TEMPLATE,
+                PipelineKind::Kontext => "{instruction}",
+            };
+            templated_prompt(manifest_template(&manifests, default)?, instruction)?
+        }
+        (None, Some(p)) => p.clone(),
+        (None, None) => unreachable!("checked above"),
+    };
+    let job = match kind {
+        PipelineKind::Fill => {
+            let diptych = Diptych::new(&source.rgb, args.width.unwrap_or(DEFAULT_WIDTH))?;
+            if let Some(warning) = aspect_warning(diptych.half_width, diptych.height, "the edit") {
+                reporter.warn(&warning);
+            }
+            EditJob::Diptych(diptych)
+        }
+        PipelineKind::Kontext => {
+            let options = KontextOptions {
+                auto_resize: !args.no_auto_resize,
+                size: args.width.zip(args.height),
+                max_area: args.max_area,
+            };
+            EditJob::Kontext(
+                KontextJob::new(&source.rgb, mask.as_ref(), &options)
+                    .with_context(|| format!("--image {}", args.image.display()))?,
+            )
+        }
+    };
+    let (generated_width, generated_height) = job.generated_size();
     let latents = match &args.latents {
         Some(path) => {
             let latents = read_latents(path)?;
             let expected = [
                 1,
                 16,
-                (diptych.height as usize) / VAE_SCALE,
-                (2 * diptych.half_width as usize) / VAE_SCALE,
+                generated_height as usize / VAE_SCALE,
+                generated_width as usize / VAE_SCALE,
             ];
             if latents.dims() != expected {
                 bail!(
-                    "{}: the latents are {:?}; this {}x{} diptych needs {expected:?}",
+                    "{}: the latents are {:?}; this {generated_width}x{generated_height} {} \
+                     needs {expected:?}",
                     path.display(),
                     latents.dims(),
-                    2 * diptych.half_width,
-                    diptych.height
+                    match kind {
+                        PipelineKind::Fill => "diptych",
+                        PipelineKind::Kontext => "output",
+                    }
                 );
             }
             Some(latents)
         }
         None => None,
     };
-    let adapters = load_adapters(&args, &hub, &reporter)?;
+    let negative = match (&args.negative_prompt, args.true_cfg) {
+        (Some(negative), Some(scale)) => {
+            if !scale.is_finite() || scale <= 1.0 {
+                bail!("--true-cfg {scale}: true CFG takes a scale above 1 (1 turns it off)");
+            }
+            if negative.trim().is_empty() {
+                bail!("--negative-prompt is empty; say what the edit should avoid");
+            }
+            Some((negative.clone(), scale))
+        }
+        _ => None,
+    };
+    let passes_per_step = 1 + negative.is_some() as usize;
+    let adapters = load_adapters(&args, &adapter_specs, &hub, &reporter)?;
     // Adapters named by manifests are known only now: their files are inputs too.
     for (resolved, _) in &adapters {
         inputs.file("adapter", &resolved.path);
@@ -306,7 +400,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         transformer,
         text_encoder_2,
         weights,
-    } = args.model.open_pipeline(&hub, dtype, &device)?;
+    } = args.model.fetch_weights(pipeline, &hub)?;
     let judge = match &judge_specs {
         Some(specs) => {
             let names: Vec<String> = specs.iter().map(|s| s.name()).collect();
@@ -333,13 +427,24 @@ pub fn run(args: EditArgs) -> Result<()> {
     };
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
 
+    let what = match &job {
+        EditJob::Diptych(_) => "diptych".to_string(),
+        EditJob::Kontext(k) => format!(
+            "Kontext edit of the photo at {}x{}{}, output",
+            k.photo.width(),
+            k.photo.height(),
+            if k.mask.is_some() { ", masked" } else { "" }
+        ),
+    };
     reporter.note(&format!(
-        "diptych {}x{} on {}, {} steps, guidance {}, seed(s) {}",
-        2 * diptych.half_width,
-        diptych.height,
+        "{what} {generated_width}x{generated_height} on {}, {} steps, guidance {}{}, seed(s) {}",
         device_name(&device),
         args.steps,
-        args.guidance,
+        settings.guidance,
+        match &negative {
+            Some((_, scale)) => format!(", true CFG {scale}"),
+            None => String::new(),
+        },
         seeds
             .iter()
             .map(u64::to_string)
@@ -347,10 +452,30 @@ pub fn run(args: EditArgs) -> Result<()> {
             .join(",")
     ));
     let mut callback = reporter.callback();
-    let text = pipeline.encode_prompt(&prompt, args.model.max_seq_len, &mut callback)?;
-    for dropped in text.truncation_warnings() {
+    // Both prompts are encoded before the text encoders are released.
+    pipeline = pipeline.keep_text_encoders(negative.is_some());
+    let encoded = pipeline.encode_prompt(&prompt, args.model.max_seq_len, &mut callback)?;
+    for dropped in encoded.truncation_warnings() {
         reporter.warn(&dropped);
     }
+    let negative_encoded = match &negative {
+        Some((negative, scale)) => {
+            let encoded =
+                pipeline.encode_prompt(negative, args.model.max_seq_len, &mut callback)?;
+            for dropped in encoded.truncation_warnings() {
+                reporter.warn(&format!("--negative-prompt: {dropped}"));
+            }
+            Some((encoded, *scale))
+        }
+        None => None,
+    };
+    pipeline = pipeline.keep_text_encoders(false);
+    pipeline.release_text_encoders();
+    let text = EditText {
+        prompt: &prompt,
+        encoded: &encoded,
+        true_cfg: negative_encoded.as_ref().map(|(e, s)| (e, *s)),
+    };
     // Loads the transformer and applies the adapters: a mismatched adapter fails here.
     pipeline.load_transformer(&mut callback)?;
     for applied in pipeline.applied_adapters() {
@@ -368,8 +493,12 @@ pub fn run(args: EditArgs) -> Result<()> {
             seed: 0,
             latents: args.latents.as_ref().map(|p| p.display().to_string()),
             steps: args.steps,
-            guidance: args.guidance,
+            guidance: settings.guidance,
             max_sequence_length: args.model.max_seq_len,
+            pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
+            negative_prompt: negative.as_ref().map(|(n, _)| n.clone()),
+            true_cfg_scale: negative.as_ref().map(|(_, s)| *s),
+            mask: args.mask.as_ref().map(|p| p.display().to_string()),
             width: 0,
             height: 0,
             expand: None,
@@ -388,10 +517,9 @@ pub fn run(args: EditArgs) -> Result<()> {
         let started = Instant::now();
         let instruction = args.instruction.clone().unwrap_or_else(|| prompt.clone());
         let outcome = pipeline.edit_search(
-            &diptych,
-            &prompt,
-            &instruction,
+            &job,
             &text,
+            &instruction,
             &settings,
             &search,
             &mut judge,
@@ -407,9 +535,15 @@ pub fn run(args: EditArgs) -> Result<()> {
             outcome.winner_seed,
             seeds.len(),
             outcome.evaluations,
-            args.steps
+            args.steps * passes_per_step
         ));
-        let summary = search_json(&outcome, &search, &judge.name(), args.steps);
+        let summary = search_json(
+            &outcome,
+            &search,
+            &judge.name(),
+            args.steps,
+            passes_per_step,
+        );
         let paths = output_paths(&args.out, &[outcome.winner_seed])?.remove(0);
         let written = writer.write(outcome.winner_seed, &outcome.result, &paths, started)?;
         reporter.done(&format!("wrote {}", paths.edit.display()));
@@ -431,7 +565,7 @@ pub fn run(args: EditArgs) -> Result<()> {
                 None => InitialNoise::Seed(*seed),
             };
             let result = pipeline
-                .edit(&diptych, &prompt, &text, &settings, noise, &mut callback)
+                .edit(&job, &text, &settings, noise, &mut callback)
                 .map_err(anyhow::Error::from)
                 .and_then(|output| writer.write(*seed, &output, paths, started));
             match result {
@@ -491,8 +625,20 @@ pub fn run(args: EditArgs) -> Result<()> {
             "weights": weights,
             "adapters": adapters,
             "steps": args.steps,
-            "guidance": args.guidance,
-            "diptych": [2 * diptych.half_width, diptych.height],
+            "guidance": settings.guidance,
+            "pipeline": kind.diffusers_class(),
+            "true_cfg_scale": negative.as_ref().map(|(_, s)| s),
+            "transformer_passes_per_step": passes_per_step,
+            "generated": [generated_width, generated_height],
+            "diptych": matches!(job, EditJob::Diptych(_)).then_some([generated_width, generated_height]),
+            "kontext": match &job {
+                EditJob::Kontext(k) => json!({
+                    "photo": [k.photo.width(), k.photo.height()],
+                    "masked": k.mask.is_some(),
+                    "auto_resize": !args.no_auto_resize,
+                }),
+                EditJob::Diptych(_) => serde_json::Value::Null,
+            },
             "dtype": format!("{dtype:?}").to_lowercase(),
             "device": device_name(&device),
             "outputs": results,
@@ -534,7 +680,7 @@ impl ResultWriter<'_> {
         };
         save_png(&paths.edit, &edited, &recipe.png_metadata())?;
         if self.args.save_diptych {
-            save_png(&paths.diptych, &output.diptych, &recipe.png_metadata())?;
+            save_png(&paths.diptych, &output.generated, &recipe.png_metadata())?;
         }
         Ok(json!({
             "seed": seed,
@@ -547,20 +693,85 @@ impl ResultWriter<'_> {
     }
 }
 
-/// The `--lora` specs, or the default adapter; none with --no-lora.
-fn adapter_specs(args: &EditArgs) -> Vec<String> {
+/// The `--lora` specs, or the default adapter (ICEdit's, on Fill; none on Kontext, which edits
+/// by itself); none with --no-lora.
+fn adapter_specs(args: &EditArgs, kind: PipelineKind) -> Vec<String> {
     if args.no_lora {
         Vec::new()
     } else if args.loras.is_empty() {
-        vec![DEFAULT_ADAPTER.to_string()]
+        match kind {
+            PipelineKind::Fill => vec![DEFAULT_ADAPTER.to_string()],
+            PipelineKind::Kontext => Vec::new(),
+        }
     } else {
         args.loras.clone()
     }
 }
 
-/// The prompt template the adapters were trained with (ICEdit's diptych prompt when no
-/// manifest names one).
-fn manifest_template(manifests: &[Manifest]) -> Result<&'static str> {
+/// Flags that only one kind of model takes, refused on the other before anything loads.
+fn check_flags_for(kind: PipelineKind, args: &EditArgs) -> Result<()> {
+    let kontext_only = [
+        ("--height", args.height.is_some()),
+        ("--max-area", args.max_area.is_some()),
+        ("--no-auto-resize", args.no_auto_resize),
+        ("--mask", args.mask.is_some()),
+        ("--negative-prompt", args.negative_prompt.is_some()),
+        ("--true-cfg", args.true_cfg.is_some()),
+    ];
+    let fill_only = [("--save-diptych", args.save_diptych)];
+    let (refused, other) = match kind {
+        PipelineKind::Fill => (kontext_only.as_slice(), "FLUX.1 Kontext"),
+        PipelineKind::Kontext => (fill_only.as_slice(), "ICEdit on FLUX.1 Fill"),
+    };
+    if let Some((flag, _)) = refused.iter().find(|(_, given)| *given) {
+        bail!(
+            "{flag} is for {other} models, and --model {} is {}",
+            args.model.model,
+            kind.name()
+        );
+    }
+    if kind == PipelineKind::Kontext {
+        if args.width.is_some() != args.height.is_some() {
+            bail!("give the Kontext output's --width and --height together (or neither: the photo's aspect ratio)");
+        }
+        if args.mask.is_some() && (args.width.is_some() || args.max_area.is_some()) {
+            bail!("a masked Kontext edit has the photo's size; drop --width/--height/--max-area");
+        }
+    }
+    Ok(())
+}
+
+/// An adapter trained on the other kind of model cannot load into this one (Fill's transformer
+/// takes 384 input channels, Kontext's 64): refused before anything downloads.
+fn check_base_model(manifest: &Manifest, kind: PipelineKind) -> Result<()> {
+    let Some(base) = manifest.base_model.as_deref() else {
+        return Ok(());
+    };
+    let lower = base.to_ascii_lowercase();
+    let trained_on = if lower.contains("kontext") {
+        PipelineKind::Kontext
+    } else if lower.contains("fill") {
+        PipelineKind::Fill
+    } else {
+        return Ok(());
+    };
+    if trained_on != kind {
+        bail!(
+            "adapter {} was trained on {base} ({}, {} input channels), but --model is {} ({} \
+             input channels); pick an adapter for this model or --no-lora",
+            manifest.name,
+            trained_on.name(),
+            trained_on.in_channels(),
+            kind.name(),
+            kind.in_channels()
+        );
+    }
+    Ok(())
+}
+
+/// The prompt template the adapters were trained with (`default` when no manifest names one:
+/// ICEdit's diptych prompt on Fill, the instruction itself on Kontext).
+fn manifest_template(manifests: &[Manifest], default: &'static str) -> Result<&'static str> {
     let mut names: Vec<&str> = manifests
         .iter()
         .filter_map(|m| m.prompt.as_deref())
@@ -568,7 +779,7 @@ fn manifest_template(manifests: &[Manifest]) -> Result<&'static str> {
     names.sort_unstable();
     names.dedup();
     match names[..] {
-        [] => Ok(DIPTYCH_TEMPLATE),
+        [] => Ok(default),
         [name] => Ok(prompt_template(name)?),
         _ => bail!(
             "the adapters were trained with different prompt templates ({}); use one at a time, \
@@ -595,10 +806,10 @@ fn base_model_warning(manifest: &Manifest, model: &str) -> Option<String> {
 /// Resolves (downloading if needed) and reads every adapter; checks manifests' stated kinds.
 fn load_adapters(
     args: &EditArgs,
+    specs: &[String],
     hub: &HubOptions,
     reporter: &Reporter,
 ) -> Result<Vec<(ResolvedAdapter, AdapterChoice)>> {
-    let specs = adapter_specs(args);
     if !args.lora_scales.is_empty() && args.lora_scales.len() != specs.len() {
         bail!(
             "{} --lora-scale value(s) for {} adapter(s); give one scale per --lora, in order",
@@ -736,6 +947,7 @@ fn search_json(
     search: &SearchSettings,
     judge: &str,
     steps: usize,
+    passes_per_step: usize,
 ) -> serde_json::Value {
     json!({
         "judge": judge,
@@ -745,7 +957,8 @@ fn search_json(
         "batch_candidates": search.batch,
         "winner_seed": outcome.winner_seed,
         "transformer_evaluations": outcome.evaluations,
-        "single_edit_evaluations": steps,
+        "single_edit_evaluations": steps * passes_per_step,
+        "transformer_passes_per_step": passes_per_step,
         "candidates": outcome.candidates.iter().map(|c| json!({
             "seed": c.seed,
             "preview_steps": c.previews.iter().map(|(s, _)| s).collect::<Vec<_>>(),

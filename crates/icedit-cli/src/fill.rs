@@ -140,13 +140,22 @@ pub fn run(args: FillArgs) -> Result<()> {
         None => InitialNoise::Seed(seed),
     };
 
+    let pipeline = args.model.open(&hub, dtype, &device)?;
+    if pipeline.kind() != icedit_pipeline::PipelineKind::Fill {
+        bail!(
+            "{} is a {} model; icedit fill runs FLUX.1 Fill (for a masked Kontext edit use \
+             `icedit edit --mask`)",
+            args.model.model,
+            pipeline.kind().name()
+        );
+    }
     let OpenedPipeline {
         mut pipeline,
         model_name,
         transformer,
         text_encoder_2,
         weights,
-    } = args.model.open_pipeline(&hub, dtype, &device)?;
+    } = args.model.fetch_weights(pipeline, &hub)?;
     let request = FillRequest {
         image: &image,
         mask: &mask,
@@ -183,6 +192,10 @@ pub fn run(args: FillArgs) -> Result<()> {
         steps: args.steps,
         guidance: args.guidance,
         max_sequence_length: args.model.max_seq_len,
+        pipeline: None,
+        negative_prompt: None,
+        true_cfg_scale: None,
+        mask: args.mask.as_ref().map(|p| p.display().to_string()),
         width: image.width(),
         height: image.height(),
         expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),

@@ -11,6 +11,7 @@ use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransforme
 use icedit_pipeline::edit::MAX_SEQUENCE_LENGTH;
 use icedit_pipeline::image_io;
 use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
+use icedit_pipeline::PipelineKind;
 
 mod edit;
 mod fill;
@@ -29,7 +30,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "icedit",
     version,
-    about = "Natural-language image editing on FLUX.1 Fill"
+    about = "Natural-language image editing on FLUX.1 Fill (ICEdit) and FLUX.1 Kontext"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,7 +43,7 @@ enum Command {
     /// pass on random inputs (a check that weights, dtype and device work together).
     Inspect(InspectArgs),
     /// Edit a photo by instruction ("make it night"): ICEdit's in-context diptych on FLUX.1 Fill
-    /// with LoRA or MoE-LoRA adapters.
+    /// with LoRA or MoE-LoRA adapters, or FLUX.1 Kontext [dev] when --model is a Kontext model.
     Edit(edit::EditArgs),
     /// Inpaint (regenerate the masked area) or outpaint (--expand) an image with FLUX.1 Fill.
     Fill(fill::FillArgs),
@@ -82,11 +83,23 @@ pub(crate) struct ModelArgs {
     /// auto: CUDA if built in and present, else Metal, else the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
+    /// Which model --model is: auto reads its model_index.json (FluxFillPipeline or
+    /// FluxKontextPipeline); name it for a folder without one whose transformer takes 64
+    /// channels (Kontext and FLUX.1 dev look alike).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pipeline: PipelineArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PipelineArg {
+    Auto,
+    Fill,
+    Kontext,
 }
 
 /// The pipeline `edit` and `fill` run, with its files fetched.
 pub(crate) struct OpenedPipeline {
-    pub pipeline: icedit_pipeline::FillPipeline,
+    pub pipeline: icedit_pipeline::FluxPipeline,
     /// `--model` as the recipe names it (with the commit, for Hub models).
     pub model_name: String,
     /// `--transformer`'s origin, when given.
@@ -108,18 +121,34 @@ impl ModelArgs {
         file_spec("--text-encoder-2", self.text_encoder_2.as_deref())
     }
 
-    /// Opens `--model` (and `--transformer`) and fetches every file the run needs.
-    pub fn open_pipeline(
+    /// Opens `--model` reading only its small config files: what kind of model it is is known
+    /// before any weights are fetched.
+    pub fn open(
         &self,
         hub: &icedit_hub::HubOptions,
         dtype: DType,
         device: &Device,
-    ) -> Result<OpenedPipeline> {
+    ) -> Result<icedit_pipeline::FluxPipeline> {
         let repo = icedit_hub::ModelRepo::open(&self.model, hub)
             .with_context(|| format!("cannot open the model {}", self.model))?;
         let model_name = repo.describe();
-        let mut pipeline = icedit_pipeline::FillPipeline::new(repo, dtype, device.clone())
-            .with_context(|| format!("{model_name} does not look like a FLUX.1 Fill pipeline"))?;
+        let asked = match self.pipeline {
+            PipelineArg::Auto => None,
+            PipelineArg::Fill => Some(PipelineKind::Fill),
+            PipelineArg::Kontext => Some(PipelineKind::Kontext),
+        };
+        icedit_pipeline::FluxPipeline::with_kind(repo, asked, dtype, device.clone()).with_context(
+            || format!("{model_name} does not look like a FLUX.1 Fill or Kontext pipeline"),
+        )
+    }
+
+    /// Fetches every file an opened pipeline needs (`--transformer` and `--text-encoder-2` in
+    /// place of the model's own).
+    pub fn fetch_weights(
+        &self,
+        mut pipeline: icedit_pipeline::FluxPipeline,
+        hub: &icedit_hub::HubOptions,
+    ) -> Result<OpenedPipeline> {
         let (transformer, weights) = match self.transformer_spec()? {
             Some(spec) => {
                 let (path, origin) = spec.fetch(hub)?;

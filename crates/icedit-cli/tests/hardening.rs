@@ -599,12 +599,17 @@ fn bad_files_and_models_are_refused() {
     let text = std::fs::read_to_string(&index).unwrap();
     std::fs::write(
         &index,
-        text.replace("FluxFillPipeline", "FluxKontextPipeline"),
+        text.replace("FluxFillPipeline", "StableDiffusionXLPipeline"),
     )
     .unwrap();
     let mut other_args = edit_args("other", &["--out", "o.png"]);
     other_args[2] = "other";
-    refused("kontext model_index", &other_args, d, "FluxKontextPipeline");
+    refused(
+        "SDXL model_index",
+        &other_args,
+        d,
+        "StableDiffusionXLPipeline",
+    );
     std::fs::write(&index, text).unwrap();
     let scheduler = other.join("scheduler/scheduler_config.json");
     let mut config: serde_json::Value =

@@ -1,14 +1,17 @@
-//! In-context diptych editing (ICEdit, ../shared/SPEC.md section 4), a thin layer on the Fill
-//! pipeline: the source goes on the left of a diptych, the right half is masked and inpainted
-//! under the in-context prompt, and the right half of the result is the edit.
+//! Instruction edits, one way per model over the one denoising loop:
+//! - ICEdit's in-context diptych on FLUX.1 Fill (../shared/SPEC.md section 4): the source goes on
+//!   the left of a diptych, the right half is masked and inpainted under the in-context prompt,
+//!   and the right half of the result is the edit;
+//! - FLUX.1 Kontext: the photo's tokens condition the whole output ([`crate::kontext`]).
 
 use icedit_text::TextConditioning;
 use image::{imageops, GrayImage, Luma, RgbImage};
 
 use crate::error::{PipelineError, Result};
-use crate::fill::{FillPipeline, FillRequest, InitialNoise, Progress};
 use crate::image_io::check_size;
+use crate::kontext::{KontextJob, KontextRequest};
 use crate::latents::PIXELS_PER_TOKEN;
+use crate::pipeline::{Denoising, FillRequest, FluxPipeline, InitialNoise, PipelineKind, Progress};
 use icedit_image::resize::{resize_rgb, Filter};
 
 /// The prompt template the ICEdit adapters were trained with (prompts/icedit-diptych.txt), with
@@ -187,38 +190,143 @@ impl Default for EditSettings {
     }
 }
 
-pub struct EditOutput {
-    /// The right half: the edited image at the diptych's half size.
-    pub edited: RgbImage,
-    /// The whole generated diptych.
-    pub diptych: RgbImage,
+/// What an edit conditions on, carrying what it needs to hand back the edited image.
+#[derive(Debug, Clone)]
+pub enum EditJob {
+    /// ICEdit on FLUX.1 Fill: the diptych, whose right half is the edit.
+    Diptych(Diptych),
+    /// FLUX.1 Kontext: the photo as the model sees it; the whole output is the edit.
+    Kontext(KontextJob),
 }
 
-impl FillPipeline {
-    /// One edit of a diptych with an encoded prompt (encode once with
-    /// [`FillPipeline::encode_prompt`], then run as many seeds as wanted).
+impl EditJob {
+    /// The model kind this job runs on.
+    pub fn kind(&self) -> PipelineKind {
+        match self {
+            Self::Diptych(_) => PipelineKind::Fill,
+            Self::Kontext(_) => PipelineKind::Kontext,
+        }
+    }
+
+    /// The original as a judge compares against: the diptych's source half, or the photo.
+    pub fn original(&self) -> RgbImage {
+        match self {
+            Self::Diptych(d) => d.source_half(),
+            Self::Kontext(k) => k.photo.clone(),
+        }
+    }
+
+    /// The edited image within a generated one.
+    pub fn edited(&self, generated: &RgbImage) -> RgbImage {
+        match self {
+            Self::Diptych(d) => d.right_half(generated),
+            Self::Kontext(_) => generated.clone(),
+        }
+    }
+
+    /// The size of the generated image (the whole diptych for ICEdit).
+    pub fn generated_size(&self) -> (u32, u32) {
+        match self {
+            Self::Diptych(d) => (2 * d.half_width, d.height),
+            Self::Kontext(k) => (k.width, k.height),
+        }
+    }
+}
+
+/// The prompt of an edit, encoded, with an optional negative prompt for true CFG (Kontext:
+/// two transformer passes per step, `negative + scale * (positive - negative)`).
+#[derive(Clone, Copy)]
+pub struct EditText<'a> {
+    pub prompt: &'a str,
+    pub encoded: &'a TextConditioning,
+    pub true_cfg: Option<(&'a TextConditioning, f32)>,
+}
+
+impl<'a> EditText<'a> {
+    pub fn new(prompt: &'a str, encoded: &'a TextConditioning) -> Self {
+        Self {
+            prompt,
+            encoded,
+            true_cfg: None,
+        }
+    }
+}
+
+pub struct EditOutput {
+    /// The edited image: the diptych's right half, or Kontext's whole output.
+    pub edited: RgbImage,
+    /// The whole generated image (the diptych for ICEdit).
+    pub generated: RgbImage,
+}
+
+impl FluxPipeline {
+    /// Prepares one edit up to its first step, the way the job's model edits.
+    pub fn start_edit(
+        &mut self,
+        job: &EditJob,
+        text: &EditText,
+        settings: &EditSettings,
+        noise: InitialNoise,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Denoising> {
+        if job.kind() != self.kind() {
+            return Err(PipelineError::Input(format!(
+                "this is a {} edit but the model is {}",
+                job.kind().name(),
+                self.kind().name()
+            )));
+        }
+        settings.validate()?;
+        match job {
+            EditJob::Diptych(diptych) => {
+                if text.true_cfg.is_some() {
+                    return Err(PipelineError::Input(
+                        "true CFG (a negative prompt) is for Kontext models; FLUX.1 Fill \
+                         embeds its guidance"
+                            .into(),
+                    ));
+                }
+                let request = FillRequest {
+                    image: &diptych.canvas,
+                    mask: &diptych.mask,
+                    prompt: text.prompt,
+                    steps: settings.steps,
+                    guidance: settings.guidance,
+                    noise,
+                    max_sequence_length: settings.max_sequence_length,
+                };
+                self.start(&request, text.encoded, progress)
+            }
+            EditJob::Kontext(kontext) => {
+                let request = KontextRequest {
+                    job: kontext,
+                    steps: settings.steps,
+                    guidance: settings.guidance,
+                    noise,
+                    true_cfg: text.true_cfg,
+                };
+                self.start_kontext(&request, text.encoded, progress)
+            }
+        }
+    }
+
+    /// One edit with an encoded prompt (encode once with [`FluxPipeline::encode_prompt`], then
+    /// run as many seeds as wanted).
     pub fn edit(
         &mut self,
-        diptych: &Diptych,
-        prompt: &str,
-        text: &TextConditioning,
+        job: &EditJob,
+        text: &EditText,
         settings: &EditSettings,
         noise: InitialNoise,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<EditOutput> {
-        let request = FillRequest {
-            image: &diptych.canvas,
-            mask: &diptych.mask,
-            prompt,
-            steps: settings.steps,
-            guidance: settings.guidance,
-            noise,
-            max_sequence_length: settings.max_sequence_length,
-        };
-        let output = self.denoise(&request, text, progress)?;
+        let mut state = self.start_edit(job, text, settings, noise, progress)?;
+        self.advance(&mut state, usize::MAX, progress)?;
+        progress(Progress::Decoding);
+        let generated = self.decode(&state)?;
         Ok(EditOutput {
-            edited: diptych.right_half(&output),
-            diptych: output,
+            edited: job.edited(&generated),
+            generated,
         })
     }
 }

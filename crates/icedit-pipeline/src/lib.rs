@@ -4,14 +4,18 @@
 pub mod canvas;
 pub mod edit;
 mod error;
-pub mod fill;
 pub mod image_io;
+pub mod kontext;
 pub mod latents;
+pub mod pipeline;
 pub mod recipe;
 pub mod scheduler;
 pub mod search;
 pub mod torch_rng;
 
-pub use edit::{Diptych, EditOutput, EditSettings};
+pub use edit::{Diptych, EditJob, EditOutput, EditSettings, EditText};
 pub use error::{PipelineError, Result};
-pub use fill::{Denoising, FillOutput, FillPipeline, FillRequest, InitialNoise, Progress};
+pub use kontext::{KontextJob, KontextOptions};
+pub use pipeline::{
+    Denoising, FillOutput, FillRequest, FluxPipeline, InitialNoise, PipelineKind, Progress,
+};

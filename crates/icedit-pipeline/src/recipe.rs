@@ -19,6 +19,17 @@ pub struct Recipe {
     pub steps: usize,
     pub guidance: f32,
     pub max_sequence_length: usize,
+    /// "kontext" for FLUX.1 Kontext edits (absent: FLUX.1 Fill).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    /// True CFG's negative prompt and scale (Kontext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cfg_scale: Option<f32>,
+    /// The mask file of a masked edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
     pub width: u32,
     pub height: u32,
     /// Outpainting margins L,T,R,B.

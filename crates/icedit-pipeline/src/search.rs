@@ -15,12 +15,11 @@
 use std::time::Duration;
 
 use icedit_judge::{Comparison, Judge, Preference};
-use icedit_text::TextConditioning;
 use image::RgbImage;
 
-use crate::edit::{Diptych, EditOutput, EditSettings};
+use crate::edit::{EditJob, EditOutput, EditSettings, EditText};
 use crate::error::{PipelineError, Result};
-use crate::fill::{Denoising, FillPipeline, FillRequest, InitialNoise, Progress};
+use crate::pipeline::{Denoising, FluxPipeline, InitialNoise, Progress};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EarlyFilter {
@@ -90,31 +89,30 @@ pub struct SearchOutcome {
     pub evaluations: usize,
 }
 
-impl FillPipeline {
-    /// Best-of-N edit of a diptych: see the module docs.
+impl FluxPipeline {
+    /// Best-of-N edit: see the module docs. The judge sees the job's original (the diptych's
+    /// source half, or Kontext's photo) and the edited part of each preview.
     #[allow(clippy::too_many_arguments)]
     pub fn edit_search(
         &mut self,
-        diptych: &Diptych,
-        prompt: &str,
+        job: &EditJob,
+        text: &EditText,
         instruction: &str,
-        text: &TextConditioning,
         settings: &EditSettings,
         search: &SearchSettings,
         judge: &mut dyn Judge,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<SearchOutcome> {
         search.validate(settings)?;
-        let original = diptych.source_half();
-        let request = |seed: u64, steps: usize| FillRequest {
-            image: &diptych.canvas,
-            mask: &diptych.mask,
-            prompt,
-            steps,
-            guidance: settings.guidance,
-            noise: InitialNoise::Seed(seed),
-            max_sequence_length: settings.max_sequence_length,
-        };
+        let original = job.original();
+        let start =
+            |this: &mut Self, seed: u64, steps: usize, progress: &mut dyn FnMut(Progress)| {
+                let settings = EditSettings {
+                    steps,
+                    ..settings.clone()
+                };
+                this.start_edit(job, text, &settings, InitialNoise::Seed(seed), progress)
+            };
         let mut candidates: Vec<Candidate> = search
             .seeds
             .iter()
@@ -161,11 +159,7 @@ impl FillPipeline {
             EarlyFilter::Restart => {
                 let mut shorts = Vec::with_capacity(candidates.len());
                 for c in &candidates {
-                    shorts.push(self.start(
-                        &request(c.seed, search.early_steps),
-                        text,
-                        progress,
-                    )?);
+                    shorts.push(start(self, c.seed, search.early_steps, progress)?);
                 }
                 self.advance_batch(
                     shorts.iter_mut().collect(),
@@ -174,16 +168,12 @@ impl FillPipeline {
                     progress,
                 )?;
                 for (c, short) in candidates.iter_mut().zip(&shorts) {
-                    let preview = diptych.right_half(&self.decode(short)?);
+                    let preview = job.edited(&self.decode(short)?);
                     c.previews.push((search.early_steps, preview));
                     c.evaluations += short.evaluations();
                 }
                 let winner = tournament(&candidates, &mut calls, &mut judge_pair)?;
-                let mut run = self.start(
-                    &request(candidates[winner].seed, settings.steps),
-                    text,
-                    progress,
-                )?;
+                let mut run = start(self, candidates[winner].seed, settings.steps, progress)?;
                 self.advance(&mut run, usize::MAX, progress)?;
                 candidates[winner].evaluations += run.evaluations();
                 (winner, self.decode(&run)?)
@@ -191,7 +181,7 @@ impl FillPipeline {
             EarlyFilter::Continue => {
                 let mut states: Vec<Denoising> = Vec::with_capacity(candidates.len());
                 for c in &candidates {
-                    states.push(self.start(&request(c.seed, settings.steps), text, progress)?);
+                    states.push(start(self, c.seed, settings.steps, progress)?);
                 }
                 // Previews where a run stands (advanced there beforehand, in batches).
                 let preview_at = |this: &mut Self,
@@ -199,7 +189,7 @@ impl FillPipeline {
                                   candidates: &mut [Candidate],
                                   i: usize|
                  -> Result<()> {
-                    let preview = diptych.right_half(&this.preview(&states[i])?);
+                    let preview = job.edited(&this.preview(&states[i])?);
                     candidates[i].previews.push((states[i].step(), preview));
                     Ok(())
                 };
@@ -252,8 +242,8 @@ impl FillPipeline {
         Ok(SearchOutcome {
             winner_seed: candidates[winner].seed,
             result: EditOutput {
-                edited: diptych.right_half(&result),
-                diptych: result,
+                edited: job.edited(&result),
+                generated: result,
             },
             evaluations: candidates.iter().map(|c| c.evaluations).sum(),
             candidates,

@@ -11,7 +11,9 @@ use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::edit::diptych_prompt;
 use icedit_pipeline::image_io::{load_mask, load_rgb, max_pixel_diff};
 use icedit_pipeline::latents::pixels_to_tensor;
-use icedit_pipeline::{Diptych, EditSettings, FillPipeline, FillRequest, InitialNoise};
+use icedit_pipeline::{
+    Diptych, EditJob, EditSettings, EditText, FillRequest, FluxPipeline, InitialNoise,
+};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -28,13 +30,13 @@ fn runs() -> Vec<Value> {
     runs["runs"].as_array().unwrap().clone()
 }
 
-fn pipeline(dtype: DType, adapters: Vec<AdapterChoice>, mode: ApplyMode) -> FillPipeline {
+fn pipeline(dtype: DType, adapters: Vec<AdapterChoice>, mode: ApplyMode) -> FluxPipeline {
     let repo = ModelRepo::open(
         fixtures().join("fill_pipeline/tiny").to_str().unwrap(),
         &HubOptions::new(std::env::temp_dir()).with_offline(true),
     )
     .unwrap();
-    let mut pipeline = FillPipeline::new(repo, dtype, Device::Cpu).unwrap();
+    let mut pipeline = FluxPipeline::new(repo, dtype, Device::Cpu).unwrap();
     pipeline.set_adapters(adapters, mode).unwrap();
     pipeline
 }
@@ -98,9 +100,8 @@ fn edits_match_diffusers_for_every_adapter() {
         let seed = run["seed"].as_u64().unwrap();
         let out = p
             .edit(
-                &diptych,
-                &prompt,
-                &text,
+                &EditJob::Diptych(diptych.clone()),
+                &EditText::new(&prompt, &text),
                 &settings,
                 InitialNoise::Seed(seed),
                 &mut |_| {},
@@ -112,7 +113,7 @@ fn edits_match_diffusers_for_every_adapter() {
             &Device::Cpu,
         )
         .unwrap();
-        let ours = pixels_to_tensor(out.diptych.as_raw(), 48, 128, &Device::Cpu)
+        let ours = pixels_to_tensor(out.generated.as_raw(), 48, 128, &Device::Cpu)
             .unwrap()
             .affine(0.5, 0.5)
             .unwrap();
@@ -166,9 +167,8 @@ fn bf16_edits_stay_close_to_diffusers_bf16() {
                 .unwrap();
             let out = p
                 .edit(
-                    &diptych,
-                    &prompt,
-                    &text,
+                    &EditJob::Diptych(diptych.clone()),
+                    &EditText::new(&prompt, &text),
                     &settings,
                     InitialNoise::Seed(42),
                     &mut |_| {},
@@ -283,11 +283,10 @@ fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
         .encode_prompt(&prompt, settings.max_sequence_length, &mut |_| {})
         .unwrap();
     let seeds = vec![3, 5, 8];
-    let plain = |p: &mut FillPipeline, seed| {
+    let plain = |p: &mut FluxPipeline, seed| {
         p.edit(
-            &diptych,
-            &prompt,
-            &text,
+            &EditJob::Diptych(diptych.clone()),
+            &EditText::new(&prompt, &text),
             &settings,
             InitialNoise::Seed(seed),
             &mut |_| {},
@@ -363,10 +362,9 @@ fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
         };
         let out = p
             .edit_search(
-                &diptych,
-                &prompt,
+                &EditJob::Diptych(diptych.clone()),
+                &EditText::new(&prompt, &text),
                 "make it night",
-                &text,
                 &settings,
                 &search,
                 &mut judge,
@@ -424,10 +422,9 @@ fn seed_search_finishes_the_judged_winner_at_the_promised_cost() {
     };
     let err = p
         .edit_search(
-            &diptych,
-            &prompt,
+            &EditJob::Diptych(diptych.clone()),
+            &EditText::new(&prompt, &text),
             "make it night",
-            &text,
             &settings,
             &bad,
             &mut judge,

@@ -10,7 +10,7 @@ use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::canvas::{self, Margins};
 use icedit_pipeline::image_io::{load_mask, load_rgb};
 use icedit_pipeline::scheduler::{FlowMatchSchedule, SchedulerConfig};
-use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise};
+use icedit_pipeline::{FillRequest, FluxPipeline, InitialNoise};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -106,7 +106,7 @@ fn runs() -> Vec<Run> {
 }
 
 /// Runs one reference case: (max abs error of the float image, max and mean PNG difference).
-fn run_case(pipeline: &mut FillPipeline, run: &Run) -> (f32, u8, f64) {
+fn run_case(pipeline: &mut FluxPipeline, run: &Run) -> (f32, u8, f64) {
     let dir = reference(&run.name);
     let image = load_rgb(&dir.join("image.png")).unwrap().rgb;
     let mask = load_mask(&dir.join("mask.png")).unwrap();
@@ -158,18 +158,18 @@ fn run_case(pipeline: &mut FillPipeline, run: &Run) -> (f32, u8, f64) {
     (max_abs(&ours, &expected), png_max, png_mean)
 }
 
-fn folder_pipeline(dtype: DType) -> FillPipeline {
+fn folder_pipeline(dtype: DType) -> FluxPipeline {
     let repo = ModelRepo::open(
         root().join("tiny").to_str().unwrap(),
         &HubOptions::from_env(),
     )
     .unwrap();
-    FillPipeline::new(repo, dtype, Device::Cpu).unwrap()
+    FluxPipeline::new(repo, dtype, Device::Cpu).unwrap()
 }
 
 #[test]
 fn whole_runs_match_diffusers() {
-    let mut pipelines: HashMap<&str, FillPipeline> = HashMap::new();
+    let mut pipelines: HashMap<&str, FluxPipeline> = HashMap::new();
     for run in runs() {
         let key = if run.dtype == DType::F32 {
             "f32"
@@ -228,7 +228,7 @@ fn loads_through_the_hub_cache_offline() {
     let options = HubOptions::new(cache.path()).with_offline(true);
     let repo = ModelRepo::open("tiny-org/flux-fill-tiny", &options).unwrap();
     assert_eq!(repo.describe(), "tiny-org/flux-fill-tiny@main");
-    let mut pipeline = FillPipeline::new(repo, DType::F32, Device::Cpu).unwrap();
+    let mut pipeline = FluxPipeline::new(repo, DType::F32, Device::Cpu).unwrap();
     pipeline.fetch_all().unwrap();
     let run = runs()
         .into_iter()
@@ -244,7 +244,7 @@ fn loads_through_the_hub_cache_offline() {
         &HubOptions::new(empty.path()).with_offline(true),
     )
     .unwrap();
-    let err = FillPipeline::new(repo, DType::F32, Device::Cpu)
+    let err = FluxPipeline::new(repo, DType::F32, Device::Cpu)
         .err()
         .expect("nothing cached")
         .to_string();
@@ -298,7 +298,7 @@ fn bad_requests_are_clear_errors() {
     assert!(e.contains("[1, 16, 4, 4]"), "{e}");
 }
 
-fn pipeline_err(pipeline: &mut FillPipeline, request: &FillRequest) -> String {
+fn pipeline_err(pipeline: &mut FluxPipeline, request: &FillRequest) -> String {
     match pipeline.fill(request, &mut |_| {}) {
         Ok(_) => panic!("expected an error"),
         Err(e) => e.to_string(),

@@ -9,19 +9,19 @@ use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
 use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::image_io::{load_mask, load_rgb};
-use icedit_pipeline::{FillPipeline, FillRequest, InitialNoise, PipelineError};
+use icedit_pipeline::{FillRequest, FluxPipeline, InitialNoise, PipelineError};
 use image::{GrayImage, RgbImage};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn pipeline(root: &Path, dtype: DType) -> FillPipeline {
+fn pipeline(root: &Path, dtype: DType) -> FluxPipeline {
     let repo = ModelRepo::open(root.to_str().unwrap(), &HubOptions::from_env()).unwrap();
-    FillPipeline::new(repo, dtype, Device::Cpu).unwrap()
+    FluxPipeline::new(repo, dtype, Device::Cpu).unwrap()
 }
 
-fn with_lora(mut pipeline: FillPipeline, scale: f64) -> FillPipeline {
+fn with_lora(mut pipeline: FluxPipeline, scale: f64) -> FluxPipeline {
     let path = fixtures().join("edit/adapters/lora_peft.safetensors");
     let choice = AdapterChoice {
         name: "lora_peft".into(),
@@ -55,7 +55,7 @@ fn request<'a>(image: &'a RgbImage, mask: &'a GrayImage, seed: u64) -> FillReque
     }
 }
 
-fn fill_err(pipeline: &mut FillPipeline, seed: u64) -> String {
+fn fill_err(pipeline: &mut FluxPipeline, seed: u64) -> String {
     let (image, mask) = inputs();
     match pipeline.fill(&request(&image, &mask, seed), &mut |_| {}) {
         Ok(_) => panic!("the run succeeded"),

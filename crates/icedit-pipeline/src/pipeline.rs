@@ -1,5 +1,8 @@
-//! FLUX.1 Fill: image + mask + prompt -> image, computing what diffusers' `FluxFillPipeline`
-//! computes (same noise for the same seed, same latents layout, same schedule).
+//! The FLUX pipeline: one denoising loop shared by FLUX.1 Fill (image + mask + prompt -> image,
+//! as diffusers' `FluxFillPipeline`) and FLUX.1 Kontext (photo + instruction -> image, as
+//! `FluxKontextPipeline`, see [`crate::kontext`]): same noise for the same seed, same latents
+//! layout, same schedule as diffusers. The variants differ only in what they put beside the
+//! noise tokens ([`Condition`]).
 //!
 //! Components load when first needed. The text encoders (T5-XXL alone is 9 GB in bf16) are
 //! dropped as soon as the prompt is encoded, before the transformer loads, unless the caller
@@ -70,6 +73,42 @@ pub enum Progress {
     Decoding,
 }
 
+/// Which FLUX model a pipeline runs: they share the transformer and the loop, and differ in how
+/// the source image conditions it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// FLUX.1 Fill (384 input channels): masked image and mask beside each noise token. ICEdit's
+    /// diptych edits run on it.
+    Fill,
+    /// FLUX.1 Kontext [dev] (64 input channels): the photo's tokens after the noise tokens.
+    Kontext,
+}
+
+impl PipelineKind {
+    /// The transformer's input channels for this kind.
+    pub fn in_channels(self) -> usize {
+        match self {
+            Self::Fill => 384,
+            Self::Kontext => 64,
+        }
+    }
+
+    /// The diffusers pipeline class that computes the same.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            Self::Fill => FILL_PIPELINE_CLASS,
+            Self::Kontext => KONTEXT_PIPELINE_CLASS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fill => "FLUX.1 Fill",
+            Self::Kontext => "FLUX.1 Kontext",
+        }
+    }
+}
+
 /// The result: the image and the facts a recipe records.
 pub struct FillOutput {
     pub image: RgbImage,
@@ -78,8 +117,9 @@ pub struct FillOutput {
 }
 
 /// A FLUX.1 Fill pipeline over a model repo (Hub or local folder in diffusers layout).
-pub struct FillPipeline {
+pub struct FluxPipeline {
     repo: ModelRepo,
+    kind: PipelineKind,
     dtype: DType,
     device: Device,
     scheduler: SchedulerConfig,
@@ -95,21 +135,36 @@ pub struct FillPipeline {
     pending_adapters: Vec<AdapterChoice>,
     adapter_mode: ApplyMode,
     applied_adapters: Vec<AppliedAdapter>,
-    /// The VAE posterior of the last masked image, by a hash of image and mask: seeds of one
-    /// edit (and the candidates of a seed search) share it; only its sample differs.
+    /// The VAE posterior of the last encoded image (Fill: the masked image; Kontext: the
+    /// photo), by a hash of its pixels: seeds of one edit (and the candidates of a seed search)
+    /// share it.
     posterior_cache: Option<(u64, Posterior)>,
 }
 
-impl FillPipeline {
+impl FluxPipeline {
     /// Opens the pipeline; weights load on first use. Reads the scheduler config now, so a
-    /// repo that is not a FLUX pipeline fails early.
+    /// repo that is not a FLUX pipeline fails early. The kind comes from `model_index.json`,
+    /// else from the transformer's config (384 input channels: Fill); see
+    /// [`FluxPipeline::with_kind`] for single files and folders without either.
     pub fn new(repo: ModelRepo, dtype: DType, device: Device) -> Result<Self> {
+        Self::with_kind(repo, None, dtype, device)
+    }
+
+    /// As [`FluxPipeline::new`], with the kind the user asked for (`--pipeline`). It must agree
+    /// with `model_index.json` when the model has one.
+    pub fn with_kind(
+        repo: ModelRepo,
+        asked: Option<PipelineKind>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
         icedit_flux::check_model_dtype(dtype)?;
-        check_pipeline_class(&repo)?;
+        let kind = pipeline_kind(&repo, asked)?;
         let scheduler =
             SchedulerConfig::from_json_file(&repo.file("scheduler/scheduler_config.json")?)?;
         Ok(Self {
             repo,
+            kind,
             dtype,
             device,
             scheduler,
@@ -131,6 +186,12 @@ impl FillPipeline {
     pub fn keep_text_encoders(mut self, keep: bool) -> Self {
         self.keep_text_encoders = keep;
         self
+    }
+
+    /// Drops the text encoders now (they are kept while [`FluxPipeline::keep_text_encoders`]
+    /// is on, e.g. to encode a negative prompt too).
+    pub fn release_text_encoders(&mut self) {
+        self.text = None;
     }
 
     /// Loads the transformer from `file` (a GGUF or a single `.safetensors`, in BFL or diffusers
@@ -176,6 +237,16 @@ impl FillPipeline {
 
     pub fn repo(&self) -> &ModelRepo {
         &self.repo
+    }
+
+    /// Which model this pipeline runs.
+    pub fn kind(&self) -> PipelineKind {
+        self.kind
+    }
+
+    /// The device the pipeline computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn dtype(&self) -> DType {
@@ -249,6 +320,19 @@ impl FillPipeline {
             };
             let mut transformer = FluxTransformer::load(&checkpoint, self.dtype, &self.device)?;
             drop(checkpoint);
+            let channels = transformer.config().in_channels;
+            if channels != self.kind.in_channels() {
+                let file = match &self.transformer_file {
+                    Some(file) => file.display().to_string(),
+                    None => "the pipeline's transformer".into(),
+                };
+                return Err(PipelineError::Input(format!(
+                    "{file} takes {channels} input channels, but a {} transformer takes {}: \
+                     it belongs to another model (FLUX.1 dev and Kontext: 64; Fill: 384)",
+                    self.kind.name(),
+                    self.kind.in_channels()
+                )));
+            }
             let adapters = std::mem::take(&mut self.pending_adapters);
             if !adapters.is_empty() {
                 progress(Progress::Loading("adapters"));
@@ -306,7 +390,7 @@ impl FillPipeline {
     }
 
     /// Prepares a run up to its first step: the initial noise, the masked-image condition, the
-    /// schedule and the text inputs. [`FillPipeline::advance`] then runs steps, so that a run
+    /// schedule and the text inputs. [`FluxPipeline::advance`] then runs steps, so that a run
     /// can stop part way (to preview it) and go on later exactly as if it had not stopped.
     pub fn start(
         &mut self,
@@ -336,73 +420,118 @@ impl FillPipeline {
         // Masked image latents | mask channels, fixed through the loop.
         let mask = binarize(request.mask);
         let condition = {
-            let key = {
-                use std::hash::{Hash, Hasher};
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                (
-                    request.image.dimensions(),
+            let key = pixels_key(
+                request.image.dimensions(),
+                &[request.image.as_raw(), request.mask.as_raw()],
+            );
+            let posterior = self.encode_cached(key, progress, |device| {
+                let pixels = pixels_to_tensor(
                     request.image.as_raw(),
-                    request.mask.as_raw(),
-                )
-                    .hash(&mut hasher);
-                hasher.finish()
-            };
-            let cached = match &self.posterior_cache {
-                Some((k, posterior)) if *k == key => Some(posterior.clone()),
-                _ => None,
-            };
-            let posterior = match cached {
-                Some(posterior) => posterior,
-                None => {
-                    let vae = self.vae(progress)?;
-                    let pixels = pixels_to_tensor(
-                        request.image.as_raw(),
-                        height as usize,
-                        width as usize,
-                        &device,
-                    )?;
-                    let keep = Tensor::from_slice(
-                        &mask,
-                        (1, 1, height as usize, width as usize),
-                        &device,
-                    )?
-                    .affine(-1.0, 1.0)?;
-                    let masked = pixels.broadcast_mul(&keep)?.to_dtype(dtype)?;
-                    let posterior = vae.encode(&masked)?;
-                    self.posterior_cache = Some((key, posterior.clone()));
-                    posterior
-                }
-            };
-            let vae = self.vae(progress)?;
+                    height as usize,
+                    width as usize,
+                    device,
+                )?;
+                let keep =
+                    Tensor::from_slice(&mask, (1, 1, height as usize, width as usize), device)?
+                        .affine(-1.0, 1.0)?;
+                Ok(pixels.broadcast_mul(&keep)?.to_dtype(dtype)?)
+            })?;
             let noise = rng.randn(&latent_shape, dtype, &device)?;
-            let z = vae
-                .scale_latents(&posterior.sample(&noise)?)?
-                .to_dtype(dtype)?;
+            let z = self.scale_latents(&posterior.sample(&noise)?, progress)?;
             icedit_flux::check_finite(&z, dtype, || {
                 "in the VAE encoding of the masked image".into()
             })?;
             let mask =
                 pack_mask(&mask, height as usize, width as usize, &device)?.to_dtype(dtype)?;
-            Tensor::cat(&[pack(&z)?, mask], 2)?
+            Condition::Channels(Tensor::cat(&[pack(&z)?, mask], 2)?)
         };
-
-        let tokens = (height as usize / PIXELS_PER_TOKEN) * (width as usize / PIXELS_PER_TOKEN);
-        let txt = text.t5.to_device(&device)?.to_dtype(dtype)?;
-        Ok(Denoising {
+        let run = RunSetup {
             seed: request.noise.seed(),
+            steps: request.steps,
+            guidance: request.guidance,
+            latent_size: (h, w),
+        };
+        self.new_state(run, latents, condition, text, None)
+    }
+
+    /// The state before the first step, common to every variant: the schedule (its shift from
+    /// the noise tokens only, as diffusers), the ids (the condition's tokens, if any, after the
+    /// noise tokens'), the text inputs and the guidance.
+    pub(crate) fn new_state(
+        &self,
+        run: RunSetup,
+        latents: Tensor,
+        condition: Condition,
+        text: &TextConditioning,
+        true_cfg: Option<(&TextConditioning, f32)>,
+    ) -> Result<Denoising> {
+        let (dtype, device) = (self.dtype, &self.device);
+        let (h, w) = run.latent_size;
+        let tokens = (h / 2) * (w / 2);
+        let mut img_ids = image_ids(h / 2, w / 2, device)?;
+        if let Condition::Tokens { ids, .. } = &condition {
+            img_ids = Tensor::cat(&[&img_ids, ids], 0)?;
+        }
+        let on_device =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(dtype)?) };
+        let txt = on_device(&text.t5)?;
+        let true_cfg = match true_cfg {
+            Some((negative, scale)) => {
+                let neg_txt = on_device(&negative.t5)?;
+                Some(TrueCfg {
+                    txt_ids: text_ids(neg_txt.dim(1)?, device)?,
+                    txt: neg_txt,
+                    pooled: on_device(&negative.pooled)?,
+                    scale,
+                })
+            }
+            None => None,
+        };
+        Ok(Denoising {
+            seed: run.seed,
             latents,
             velocity: None,
             step: 0,
             evaluations: 0,
-            schedule: FlowMatchSchedule::new(&self.scheduler, request.steps, tokens)?,
+            schedule: FlowMatchSchedule::new(&self.scheduler, run.steps, tokens)?,
             condition,
-            img_ids: image_ids(h / 2, w / 2, &device)?,
-            txt_ids: text_ids(txt.dim(1)?, &device)?,
+            keep_outside: None,
+            true_cfg,
+            img_ids,
+            txt_ids: text_ids(txt.dim(1)?, device)?,
             txt,
-            pooled: text.pooled.to_device(&device)?.to_dtype(dtype)?,
-            guidance: Tensor::new(&[request.guidance], &device)?,
-            latent_size: (h, w),
+            pooled: on_device(&text.pooled)?,
+            guidance: Tensor::new(&[run.guidance], device)?,
+            latent_size: run.latent_size,
         })
+    }
+
+    /// The VAE posterior of the image `pixels` builds (`[1, 3, H, W]` in the model's dtype),
+    /// reused while `key` stays the same.
+    pub(crate) fn encode_cached(
+        &mut self,
+        key: u64,
+        progress: &mut dyn FnMut(Progress),
+        pixels: impl FnOnce(&Device) -> Result<Tensor>,
+    ) -> Result<Posterior> {
+        if let Some((k, posterior)) = &self.posterior_cache {
+            if *k == key {
+                return Ok(posterior.clone());
+            }
+        }
+        let image = pixels(&self.device)?;
+        let posterior = self.vae(progress)?.encode(&image)?;
+        self.posterior_cache = Some((key, posterior.clone()));
+        Ok(posterior)
+    }
+
+    /// VAE latents shifted and scaled as the transformer sees them, in the model's dtype.
+    pub(crate) fn scale_latents(
+        &mut self,
+        z: &Tensor,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Tensor> {
+        Ok(self.vae(progress)?.scale_latents(z)?.to_dtype(self.dtype)?)
     }
 
     /// Runs the steps of `state` up to `until` (at most its last step), one transformer
@@ -418,7 +547,7 @@ impl FillPipeline {
 
     /// Runs several runs of one image size and schedule up to `until`, `batch` of them per
     /// transformer evaluation (candidates of a seed search in one pass, on a GPU). One at a
-    /// time (`batch` 1) is exactly [`FillPipeline::advance`]; batched results agree to
+    /// time (`batch` 1) is exactly [`FluxPipeline::advance`]; batched results agree to
     /// rounding (the matrix products change shape).
     pub fn advance_batch(
         &mut self,
@@ -437,38 +566,71 @@ impl FillPipeline {
                     || s.schedule.steps() != first.schedule.steps()
                     || s.latents.dims() != first.latents.dims()
                     || s.txt.dims() != first.txt.dims()
+                    || s.img_ids.dims() != first.img_ids.dims()
+                    || s.true_cfg
+                        .as_ref()
+                        .map(|c| (c.txt.dims().to_vec(), c.scale))
+                        != first
+                            .true_cfg
+                            .as_ref()
+                            .map(|c| (c.txt.dims().to_vec(), c.scale))
             }) {
                 return Err(PipelineError::Input(
                     "runs advanced together must be at the same step of the same schedule, \
-                     image size and prompt length"
+                     image size, prompt length and true CFG"
                         .into(),
                 ));
             }
             let total = first.total_steps();
+            let noise_tokens = first.latents.dim(1)?;
             while group[0].step < until.min(total) {
                 let step = group[0].step;
                 let cat = |part: &dyn Fn(&Denoising) -> Result<Tensor>| -> Result<Tensor> {
                     let parts = group.iter().map(|s| part(s)).collect::<Result<Vec<_>>>()?;
                     Ok(Tensor::cat(&parts, 0)?)
                 };
-                let img = cat(&|s| Ok(Tensor::cat(&[&s.latents, &s.condition], 2)?))?;
-                let txt = cat(&|s| Ok(s.txt.clone()))?;
-                let pooled = cat(&|s| Ok(s.pooled.clone()))?;
+                let img = cat(&|s| s.model_input())?;
                 let guidance = cat(&|s| Ok(s.guidance.clone()))?;
                 let t = group[0].schedule.model_timestep(step, dtype);
                 let timestep = Tensor::new(vec![t; group.len()], &device)?;
-                let velocity = transformer.forward(&FluxInput {
-                    img: &img,
-                    img_ids: &group[0].img_ids,
-                    txt: &txt,
-                    txt_ids: &group[0].txt_ids,
-                    pooled: &pooled,
-                    timestep: &timestep,
-                    guidance: transformer.config().guidance_embeds.then_some(&guidance),
-                })?;
+                // Only the noise tokens' prediction is used (Kontext appends the photo's).
+                let predict = |txt: &Tensor, txt_ids: &Tensor, pooled: &Tensor| -> Result<Tensor> {
+                    let out = transformer.forward(&FluxInput {
+                        img: &img,
+                        img_ids: &group[0].img_ids,
+                        txt,
+                        txt_ids,
+                        pooled,
+                        timestep: &timestep,
+                        guidance: transformer.config().guidance_embeds.then_some(&guidance),
+                    })?;
+                    Ok(out.narrow(1, 0, noise_tokens)?)
+                };
+                let mut velocity = predict(
+                    &cat(&|s| Ok(s.txt.clone()))?,
+                    &group[0].txt_ids,
+                    &cat(&|s| Ok(s.pooled.clone()))?,
+                )?;
+                let mut passes = 1;
+                if let Some(cfg) = &group[0].true_cfg {
+                    // diffusers: neg + scale * (pos - neg), each product rounded to the dtype.
+                    let negative = predict(
+                        &cat(&|s| Ok(s.true_cfg.as_ref().expect("checked above").txt.clone()))?,
+                        &cfg.txt_ids,
+                        &cat(&|s| Ok(s.true_cfg.as_ref().expect("checked above").pooled.clone()))?,
+                    )?;
+                    let scaled = ((&velocity - &negative)?.to_dtype(DType::F32)?
+                        * cfg.scale as f64)?
+                        .to_dtype(dtype)?;
+                    velocity = (negative + scaled)?;
+                    passes = 2;
+                }
                 for (i, state) in group.iter_mut().enumerate() {
                     let velocity = velocity.narrow(0, i, 1)?;
                     state.latents = state.schedule.step(step, &state.latents, &velocity)?;
+                    if let Some(keep) = &state.keep_outside {
+                        state.latents = keep.blend(&state.schedule, step, &state.latents)?;
+                    }
                     // One pass per step: NaN or infinity never heals, and would end as a black
                     // image; stop here, naming the step.
                     icedit_flux::check_finite(&state.latents, dtype, || {
@@ -480,7 +642,7 @@ impl FillPipeline {
                     })?;
                     state.velocity = Some(velocity);
                     state.step += 1;
-                    state.evaluations += 1;
+                    state.evaluations += passes;
                 }
                 progress(Progress::Step {
                     done: step + 1,
@@ -523,6 +685,66 @@ impl FillPipeline {
     }
 }
 
+/// What the transformer sees beside the noise tokens, fixed through a run.
+#[derive(Debug, Clone)]
+pub(crate) enum Condition {
+    /// FLUX.1 Fill: the masked image's latents and the mask, appended to each noise token's
+    /// channels.
+    Channels(Tensor),
+    /// FLUX.1 Kontext: the photo's packed latents, appended to the sequence, with their ids
+    /// (first coordinate 1).
+    Tokens { latents: Tensor, ids: Tensor },
+}
+
+/// The fixed numbers of a run that every variant sets.
+pub(crate) struct RunSetup {
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f32,
+    /// Latent cells `(h, w)` of the generated image.
+    pub latent_size: (usize, usize),
+}
+
+/// True classifier-free guidance (Kontext's `true_cfg_scale`): a second pass per step with the
+/// negative prompt.
+#[derive(Debug, Clone)]
+struct TrueCfg {
+    txt: Tensor,
+    txt_ids: Tensor,
+    pooled: Tensor,
+    scale: f32,
+}
+
+/// Inpainting by latent blending (`FluxKontextInpaintPipeline`): after each step the latents
+/// outside the mask are put back to the photo's, noised to the next step's level.
+#[derive(Debug, Clone)]
+pub(crate) struct KeepOutside {
+    /// Packed, 1 where the latents are regenerated.
+    pub mask: Tensor,
+    /// The photo's packed latents.
+    pub photo: Tensor,
+    /// The run's initial packed noise.
+    pub noise: Tensor,
+}
+
+impl KeepOutside {
+    /// diffusers: `(1 - mask) * scale_noise(photo, t_next, noise) + mask * latents`, where
+    /// `scale_noise` is `sigma * noise + (1 - sigma) * photo` in the latents' dtype (the photo
+    /// itself after the last step).
+    fn blend(&self, schedule: &FlowMatchSchedule, step: usize, latents: &Tensor) -> Result<Tensor> {
+        let dtype = latents.dtype();
+        let proper = if step + 1 < schedule.steps() {
+            let sigma = crate::scheduler::round_to(schedule.sigma(step + 1), dtype);
+            let rest = crate::scheduler::round_to(1.0 - sigma, dtype);
+            (self.noise.affine(sigma as f64, 0.0)? + self.photo.affine(rest as f64, 0.0)?)?
+        } else {
+            self.photo.clone()
+        };
+        let outside = self.mask.affine(-1.0, 1.0)?;
+        Ok(((outside * proper)? + (&self.mask * latents)?)?)
+    }
+}
+
 /// A run in progress: everything needed to take its next step, so that runs can be paused,
 /// previewed, compared and continued (the early-filter seed search).
 #[derive(Debug, Clone)]
@@ -536,7 +758,10 @@ pub struct Denoising {
     step: usize,
     evaluations: usize,
     schedule: FlowMatchSchedule,
-    condition: Tensor,
+    condition: Condition,
+    keep_outside: Option<KeepOutside>,
+    true_cfg: Option<TrueCfg>,
+    /// The noise tokens' ids, then the condition tokens'.
     img_ids: Tensor,
     txt: Tensor,
     txt_ids: Tensor,
@@ -546,6 +771,36 @@ pub struct Denoising {
 }
 
 impl Denoising {
+    /// The transformer's image input: the noise tokens with the condition.
+    fn model_input(&self) -> Result<Tensor> {
+        Ok(match &self.condition {
+            Condition::Channels(c) => Tensor::cat(&[&self.latents, c], 2)?,
+            Condition::Tokens { latents, .. } => Tensor::cat(&[&self.latents, latents], 1)?,
+        })
+    }
+
+    /// Blends the latents outside a mask back to the photo's after each step (Kontext
+    /// inpainting); `noise` is the run's initial packed latents.
+    pub(crate) fn keep_outside(&mut self, keep: KeepOutside) {
+        self.keep_outside = Some(keep);
+    }
+
+    /// The packed latents where the run stands.
+    pub fn latents(&self) -> &Tensor {
+        &self.latents
+    }
+
+    /// The transformer's image input for the next step and its position ids, as diffusers
+    /// passes them (`hidden_states`, `img_ids`).
+    pub fn transformer_image_input(&self) -> Result<(Tensor, &Tensor)> {
+        Ok((self.model_input()?, &self.img_ids))
+    }
+
+    /// Transformer passes per step: 2 with true CFG.
+    pub fn passes_per_step(&self) -> usize {
+        1 + self.true_cfg.is_some() as usize
+    }
+
     /// Steps taken so far.
     pub fn step(&self) -> usize {
         self.step
@@ -600,14 +855,33 @@ fn fetch_text_files(repo: &ModelRepo, t5_file: bool) -> Result<std::path::PathBu
     Ok(folder_of(folder_of(config)).to_path_buf())
 }
 
-/// The pipeline class diffusers' `model_index.json` names for FLUX.1 Fill.
+/// The pipeline classes diffusers' `model_index.json` names for FLUX.1 Fill and Kontext.
 const FILL_PIPELINE_CLASS: &str = "FluxFillPipeline";
+const KONTEXT_PIPELINE_CLASS: &str = "FluxKontextPipeline";
 
-/// Refuses a repo whose `model_index.json` names another pipeline (FLUX.1 dev, Kontext, an SD
-/// model): its weights would load and compute something else. Folders without the file pass.
-fn check_pipeline_class(repo: &ModelRepo) -> Result<()> {
+/// The model's kind: `model_index.json`'s pipeline class, which `asked` (`--pipeline`) must
+/// agree with; without that file, `asked`, else the transformer config's input channels (384:
+/// Fill; 64 is FLUX.1 dev's too, so a Kontext folder without `model_index.json` must be named).
+/// Refuses other pipelines (FLUX.1 dev, an SD model): their weights would load and compute
+/// something else.
+fn pipeline_kind(repo: &ModelRepo, asked: Option<PipelineKind>) -> Result<PipelineKind> {
     if !repo.exists("model_index.json")? {
-        return Ok(());
+        if let Some(kind) = asked {
+            return Ok(kind);
+        }
+        if !repo.exists("transformer/config.json")? {
+            return Ok(PipelineKind::Fill);
+        }
+        let path = repo.file("transformer/config.json")?;
+        return match FluxConfig::from_json_file(&path)?.in_channels {
+            64 => Err(PipelineError::Config {
+                path,
+                message: "a transformer of 64 input channels is FLUX.1 dev's or Kontext's; for \
+                          Kontext say --pipeline kontext (icedit does not run FLUX.1 dev)"
+                    .into(),
+            }),
+            _ => Ok(PipelineKind::Fill),
+        };
     }
     let path = repo.file("model_index.json")?;
     let bad = |message: String| PipelineError::Config {
@@ -620,16 +894,42 @@ fn check_pipeline_class(repo: &ModelRepo) -> Result<()> {
             source,
         })?;
     let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    match index.get("_class_name").and_then(|c| c.as_str()) {
-        Some(FILL_PIPELINE_CLASS) => Ok(()),
-        Some(other) => Err(bad(format!(
-            "the model is a {other}, not a {FILL_PIPELINE_CLASS}; icedit edit and fill run \
-             FLUX.1 Fill (e.g. black-forest-labs/FLUX.1-Fill-dev)"
+    let kind = match index.get("_class_name").and_then(|c| c.as_str()) {
+        Some(FILL_PIPELINE_CLASS) => PipelineKind::Fill,
+        // The inpainting variant ships the same weights.
+        Some(KONTEXT_PIPELINE_CLASS | "FluxKontextInpaintPipeline") => PipelineKind::Kontext,
+        Some(other) => {
+            return Err(bad(format!(
+                "the model is a {other}; icedit runs FLUX.1 Fill ({FILL_PIPELINE_CLASS}, e.g. \
+                 black-forest-labs/FLUX.1-Fill-dev) and FLUX.1 Kontext \
+                 ({KONTEXT_PIPELINE_CLASS}, black-forest-labs/FLUX.1-Kontext-dev)"
+            )))
+        }
+        None => {
+            return Err(bad(format!(
+                "no `_class_name`; expected \"{FILL_PIPELINE_CLASS}\" or \
+                 \"{KONTEXT_PIPELINE_CLASS}\""
+            )))
+        }
+    };
+    match asked {
+        Some(asked) if asked != kind => Err(bad(format!(
+            "the model is a {} pipeline ({}), not the {} asked for; drop --pipeline or pick \
+             another --model",
+            kind.name(),
+            kind.diffusers_class(),
+            asked.name()
         ))),
-        None => Err(bad(format!(
-            "no `_class_name`; expected \"{FILL_PIPELINE_CLASS}\""
-        ))),
+        _ => Ok(kind),
     }
+}
+
+/// A hash of an image's size and pixels (and its mask's), to know when an encoding can be reused.
+pub(crate) fn pixels_key(size: (u32, u32), parts: &[&[u8]]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (size, parts).hash(&mut hasher);
+    hasher.finish()
 }
 
 fn folder_of(file: &std::path::Path) -> &std::path::Path {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::error::{AdapterError, Result};
 
 /// The manifests shipped in the repo's `adapters/` folder, compiled in.
-const BUILT_IN: [(&str, &str); 2] = [
+const BUILT_IN: [(&str, &str); 3] = [
     (
         "adapters/icedit-normal.toml",
         include_str!("../../../adapters/icedit-normal.toml"),
@@ -17,6 +17,10 @@ const BUILT_IN: [(&str, &str); 2] = [
     (
         "adapters/icedit-moe.toml",
         include_str!("../../../adapters/icedit-moe.toml"),
+    ),
+    (
+        "adapters/kontext-ps1.toml",
+        include_str!("../../../adapters/kontext-ps1.toml"),
     ),
 ];
 

@@ -223,3 +223,98 @@ fn kontext_runs_match_diffusers() {
         assert!(png_err <= png_tol, "{name}: PNG {png_err}/255");
     }
 }
+
+/// Prefers the second edit every time, recording the original it was shown.
+struct SecondJudge {
+    originals: Vec<image::RgbImage>,
+}
+
+impl icedit_judge::Judge for SecondJudge {
+    fn name(&self) -> String {
+        "second".into()
+    }
+    fn compare(
+        &mut self,
+        c: &icedit_judge::Comparison,
+    ) -> icedit_judge::Result<icedit_judge::Verdict> {
+        assert_ne!(c.first, c.second);
+        self.originals.push(c.original.clone());
+        Ok(icedit_judge::Verdict {
+            preference: icedit_judge::Preference::Second,
+            judge: "second".into(),
+            answer: "second".into(),
+            latency: std::time::Duration::ZERO,
+            warnings: vec![],
+        })
+    }
+}
+
+/// The early-filter search on Kontext, with true CFG: the judge sees the photo as the original,
+/// the winner equals a plain Kontext edit of its seed bit for bit, and each step costs two
+/// transformer passes.
+#[test]
+fn seed_search_on_kontext_finishes_the_winner_as_a_plain_edit() {
+    use icedit_pipeline::search::{search_cost, EarlyFilter, SearchSettings, Selection};
+    let photo = load_rgb(&kontext_fixture("reference/seed/image.png"))
+        .unwrap()
+        .rgb;
+    let options = KontextOptions {
+        auto_resize: false,
+        size: Some((32, 48)),
+        max_area: None,
+    };
+    let job = EditJob::Kontext(KontextJob::new(&photo, None, &options).unwrap());
+    let mut p = pipeline(DType::F32, vec![]).keep_text_encoders(true);
+    let encoded = p.encode_prompt("make it night", 16, &mut |_| {}).unwrap();
+    let negative = p.encode_prompt("blurry", 16, &mut |_| {}).unwrap();
+    let text = EditText {
+        prompt: "make it night",
+        encoded: &encoded,
+        true_cfg: Some((&negative, 1.5)),
+    };
+    let settings = EditSettings {
+        steps: 4,
+        guidance: 2.5,
+        max_sequence_length: 16,
+    };
+    for filter in [EarlyFilter::Continue, EarlyFilter::Restart] {
+        let search = SearchSettings {
+            seeds: vec![5, 6, 7],
+            early_steps: 2,
+            filter,
+            selection: Selection::Tournament,
+            batch: 1,
+        };
+        let mut judge = SecondJudge { originals: vec![] };
+        let out = p
+            .edit_search(
+                &job,
+                &text,
+                "make it night",
+                &settings,
+                &search,
+                &mut judge,
+                &mut |_| {},
+            )
+            .unwrap();
+        assert_eq!(out.winner_seed, 7, "{filter:?}");
+        assert_eq!(judge.originals.len(), 2);
+        assert!(
+            judge.originals.iter().all(|o| o == &photo),
+            "the photo is the original"
+        );
+        let plain = p
+            .edit(&job, &text, &settings, InitialNoise::Seed(7), &mut |_| {})
+            .unwrap();
+        assert_eq!(
+            out.result.edited, plain.edited,
+            "{filter:?}: winner as a plain edit"
+        );
+        assert_eq!(out.result.edited.dimensions(), (32, 48));
+        assert_eq!(
+            out.evaluations,
+            2 * search_cost(filter, 3, 2, settings.steps),
+            "{filter:?}: two passes per step"
+        );
+    }
+}

@@ -6,6 +6,11 @@ same inputs, checks that both computed the same thing, and prints the ratio and 
 
   .venv-ref/bin/python benches/transformer_bench.py                      # "medium", CPU f32
   .venv-ref/bin/python benches/transformer_bench.py --config full --device cuda --dtype bf16
+  .venv-ref/bin/python benches/transformer_bench.py --config kontext-medium   # one Kontext step
+
+A Kontext step is one transformer pass over the output's tokens and the photo's (ids with first
+coordinate 1) after them: the "kontext-*" configs time that pass, the step's whole cost but the
+Euler update.
 
 Peak RSS is each process's high-water mark (load + forward), read from the OS. On a shared or
 small machine timings drift by 10% or more between runs, so the engines run in alternating
@@ -34,8 +39,13 @@ CONFIGS = {
                             num_attention_heads=24),
                  grid=(32, 64), txt_len=512),
 }
+# FLUX.1 Kontext at 512x512 from a 512x512 photo: 1024 output + 1024 photo + 512 text tokens.
+CONFIGS["kontext-medium"] = dict(CONFIGS["medium"], photo_grid=(32, 32), kontext=True)
+# FLUX.1 Kontext at 1024x1024 from a 1024x1024 photo: 4096 + 4096 + 512 tokens.
+CONFIGS["kontext-full"] = dict(CONFIGS["full"], grid=(64, 64), photo_grid=(64, 64), kontext=True)
 FILL = dict(in_channels=384, out_channels=64, joint_attention_dim=4096, pooled_projection_dim=768,
             guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+KONTEXT = dict(FILL, in_channels=64)
 
 
 def prepare(name, out_dir):
@@ -49,15 +59,24 @@ def prepare(name, out_dir):
     if (model_dir / "config.json").exists() and inputs.exists():
         return model_dir, inputs
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**FILL, **cfg["model"])
+    channels = KONTEXT if cfg.get("kontext") else FILL
+    model = FluxTransformer2DModel(**channels, **cfg["model"])
     model.save_pretrained(model_dir, max_shard_size="2GB")
-    h, w = cfg["grid"]
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
+
+    def grid_ids(h, w, first):
+        ids = torch.zeros(h, w, 3)
+        ids[..., 0] = first
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None, :]
+        return ids.reshape(-1, 3)
+
+    ids = [grid_ids(*cfg["grid"], 0)]
+    if "photo_grid" in cfg:
+        ids.append(grid_ids(*cfg["photo_grid"], 1))
+    ids = torch.cat(ids)
     save_file(dict(
-        img=torch.randn(1, h * w, FILL["in_channels"]),
-        img_ids=ids.reshape(-1, 3),
+        img=torch.randn(1, ids.shape[0], channels["in_channels"]),
+        img_ids=ids,
         txt=torch.randn(1, cfg["txt_len"], FILL["joint_attention_dim"]),
         txt_ids=torch.zeros(cfg["txt_len"], 3),
         pooled=torch.randn(1, FILL["pooled_projection_dim"]),

@@ -393,3 +393,41 @@ fn the_kontext_lora_manifest_resolves_and_matches_diffusers() {
     );
     assert!(!out.exists());
 }
+
+/// A GGUF of the Kontext transformer (written by `icedit quantize` from the tiny pipeline)
+/// loads in place of the pipeline's weights: at F32 it is the same model, so the edit is
+/// diffusers' within 1/255, and the recipe names the file and its storage.
+#[test]
+fn a_gguf_kontext_transformer_edits_as_the_original() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("kontext-f32.gguf");
+    let run = icedit(
+        "quantize",
+        &strings(&[
+            "--model",
+            &kontext("tiny"),
+            "--type",
+            "f32",
+            "--out",
+            gguf.to_str().unwrap(),
+        ]),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let out = dir.path().join("gguf.png");
+    let mut args = run_args("latents", &kontext("tiny"), &out);
+    args.extend(strings(&["--transformer", gguf.to_str().unwrap()]));
+    let run = icedit("edit", &args, home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_matches_reference("latents", &out);
+    let recipe = recipe(&out);
+    assert!(
+        recipe["weights"].as_str().unwrap().starts_with("GGUF"),
+        "{recipe}"
+    );
+    assert!(recipe["transformer"]
+        .as_str()
+        .unwrap()
+        .ends_with("kontext-f32.gguf"));
+}

@@ -277,13 +277,17 @@ fn seed_search_on_kontext_finishes_the_winner_as_a_plain_edit() {
         guidance: 2.5,
         max_sequence_length: 16,
     };
-    for filter in [EarlyFilter::Continue, EarlyFilter::Restart] {
+    for (filter, batch) in [
+        (EarlyFilter::Continue, 1),
+        (EarlyFilter::Restart, 1),
+        (EarlyFilter::Continue, 3),
+    ] {
         let search = SearchSettings {
             seeds: vec![5, 6, 7],
             early_steps: 2,
             filter,
             selection: Selection::Tournament,
-            batch: 1,
+            batch,
         };
         let mut judge = SecondJudge { originals: vec![] };
         let out = p
@@ -306,10 +310,16 @@ fn seed_search_on_kontext_finishes_the_winner_as_a_plain_edit() {
         let plain = p
             .edit(&job, &text, &settings, InitialNoise::Seed(7), &mut |_| {})
             .unwrap();
-        assert_eq!(
-            out.result.edited, plain.edited,
-            "{filter:?}: winner as a plain edit"
-        );
+        if batch == 1 {
+            assert_eq!(
+                out.result.edited, plain.edited,
+                "{filter:?}: winner as a plain edit"
+            );
+        } else {
+            // Candidates in one pass: equal to rounding (the products change shape).
+            let diff = max_pixel_diff(&out.result.edited, &plain.edited).unwrap();
+            assert!(diff <= 1, "batched: {diff}/255 from a plain edit");
+        }
         assert_eq!(out.result.edited.dimensions(), (32, 48));
         assert_eq!(
             out.evaluations,

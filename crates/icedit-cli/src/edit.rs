@@ -20,6 +20,7 @@ use icedit_pipeline::image_io::{
 };
 use icedit_pipeline::kontext::{self, KontextJob, KontextOptions};
 use icedit_pipeline::latents::VAE_SCALE;
+use icedit_pipeline::masked::{ContextMargin, MaskedEdit, Window};
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
 use icedit_pipeline::search::{
     EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
@@ -81,10 +82,23 @@ pub struct EditArgs {
     /// Kontext training resolution of the nearest aspect ratio.
     #[arg(long)]
     no_auto_resize: bool,
-    /// Kontext: change only where this mask is white (a PNG of the photo's size), as
-    /// diffusers' FluxKontextInpaintPipeline; the output has the photo's Kontext size.
-    #[arg(long, value_name = "PNG")]
+    /// Change only where this mask is white (a PNG of the photo's size). ICEdit: a window
+    /// around the mask is edited at --width and stitched back into the photo at its own size
+    /// (cost follows the mask). Kontext: diffusers' FluxKontextInpaintPipeline, the output at
+    /// the photo's Kontext size.
+    #[arg(long, value_name = "PNG", conflicts_with = "region")]
     mask: Option<PathBuf>,
+    /// A rectangle to change instead of --mask: x,y,w,h in the photo's pixels.
+    #[arg(long, value_name = "X,Y,W,H")]
+    region: Option<String>,
+    /// ICEdit masked edits: context around the mask's bounding box on each side, in pixels
+    /// (64) or as a fraction of the box's longer side (0.25 or 25%) [default: 0.25].
+    #[arg(long, value_name = "PX|FRACTION")]
+    context: Option<String>,
+    /// ICEdit masked edits: width in pixels of the soft edge outside the mask where the edit
+    /// fades into the photo [default: 8].
+    #[arg(long, value_name = "PX")]
+    feather: Option<u32>,
     /// Kontext: what the edit should avoid, with --true-cfg (two transformer passes per step).
     #[arg(long, requires = "true_cfg")]
     negative_prompt: Option<String>,
@@ -154,6 +168,10 @@ pub struct EditArgs {
 
 /// ICEdit's guidance (its paper and scripts).
 const ICEDIT_GUIDANCE: f32 = 50.0;
+/// A masked edit's context around the mask: a quarter of its longer side on each side.
+const DEFAULT_CONTEXT: &str = "0.25";
+/// A masked edit's soft edge, in pixels.
+const DEFAULT_FEATHER: u32 = 8;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum EarlyFilterArg {
@@ -265,6 +283,12 @@ pub fn run(args: EditArgs) -> Result<()> {
     if let Some(mask) = &args.mask {
         inputs.file("--mask", mask);
     }
+    if let Some(region) = &args.region {
+        Window::parse(region)?;
+    }
+    if let Some(context) = &args.context {
+        ContextMargin::parse(context)?;
+    }
     if let Some(latents) = &args.latents {
         inputs.file("--latents", latents);
     }
@@ -296,7 +320,15 @@ pub fn run(args: EditArgs) -> Result<()> {
     for note in &source.notes {
         reporter.note(&format!("{}: {note}", args.image.display()));
     }
-    let mask = args.mask.as_deref().map(load_mask).transpose()?;
+    let mask = match (&args.mask, &args.region) {
+        (Some(path), _) => Some(load_mask(path)?),
+        (None, Some(region)) => {
+            let (w, h) = source.rgb.dimensions();
+            Some(Window::parse(region)?.mask(w, h)?)
+        }
+        (None, None) => None,
+    };
+    let context = ContextMargin::parse(args.context.as_deref().unwrap_or(DEFAULT_CONTEXT))?;
     // The model's kind, from its small config files; its weights are fetched later.
     let pipeline = args.model.open(&hub, dtype, &device)?;
     let kind = pipeline.kind();
@@ -330,11 +362,25 @@ pub fn run(args: EditArgs) -> Result<()> {
     };
     let job = match kind {
         PipelineKind::Fill => {
-            let diptych = Diptych::new(&source.rgb, args.width.unwrap_or(DEFAULT_WIDTH))?;
-            if let Some(warning) = aspect_warning(diptych.half_width, diptych.height, "the edit") {
+            let width = args.width.unwrap_or(DEFAULT_WIDTH);
+            let job = match &mask {
+                Some(mask) => EditJob::Masked(
+                    MaskedEdit::new(
+                        &source.rgb,
+                        mask,
+                        width,
+                        context,
+                        args.feather.unwrap_or(DEFAULT_FEATHER),
+                    )
+                    .with_context(|| format!("--image {}", args.image.display()))?,
+                ),
+                None => EditJob::Diptych(Diptych::new(&source.rgb, width)?),
+            };
+            let (w, h) = job.generated_size();
+            if let Some(warning) = aspect_warning(w / 2, h, "the edit") {
                 reporter.warn(&warning);
             }
-            EditJob::Diptych(diptych)
+            job
         }
         PipelineKind::Kontext => {
             let options = KontextOptions {
@@ -429,6 +475,15 @@ pub fn run(args: EditArgs) -> Result<()> {
 
     let what = match &job {
         EditJob::Diptych(_) => "diptych".to_string(),
+        EditJob::Masked(m) => format!(
+            "masked edit of a {}x{} window at {},{} of the {}x{} photo, diptych",
+            m.window.width,
+            m.window.height,
+            m.window.x,
+            m.window.y,
+            source.rgb.width(),
+            source.rgb.height()
+        ),
         EditJob::Kontext(k) => format!(
             "Kontext edit of the photo at {}x{}{}, output",
             k.photo.width(),
@@ -630,14 +685,23 @@ pub fn run(args: EditArgs) -> Result<()> {
             "true_cfg_scale": negative.as_ref().map(|(_, s)| s),
             "transformer_passes_per_step": passes_per_step,
             "generated": [generated_width, generated_height],
-            "diptych": matches!(job, EditJob::Diptych(_)).then_some([generated_width, generated_height]),
+            "diptych": (kind == PipelineKind::Fill).then_some([generated_width, generated_height]),
+            "transformer_image_tokens": job.transformer_tokens(),
+            "masked": match &job {
+                EditJob::Masked(m) => json!({
+                    "window": [m.window.x, m.window.y, m.window.width, m.window.height],
+                    "photo": [source.rgb.width(), source.rgb.height()],
+                    "feather": args.feather.unwrap_or(DEFAULT_FEATHER),
+                }),
+                _ => serde_json::Value::Null,
+            },
             "kontext": match &job {
                 EditJob::Kontext(k) => json!({
                     "photo": [k.photo.width(), k.photo.height()],
                     "masked": k.mask.is_some(),
                     "auto_resize": !args.no_auto_resize,
                 }),
-                EditJob::Diptych(_) => serde_json::Value::Null,
+                _ => serde_json::Value::Null,
             },
             "dtype": format!("{dtype:?}").to_lowercase(),
             "device": device_name(&device),
@@ -714,11 +778,14 @@ fn check_flags_for(kind: PipelineKind, args: &EditArgs) -> Result<()> {
         ("--height", args.height.is_some()),
         ("--max-area", args.max_area.is_some()),
         ("--no-auto-resize", args.no_auto_resize),
-        ("--mask", args.mask.is_some()),
         ("--negative-prompt", args.negative_prompt.is_some()),
         ("--true-cfg", args.true_cfg.is_some()),
     ];
-    let fill_only = [("--save-diptych", args.save_diptych)];
+    let fill_only = [
+        ("--save-diptych", args.save_diptych),
+        ("--context", args.context.is_some()),
+        ("--feather", args.feather.is_some()),
+    ];
     let (refused, other) = match kind {
         PipelineKind::Fill => (kontext_only.as_slice(), "FLUX.1 Kontext"),
         PipelineKind::Kontext => (fill_only.as_slice(), "ICEdit on FLUX.1 Fill"),
@@ -730,11 +797,18 @@ fn check_flags_for(kind: PipelineKind, args: &EditArgs) -> Result<()> {
             kind.name()
         );
     }
+    let masked = args.mask.is_some() || args.region.is_some();
+    if !masked && (args.context.is_some() || args.feather.is_some()) {
+        bail!("--context and --feather shape a masked edit; give --mask or --region");
+    }
+    if masked && args.keep_size {
+        bail!("--keep-size: a masked edit already has the photo's own size");
+    }
     if kind == PipelineKind::Kontext {
         if args.width.is_some() != args.height.is_some() {
             bail!("give the Kontext output's --width and --height together (or neither: the photo's aspect ratio)");
         }
-        if args.mask.is_some() && (args.width.is_some() || args.max_area.is_some()) {
+        if masked && (args.width.is_some() || args.max_area.is_some()) {
             bail!("a masked Kontext edit has the photo's size; drop --width/--height/--max-area");
         }
     }

@@ -650,3 +650,123 @@ fn seed_search_with_a_judge_server() {
         assert!(!out.exists());
     }
 }
+
+/// `--mask` / `--region` on a Fill model: the photo comes back at its own size with every pixel
+/// outside the mask and its feather untouched, `--json` reports the window and the tokens, and
+/// the two ways of giving the region agree.
+#[test]
+fn masked_edits_keep_the_photo_outside_the_mask() {
+    let home = hf_home_with_adapters();
+    let dir = tempfile::tempdir().unwrap();
+    let photo = dir.path().join("photo.png");
+    let source = image::RgbImage::from_fn(300, 200, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+    });
+    source.save(&photo).unwrap();
+    let mask_path = dir.path().join("mask.png");
+    let region = (120u32, 60u32, 40u32, 30u32);
+    let mut mask = image::GrayImage::new(300, 200);
+    for y in region.1..region.1 + region.3 {
+        for x in region.0..region.0 + region.2 {
+            mask.put_pixel(x, y, image::Luma([255]));
+        }
+    }
+    mask.save(&mask_path).unwrap();
+    let args = |out: &Path, extra: &[&str]| {
+        let mut args = strings(&[
+            "--model",
+            &model(),
+            "--image",
+            photo.to_str().unwrap(),
+            "--instruction",
+            "make it night",
+            "--width",
+            "64",
+            "--steps",
+            "2",
+            "--dtype",
+            "f32",
+            "--max-seq-len",
+            "16",
+            "--no-lora",
+            "--quiet",
+            "--json",
+            "--feather",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        args.extend(strings(extra));
+        args
+    };
+    let by_mask = dir.path().join("by-mask.png");
+    let run = icedit(
+        &args(&by_mask, &["--mask", mask_path.to_str().unwrap()]),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let window = &summary["masked"]["window"];
+    assert_eq!(summary["masked"]["photo"], serde_json::json!([300, 200]));
+    // 40x30 at 120,60 grown by a quarter of 40 (10 px) on each side, snapped outward to 16:
+    // 96..176 x 48..112.
+    assert_eq!(window, &serde_json::json!([96, 48, 80, 64]));
+    let tokens = summary["transformer_image_tokens"].as_u64().unwrap();
+    assert!(tokens < (300 / 16) * (200 / 16) * 2, "{tokens} tokens");
+    let out = image::open(&by_mask).unwrap().to_rgb8();
+    assert_eq!(out.dimensions(), (300, 200));
+    let near = |x: u32, y: u32| {
+        let (x, y) = (x as i64, y as i64);
+        let (rx, ry) = (region.0 as i64, region.1 as i64);
+        x >= rx - 6 && x < rx + region.2 as i64 + 6 && y >= ry - 6 && y < ry + region.3 as i64 + 6
+    };
+    let mut changed = 0;
+    for (x, y, px) in out.enumerate_pixels() {
+        if !near(x, y) {
+            assert_eq!(px, source.get_pixel(x, y), "({x}, {y}) changed");
+        } else {
+            changed += (px != source.get_pixel(x, y)) as usize;
+        }
+    }
+    assert!(changed > 0);
+    assert_eq!(recipe(&by_mask)["mask"], mask_path.to_str().unwrap());
+
+    let by_region = dir.path().join("by-region.png");
+    let run = icedit(
+        &args(&by_region, &["--region", "120,60,40,30"]),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        max_png_diff(&by_mask, &by_region),
+        0,
+        "--region equals the mask"
+    );
+
+    let empty = dir.path().join("empty.png");
+    image::GrayImage::new(300, 200).save(&empty).unwrap();
+    let refused = |extra: &[&str], expected: &str| {
+        let out = dir.path().join("refused.png");
+        let run = icedit(&args(&out, extra), home.path());
+        assert_eq!(run.status.code(), Some(1), "{extra:?}: {}", stderr(&run));
+        assert!(
+            stderr(&run).contains(expected),
+            "{extra:?}: {}",
+            stderr(&run)
+        );
+        assert!(!out.exists());
+    };
+    refused(&[], "--context and --feather shape a masked edit");
+    refused(&["--mask", empty.to_str().unwrap()], "selects nothing");
+    refused(&["--region", "290,190,20,20"], "reaches outside");
+    refused(&["--region", "1,2,3"], "x,y,w,h");
+    refused(&["--region", "120,60,40,30", "--keep-size"], "--keep-size");
+    refused(
+        &["--region", "120,60,40,30", "--context", "big"],
+        "--context",
+    );
+    refused(
+        &["--mask", edit_fixture("mask.png").as_str()],
+        "a mask of the photo's size",
+    );
+}

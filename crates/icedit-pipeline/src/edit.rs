@@ -11,6 +11,7 @@ use crate::error::{PipelineError, Result};
 use crate::image_io::check_size;
 use crate::kontext::{KontextJob, KontextRequest};
 use crate::latents::PIXELS_PER_TOKEN;
+use crate::masked::MaskedEdit;
 use crate::pipeline::{Denoising, FillRequest, FluxPipeline, InitialNoise, PipelineKind, Progress};
 use icedit_image::resize::{resize_rgb, Filter};
 
@@ -195,6 +196,9 @@ impl Default for EditSettings {
 pub enum EditJob {
     /// ICEdit on FLUX.1 Fill: the diptych, whose right half is the edit.
     Diptych(Diptych),
+    /// ICEdit on FLUX.1 Fill inside a mask: the diptych of a window around it, stitched back
+    /// into the photo at its own resolution ([`crate::masked`]).
+    Masked(MaskedEdit),
     /// FLUX.1 Kontext: the photo as the model sees it; the whole output is the edit.
     Kontext(KontextJob),
 }
@@ -203,32 +207,66 @@ impl EditJob {
     /// The model kind this job runs on.
     pub fn kind(&self) -> PipelineKind {
         match self {
-            Self::Diptych(_) => PipelineKind::Fill,
+            Self::Diptych(_) | Self::Masked(_) => PipelineKind::Fill,
             Self::Kontext(_) => PipelineKind::Kontext,
         }
     }
 
-    /// The original as a judge compares against: the diptych's source half, or the photo.
+    /// The original as a judge compares against: the diptych's source half (the window's, for
+    /// a masked edit), or Kontext's photo.
     pub fn original(&self) -> RgbImage {
         match self {
             Self::Diptych(d) => d.source_half(),
+            Self::Masked(m) => m.diptych.source_half(),
             Self::Kontext(k) => k.photo.clone(),
         }
     }
 
-    /// The edited image within a generated one.
-    pub fn edited(&self, generated: &RgbImage) -> RgbImage {
+    /// What a judge compares of a generated image: the edited part at the size the model made
+    /// it (for a masked edit, the window's edit, not the stitched photo).
+    pub fn judged(&self, generated: &RgbImage) -> RgbImage {
         match self {
             Self::Diptych(d) => d.right_half(generated),
+            Self::Masked(m) => m.diptych.right_half(generated),
             Self::Kontext(_) => generated.clone(),
+        }
+    }
+
+    /// The edited image from a generated one: the diptych's right half, the photo with the
+    /// window's edit stitched in, or Kontext's whole output.
+    pub fn edited(&self, generated: &RgbImage) -> RgbImage {
+        match self {
+            Self::Masked(m) => m.stitch(&m.diptych.right_half(generated)),
+            _ => self.judged(generated),
         }
     }
 
     /// The size of the generated image (the whole diptych for ICEdit).
     pub fn generated_size(&self) -> (u32, u32) {
         match self {
-            Self::Diptych(d) => (2 * d.half_width, d.height),
+            Self::Diptych(d) | Self::Masked(MaskedEdit { diptych: d, .. }) => {
+                (2 * d.half_width, d.height)
+            }
             Self::Kontext(k) => (k.width, k.height),
+        }
+    }
+
+    /// Image tokens the transformer processes per pass: the generated image's, plus the
+    /// photo's for Kontext.
+    pub fn transformer_tokens(&self) -> usize {
+        let tokens = |(w, h): (u32, u32)| (w as usize / 16) * (h as usize / 16);
+        let photo = match self {
+            Self::Kontext(k) => tokens(k.photo.dimensions()),
+            _ => 0,
+        };
+        tokens(self.generated_size()) + photo
+    }
+
+    /// The diptych a Fill edit denoises.
+    fn diptych(&self) -> Option<&Diptych> {
+        match self {
+            Self::Diptych(d) | Self::Masked(MaskedEdit { diptych: d, .. }) => Some(d),
+            Self::Kontext(_) => None,
         }
     }
 }
@@ -277,8 +315,8 @@ impl FluxPipeline {
             )));
         }
         settings.validate()?;
-        match job {
-            EditJob::Diptych(diptych) => {
+        match (job, job.diptych()) {
+            (_, Some(diptych)) => {
                 if text.true_cfg.is_some() {
                     return Err(PipelineError::Input(
                         "true CFG (a negative prompt) is for Kontext models; FLUX.1 Fill \
@@ -297,7 +335,7 @@ impl FluxPipeline {
                 };
                 self.start(&request, text.encoded, progress)
             }
-            EditJob::Kontext(kontext) => {
+            (EditJob::Kontext(kontext), _) => {
                 let request = KontextRequest {
                     job: kontext,
                     steps: settings.steps,
@@ -307,6 +345,7 @@ impl FluxPipeline {
                 };
                 self.start_kontext(&request, text.encoded, progress)
             }
+            _ => unreachable!("every other job has a diptych"),
         }
     }
 

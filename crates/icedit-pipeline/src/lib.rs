@@ -7,6 +7,7 @@ mod error;
 pub mod image_io;
 pub mod kontext;
 pub mod latents;
+pub mod masked;
 pub mod pipeline;
 pub mod recipe;
 pub mod scheduler;
@@ -16,6 +17,7 @@ pub mod torch_rng;
 pub use edit::{Diptych, EditJob, EditOutput, EditSettings, EditText};
 pub use error::{PipelineError, Result};
 pub use kontext::{KontextJob, KontextOptions};
+pub use masked::{ContextMargin, MaskedEdit, Window};
 pub use pipeline::{
     Denoising, FillOutput, FillRequest, FluxPipeline, InitialNoise, PipelineKind, Progress,
 };

@@ -168,7 +168,7 @@ impl FluxPipeline {
                     progress,
                 )?;
                 for (c, short) in candidates.iter_mut().zip(&shorts) {
-                    let preview = job.edited(&self.decode(short)?);
+                    let preview = job.judged(&self.decode(short)?);
                     c.previews.push((search.early_steps, preview));
                     c.evaluations += short.evaluations();
                 }
@@ -189,7 +189,7 @@ impl FluxPipeline {
                                   candidates: &mut [Candidate],
                                   i: usize|
                  -> Result<()> {
-                    let preview = job.edited(&this.preview(&states[i])?);
+                    let preview = job.judged(&this.preview(&states[i])?);
                     candidates[i].previews.push((states[i].step(), preview));
                     Ok(())
                 };

@@ -33,4 +33,5 @@ pub use file::AdapterFile;
 pub use layers::{LoraDelta, MoeLoraLayer, RoutingStats};
 pub use source::{
     manifest_of, resolve, AdapterKind, AdapterSpec, Manifest, ResolvedAdapter, DEFAULT_ADAPTER,
+    TURBO_ADAPTER,
 };

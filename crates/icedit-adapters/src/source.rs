@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::error::{AdapterError, Result};
 
 /// The manifests shipped in the repo's `adapters/` folder, compiled in.
-const BUILT_IN: [(&str, &str); 3] = [
+const BUILT_IN: [(&str, &str); 5] = [
     (
         "adapters/icedit-normal.toml",
         include_str!("../../../adapters/icedit-normal.toml"),
@@ -22,7 +22,18 @@ const BUILT_IN: [(&str, &str); 3] = [
         "adapters/kontext-ps1.toml",
         include_str!("../../../adapters/kontext-ps1.toml"),
     ),
+    (
+        "adapters/turbo-alpha.toml",
+        include_str!("../../../adapters/turbo-alpha.toml"),
+    ),
+    (
+        "adapters/hyper-flux-8step.toml",
+        include_str!("../../../adapters/hyper-flux-8step.toml"),
+    ),
 ];
+
+/// The 8-step LoRA `icedit edit --fast` stacks on the default adapter.
+pub const TURBO_ADAPTER: &str = "turbo-alpha";
 
 /// The adapter `icedit edit` uses when none is given.
 pub const DEFAULT_ADAPTER: &str = "icedit-moe";

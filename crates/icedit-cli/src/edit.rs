@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use icedit_adapters::{
     manifest_of, resolve, AdapterChoice, AdapterFile, AdapterKind, AppliedAdapter, ApplyMode,
-    Manifest, ResolvedAdapter, DEFAULT_ADAPTER,
+    Manifest, ResolvedAdapter, DEFAULT_ADAPTER, TURBO_ADAPTER,
 };
 use icedit_flux::parse_dtype;
 use icedit_hub::{HubOptions, ModelSource};
@@ -105,8 +105,13 @@ pub struct EditArgs {
     /// Kontext: true classifier-free guidance scale (> 1) with --negative-prompt.
     #[arg(long, value_name = "SCALE", requires = "negative_prompt")]
     true_cfg: Option<f32>,
-    #[arg(long, default_value_t = 28)]
-    steps: usize,
+    /// Denoising steps [default: 28; 8 with --fast].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// A faster, lower-quality edit: the 8-step turbo LoRA (turbo-alpha, trained on FLUX.1
+    /// dev) stacked on the other adapters, 8 steps.
+    #[arg(long, conflicts_with = "no_lora")]
+    fast: bool,
     /// Embedded guidance [default: 50 for ICEdit, as its paper; 2.5 for Kontext, as BFL's
     /// examples].
     #[arg(long)]
@@ -168,6 +173,9 @@ pub struct EditArgs {
 
 /// ICEdit's guidance (its paper and scripts).
 const ICEDIT_GUIDANCE: f32 = 50.0;
+/// Steps of an edit: FLUX's usual 28, or 8 with the turbo LoRA (`--fast`).
+const DEFAULT_STEPS: usize = 28;
+const FAST_STEPS: usize = 8;
 /// A masked edit's context around the mask: a quarter of its longer side on each side.
 const DEFAULT_CONTEXT: &str = "0.25";
 /// A masked edit's soft edge, in pixels.
@@ -206,6 +214,9 @@ pub fn run(args: EditArgs) -> Result<()> {
         (None, None) => bail!("give --instruction (what to change)"),
         _ => {}
     }
+    let steps = args
+        .steps
+        .unwrap_or(if args.fast { FAST_STEPS } else { DEFAULT_STEPS });
     let first_seed = args.seed.unwrap_or(42);
     let seeds = match (&args.judging.judge, args.seeds.as_slice()) {
         (Some(_), []) => bail!("--judge compares candidates: give --seeds N (a count) or a list"),
@@ -245,7 +256,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     // The guidance's default depends on the model, known once it is opened; the numbers given
     // are checked now.
     let mut settings = EditSettings {
-        steps: args.steps,
+        steps: steps,
         guidance: args.guidance.unwrap_or(ICEDIT_GUIDANCE),
         max_sequence_length: args.model.max_seq_len,
     };
@@ -345,7 +356,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     for manifest in &manifests {
         check_base_model(manifest, kind)?;
-        if let Some(warning) = base_model_warning(manifest, &args.model.model) {
+        if let Some(warning) = base_model_warning(manifest, &args.model.model, kind) {
             reporter.warn(&warning);
         }
     }
@@ -494,7 +505,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     reporter.note(&format!(
         "{what} {generated_width}x{generated_height} on {}, {} steps, guidance {}{}, seed(s) {}",
         device_name(&device),
-        args.steps,
+        steps,
         settings.guidance,
         match &negative {
             Some((_, scale)) => format!(", true CFG {scale}"),
@@ -547,7 +558,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             instruction: args.instruction.clone(),
             seed: 0,
             latents: args.latents.as_ref().map(|p| p.display().to_string()),
-            steps: args.steps,
+            steps: steps,
             guidance: settings.guidance,
             max_sequence_length: args.model.max_seq_len,
             pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
@@ -590,15 +601,9 @@ pub fn run(args: EditArgs) -> Result<()> {
             outcome.winner_seed,
             seeds.len(),
             outcome.evaluations,
-            args.steps * passes_per_step
+            steps * passes_per_step
         ));
-        let summary = search_json(
-            &outcome,
-            &search,
-            &judge.name(),
-            args.steps,
-            passes_per_step,
-        );
+        let summary = search_json(&outcome, &search, &judge.name(), steps, passes_per_step);
         let paths = output_paths(&args.out, &[outcome.winner_seed])?.remove(0);
         let written = writer.write(outcome.winner_seed, &outcome.result, &paths, started)?;
         reporter.done(&format!("wrote {}", paths.edit.display()));
@@ -679,7 +684,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             "text_encoder_2": text_encoder_2,
             "weights": weights,
             "adapters": adapters,
-            "steps": args.steps,
+            "steps": steps,
             "guidance": settings.guidance,
             "pipeline": kind.diffusers_class(),
             "true_cfg_scale": negative.as_ref().map(|(_, s)| s),
@@ -760,7 +765,7 @@ impl ResultWriter<'_> {
 /// The `--lora` specs, or the default adapter (ICEdit's, on Fill; none on Kontext, which edits
 /// by itself); none with --no-lora.
 fn adapter_specs(args: &EditArgs, kind: PipelineKind) -> Vec<String> {
-    if args.no_lora {
+    let mut specs = if args.no_lora {
         Vec::new()
     } else if args.loras.is_empty() {
         match kind {
@@ -769,7 +774,11 @@ fn adapter_specs(args: &EditArgs, kind: PipelineKind) -> Vec<String> {
         }
     } else {
         args.loras.clone()
+    };
+    if args.fast && !specs.iter().any(|s| s == TURBO_ADAPTER) {
+        specs.push(TURBO_ADAPTER.to_string());
     }
+    specs
 }
 
 /// Flags that only one kind of model takes, refused on the other before anything loads.
@@ -864,7 +873,9 @@ fn manifest_template(manifests: &[Manifest], default: &'static str) -> Result<&'
 }
 
 /// A warning when `--model` is a Hub repo other than the one the adapter was trained on.
-fn base_model_warning(manifest: &Manifest, model: &str) -> Option<String> {
+/// Also when the adapter was trained on another FLUX model than this kind (the turbo LoRAs,
+/// trained on FLUX.1 dev), whatever `--model` is.
+fn base_model_warning(manifest: &Manifest, model: &str, kind: PipelineKind) -> Option<String> {
     let base = manifest.base_model.as_deref()?;
     match ModelSource::parse(model) {
         Ok(ModelSource::Hub { repo_id, .. }) if !repo_id.eq_ignore_ascii_case(base) => {
@@ -873,7 +884,21 @@ fn base_model_warning(manifest: &Manifest, model: &str) -> Option<String> {
                 manifest.name
             ))
         }
-        _ => None,
+        Ok(ModelSource::Hub { .. }) => None,
+        _ => {
+            let lower = base.to_ascii_lowercase();
+            let same_kind = match kind {
+                PipelineKind::Fill => lower.contains("fill"),
+                PipelineKind::Kontext => lower.contains("kontext"),
+            };
+            (!same_kind).then(|| {
+                format!(
+                    "adapter {} was trained on {base}, not {}: expect weaker edits",
+                    manifest.name,
+                    kind.name()
+                )
+            })
+        }
     }
 }
 
@@ -884,11 +909,14 @@ fn load_adapters(
     hub: &HubOptions,
     reporter: &Reporter,
 ) -> Result<Vec<(ResolvedAdapter, AdapterChoice)>> {
-    if !args.lora_scales.is_empty() && args.lora_scales.len() != specs.len() {
+    // --fast's turbo LoRA, added after the others, keeps its manifest's scale.
+    let added_turbo = args.fast && !args.loras.iter().any(|s| s == TURBO_ADAPTER);
+    let scalable = specs.len() - usize::from(added_turbo);
+    if !args.lora_scales.is_empty() && args.lora_scales.len() != scalable {
         bail!(
-            "{} --lora-scale value(s) for {} adapter(s); give one scale per --lora, in order",
+            "{} --lora-scale value(s) for {scalable} adapter(s); give one scale per --lora, in \
+             order",
             args.lora_scales.len(),
-            specs.len()
         );
     }
     let mut adapters = Vec::new();

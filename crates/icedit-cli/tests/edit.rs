@@ -770,3 +770,76 @@ fn masked_edits_keep_the_photo_outside_the_mask() {
         "a mask of the photo's size",
     );
 }
+
+/// `--fast` is the default adapter with the turbo LoRA stacked on it, at 8 steps: exactly the
+/// edit those flags spelled out give (the stacking itself is tied to diffusers by
+/// crates/icedit-pipeline/tests/stacked_adapters.rs).
+#[test]
+fn fast_is_the_default_adapter_plus_turbo_at_8_steps() {
+    let home = hf_home_with_adapters();
+    // The turbo repo in the cache, holding a stand-in LoRA of the tiny model's shapes.
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        edit_fixture("adapters/lora_peft.safetensors"),
+        folder.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    icedit_hub::import_folder(
+        &home.path().join("hub"),
+        "alimama-creative/FLUX.1-Turbo-Alpha",
+        folder.path(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = |out: &Path| {
+        let mut args = base_args(out);
+        let i = args.iter().position(|a| a == "--steps").unwrap();
+        args.drain(i..i + 2);
+        args.push("--json".into());
+        args
+    };
+    let fast = dir.path().join("fast.png");
+    let run = icedit(&with(base(&fast), &["--fast"]), home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["steps"], 8);
+    let names: Vec<&str> = summary["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["icedit-moe", "turbo-alpha"]);
+    assert!(
+        stderr(&run).contains("trained on black-forest-labs/FLUX.1-dev"),
+        "the turbo LoRA's base model is named: {}",
+        stderr(&run)
+    );
+    let spelled = dir.path().join("spelled.png");
+    let run = icedit(
+        &with(
+            base(&spelled),
+            &[
+                "--lora",
+                "icedit-moe",
+                "--lora",
+                "turbo-alpha",
+                "--steps",
+                "8",
+            ],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(max_png_diff(&fast, &spelled), 0);
+    // A scale pairs with the user's own --lora; the turbo LoRA keeps its manifest's.
+    let scaled = dir.path().join("scaled.png");
+    let run = icedit(
+        &with(
+            base(&scaled),
+            &["--fast", "--lora", "icedit-moe", "--lora-scale", "0.5"],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+}

@@ -10,7 +10,7 @@ use icedit_adapters::{
     manifest_of, resolve, AdapterChoice, AdapterFile, AdapterKind, AppliedAdapter, ApplyMode,
     Manifest, ResolvedAdapter, DEFAULT_ADAPTER, TURBO_ADAPTER,
 };
-use icedit_flux::parse_dtype;
+use icedit_flux::{parse_dtype, StepCacheConfig};
 use icedit_hub::{HubOptions, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
 use icedit_judge::{Judge, JudgeSpec};
@@ -112,6 +112,12 @@ pub struct EditArgs {
     /// dev) stacked on the other adapters, 8 steps.
     #[arg(long, conflicts_with = "no_lora")]
     fast: bool,
+    /// A step cache, lossy and opt-in, deciding as diffusers' hooks do:
+    /// `first-block:THRESHOLD` (FirstBlockCacheConfig; e.g. first-block:0.1) or
+    /// `taylorseer[:interval=5,warmup=3,order=1,cooldown=N,dtype=bf16|f32]`
+    /// (TaylorSeerCacheConfig's settings and defaults). --json lists the steps computed in full.
+    #[arg(long, value_name = "SPEC")]
+    cache: Option<String>,
     /// Embedded guidance [default: 50 for ICEdit, as its paper; 2.5 for Kontext, as BFL's
     /// examples].
     #[arg(long)]
@@ -265,6 +271,14 @@ pub fn run(args: EditArgs) -> Result<()> {
         search.validate(&settings)?;
     } else if args.save_candidates.is_some() {
         bail!("--save-candidates keeps a seed search's previews; it needs --judge");
+    }
+    let step_cache = args
+        .cache
+        .as_deref()
+        .map(StepCacheConfig::parse)
+        .transpose()?;
+    if step_cache.is_some() && judge_specs.is_some() && args.batch_candidates > 1 {
+        bail!("--cache keeps each candidate's own state: use it with --batch-candidates 1");
     }
     if args.top_k == Some(0) {
         bail!("--top-k must be at least 1");
@@ -483,6 +497,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         LoraMode::Runtime => ApplyMode::Runtime,
     };
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
+    pipeline.set_step_cache(step_cache.clone());
 
     let what = match &job {
         EditJob::Diptych(_) => "diptych".to_string(),
@@ -565,6 +580,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             negative_prompt: negative.as_ref().map(|(n, _)| n.clone()),
             true_cfg_scale: negative.as_ref().map(|(_, s)| *s),
             mask: args.mask.as_ref().map(|p| p.display().to_string()),
+            cache: args.cache.clone(),
             width: 0,
             height: 0,
             expand: None,
@@ -689,6 +705,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             "pipeline": kind.diffusers_class(),
             "true_cfg_scale": negative.as_ref().map(|(_, s)| s),
             "transformer_passes_per_step": passes_per_step,
+            "cache": args.cache,
             "generated": [generated_width, generated_height],
             "diptych": (kind == PipelineKind::Fill).then_some([generated_width, generated_height]),
             "transformer_image_tokens": job.transformer_tokens(),
@@ -757,6 +774,9 @@ impl ResultWriter<'_> {
             "diptych": self.args.save_diptych.then_some(&paths.diptych),
             "width": edited.width(),
             "height": edited.height(),
+            "transformer_evaluations": output.evaluations,
+            "full_evaluations": output.full_evaluations,
+            "computed_steps": output.computed_steps,
             "seconds": started.elapsed().as_secs_f64(),
         }))
     }
@@ -1059,12 +1079,14 @@ fn search_json(
         "batch_candidates": search.batch,
         "winner_seed": outcome.winner_seed,
         "transformer_evaluations": outcome.evaluations,
+        "full_evaluations": outcome.full_evaluations,
         "single_edit_evaluations": steps * passes_per_step,
         "transformer_passes_per_step": passes_per_step,
         "candidates": outcome.candidates.iter().map(|c| json!({
             "seed": c.seed,
             "preview_steps": c.previews.iter().map(|(s, _)| s).collect::<Vec<_>>(),
             "transformer_evaluations": c.evaluations,
+            "full_evaluations": c.full_evaluations,
         })).collect::<Vec<_>>(),
         "verdicts": outcome.calls.iter().map(|v| json!({
             "first_seed": v.first_seed,

@@ -196,6 +196,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         negative_prompt: None,
         true_cfg_scale: None,
         mask: args.mask.as_ref().map(|p| p.display().to_string()),
+        cache: None,
         width: image.width(),
         height: image.height(),
         expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),

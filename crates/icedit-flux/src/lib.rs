@@ -20,6 +20,7 @@ pub mod gguf;
 mod linear;
 mod model;
 pub mod quantize;
+pub mod step_cache;
 mod vae;
 mod weights;
 
@@ -29,6 +30,7 @@ pub use error::{FluxError, Result};
 pub use finite::{all_finite, check_finite};
 pub use linear::{Linear, LinearAdapter, VisitLinears};
 pub use model::{FluxInput, FluxTransformer};
+pub use step_cache::{round_to, StepCache, StepCacheConfig};
 pub use vae::{AutoencoderKl, Posterior, VaeConfig};
 pub use weights::{
     bfl_linear, check_model_dtype, parse_dtype, shape_fits, BflPart, Checkpoint, Layout,

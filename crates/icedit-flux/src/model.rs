@@ -12,6 +12,7 @@ use crate::config::FluxConfig;
 use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
 use crate::linear::{join, Linear, VisitLinears};
+use crate::step_cache::{StepCache, TaylorSeerCache};
 use crate::weights::{check_model_dtype, Checkpoint, WeightSource};
 
 type CResult<T> = candle_core::Result<T>;
@@ -323,29 +324,38 @@ impl DoubleStreamBlock {
         })
     }
 
-    /// `temb_act` is `silu(temb)`, shared by every modulation layer.
+    /// `temb_act` is `silu(temb)`, shared by every modulation layer. With a TaylorSeer slot,
+    /// the attention's output (projected: image, text) is computed and recorded, or predicted.
     fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
         temb_act: &Tensor,
         rope: &Rope,
+        taylor: Option<TaylorSlot>,
     ) -> CResult<(Tensor, Tensor)> {
         let img_mod = self.img.modulation.forward(temb_act)?.chunk(6, 1)?;
         let txt_mod = self.txt.modulation.forward(temb_act)?.chunk(6, 1)?;
-        let img_normed = self.norm.modulate(img, &img_mod[0], &img_mod[1])?;
-        let txt_normed = self.norm.modulate(txt, &txt_mod[0], &txt_mod[1])?;
-
-        let img_qkv = self.img.qkv.forward(&img_normed)?;
-        let txt_qkv = self.txt.qkv.forward(&txt_normed)?;
-        let attn = joint_attention(rope, self.img.qkv.heads, vec![txt_qkv, img_qkv])?;
-        let txt_len = txt.dim(1)?;
-        let txt_attn = attn.narrow(1, 0, txt_len)?;
-        let img_attn = attn.narrow(1, txt_len, img.dim(1)?)?;
+        let attention = || -> CResult<Vec<Tensor>> {
+            let img_normed = self.norm.modulate(img, &img_mod[0], &img_mod[1])?;
+            let txt_normed = self.norm.modulate(txt, &txt_mod[0], &txt_mod[1])?;
+            let img_qkv = self.img.qkv.forward(&img_normed)?;
+            let txt_qkv = self.txt.qkv.forward(&txt_normed)?;
+            let attn = joint_attention(rope, self.img.qkv.heads, vec![txt_qkv, img_qkv])?;
+            let txt_len = txt.dim(1)?;
+            let txt_attn = attn.narrow(1, 0, txt_len)?.contiguous()?;
+            let img_attn = attn.narrow(1, txt_len, img.dim(1)?)?.contiguous()?;
+            Ok(vec![
+                self.img.attn_out.forward(&img_attn)?,
+                self.txt.attn_out.forward(&txt_attn)?,
+            ])
+        };
+        let outs = TaylorSlot::run(taylor, img.dtype(), attention)?;
+        let (img_attn, txt_attn) = (outs[0].clone(), outs[1].clone());
 
         let finish = |x: &Tensor, attn_out: Tensor, parts: &StreamParts, m: &[Tensor]| {
             let gated = |gate: &Tensor, y: Tensor| gate.unsqueeze(1)?.broadcast_mul(&y);
-            let x = (x + gated(&m[2], parts.attn_out.forward(&attn_out.contiguous()?)?)?)?;
+            let x = (x + gated(&m[2], attn_out)?)?;
             let ff_in = self.norm.modulate(&x, &m[3], &m[4])?;
             x + gated(&m[5], parts.ff.forward(&ff_in)?)?
         };
@@ -379,6 +389,41 @@ impl VisitLinears for DoubleStreamBlock {
     }
 }
 
+/// One attention module's place in a TaylorSeer cache during an evaluation.
+struct TaylorSlot<'a> {
+    cache: &'a mut TaylorSeerCache,
+    index: usize,
+    compute: bool,
+}
+
+impl<'a> TaylorSlot<'a> {
+    /// Module `index`'s slot in this evaluation's cache, if TaylorSeer is on.
+    fn of(taylor: &'a mut Option<(&mut TaylorSeerCache, bool)>, index: usize) -> Option<Self> {
+        taylor.as_mut().map(|(cache, compute)| TaylorSlot {
+            cache: &mut **cache,
+            index,
+            compute: *compute,
+        })
+    }
+
+    /// The attention's outputs: computed (and recorded, with a slot), or predicted.
+    fn run(
+        slot: Option<TaylorSlot>,
+        dtype: DType,
+        compute: impl FnOnce() -> CResult<Vec<Tensor>>,
+    ) -> CResult<Vec<Tensor>> {
+        match slot {
+            None => compute(),
+            Some(slot) if slot.compute => {
+                let outs = compute()?;
+                slot.cache.update(slot.index, &outs)?;
+                Ok(outs)
+            }
+            Some(slot) => slot.cache.predict(slot.index, dtype),
+        }
+    }
+}
+
 /// diffusers' `FluxSingleTransformerBlock`: one set of weights over the joint sequence, the
 /// attention and MLP run in parallel and are projected out together.
 #[derive(Debug, Clone)]
@@ -403,12 +448,26 @@ impl SingleStreamBlock {
         })
     }
 
-    /// `x` is the joint `[text; image]` sequence.
-    fn forward(&self, x: &Tensor, temb_act: &Tensor, rope: &Rope) -> CResult<Tensor> {
+    /// `x` is the joint `[text; image]` sequence. With a TaylorSeer slot, the attention's
+    /// output (before `proj_out`) is computed and recorded, or predicted.
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb_act: &Tensor,
+        rope: &Rope,
+        taylor: Option<TaylorSlot>,
+    ) -> CResult<Tensor> {
         let m = self.modulation.forward(temb_act)?.chunk(3, 1)?;
         let normed = self.norm.modulate(x, &m[0], &m[1])?;
         let mlp = gelu_tanh(self.proj_mlp.forward(&normed)?)?;
-        let attn = joint_attention(rope, self.qkv.heads, vec![self.qkv.forward(&normed)?])?;
+        let attention = || -> CResult<Vec<Tensor>> {
+            Ok(vec![joint_attention(
+                rope,
+                self.qkv.heads,
+                vec![self.qkv.forward(&normed)?],
+            )?])
+        };
+        let attn = TaylorSlot::run(taylor, x.dtype(), attention)?.remove(0);
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;
@@ -585,6 +644,16 @@ impl FluxTransformer {
 
     /// Predicts the flow-matching velocity for the image tokens, `[B, N, out_channels]`.
     pub fn forward(&self, input: &FluxInput) -> Result<Tensor> {
+        self.forward_cached(input, None)
+    }
+
+    /// [`FluxTransformer::forward`] with a step cache (see [`crate::step_cache`]): what it
+    /// computes, skips or predicts follows diffusers' hooks; the cache records its decisions.
+    pub fn forward_cached(
+        &self,
+        input: &FluxInput,
+        cache: Option<&mut StepCache>,
+    ) -> Result<Tensor> {
         let (b, n_img, n_txt) = self.check_input(input)?;
         let dtype = self.dtype();
         let device = self.device();
@@ -608,19 +677,53 @@ impl FluxTransformer {
         let mut txt = self
             .context_embedder
             .forward(&input.txt.to_device(device)?.to_dtype(dtype)?)?;
-        for block in &self.transformer_blocks {
-            (img, txt) = block.forward(&img, &txt, &temb_act, &rope)?;
+        let (mut first_block, mut taylor) = (None, None);
+        match cache {
+            Some(StepCache::FirstBlock(c)) => first_block = Some(c),
+            Some(StepCache::TaylorSeer(c)) => {
+                let compute = c.begin();
+                taylor = Some((c, compute));
+            }
+            None => {}
+        }
+        let mut blocks = self.transformer_blocks.iter().enumerate();
+        let mut head = None;
+        if let Some(fbc) = first_block.as_deref_mut() {
+            // First Block Cache: the first block always runs; its image residual decides.
+            let (_, block) = blocks.next().expect("FLUX has double blocks");
+            let (img1, txt1) = block.forward(&img, &txt, &temb_act, &rope, None)?;
+            let residual = (&img1 - &img)?;
+            if !fbc.should_compute(&residual)? {
+                let (tail_img, _) = fbc.tail_residuals.as_ref().expect("set when computed");
+                return self.final_layer(&(tail_img + &img1)?, &temb_act);
+            }
+            head = Some((residual, img1.clone(), txt1.clone()));
+            (img, txt) = (img1, txt1);
+        }
+        for (i, block) in blocks {
+            let slot = TaylorSlot::of(&mut taylor, i);
+            (img, txt) = block.forward(&img, &txt, &temb_act, &rope, slot)?;
         }
         // Single-stream blocks see one joint sequence; diffusers splits and re-joins it around
         // each block, which changes nothing.
         let mut joint = Tensor::cat(&[txt, img], 1)?;
-        for block in &self.single_transformer_blocks {
-            joint = block.forward(&joint, &temb_act, &rope)?;
+        let doubles = self.transformer_blocks.len();
+        for (i, block) in self.single_transformer_blocks.iter().enumerate() {
+            let slot = TaylorSlot::of(&mut taylor, doubles + i);
+            joint = block.forward(&joint, &temb_act, &rope, slot)?;
         }
         let img = joint.narrow(1, n_txt, n_img)?;
+        if let (Some(fbc), Some((residual, img1, txt1))) = (first_block, head) {
+            let txt = joint.narrow(1, 0, n_txt)?;
+            fbc.store(residual, ((&img - img1)?, (txt - txt1)?));
+        }
+        self.final_layer(&img, &temb_act)
+    }
 
-        let m = self.norm_out.forward(&temb_act)?.chunk(2, 1)?;
-        let img = self.norm.modulate(&img, &m[1], &m[0])?;
+    /// `norm_out` and `proj_out` on the image tokens.
+    fn final_layer(&self, img: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
+        let m = self.norm_out.forward(temb_act)?.chunk(2, 1)?;
+        let img = self.norm.modulate(img, &m[1], &m[0])?;
         Ok(self.proj_out.forward(&img)?)
     }
 

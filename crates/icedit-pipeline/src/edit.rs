@@ -291,10 +291,16 @@ impl<'a> EditText<'a> {
 }
 
 pub struct EditOutput {
-    /// The edited image: the diptych's right half, or Kontext's whole output.
+    /// The edited image: the diptych's right half, the stitched photo of a masked edit, or
+    /// Kontext's whole output.
     pub edited: RgbImage,
     /// The whole generated image (the diptych for ICEdit).
     pub generated: RgbImage,
+    /// Transformer passes of the run, and of those the ones computed in full.
+    pub evaluations: usize,
+    pub full_evaluations: usize,
+    /// With a step cache: per guidance branch, whether each step was computed in full.
+    pub computed_steps: Option<Vec<Vec<bool>>>,
 }
 
 impl FluxPipeline {
@@ -362,10 +368,19 @@ impl FluxPipeline {
         let mut state = self.start_edit(job, text, settings, noise, progress)?;
         self.advance(&mut state, usize::MAX, progress)?;
         progress(Progress::Decoding);
-        let generated = self.decode(&state)?;
+        self.finish(job, &state)
+    }
+
+    /// The result of a finished run: decoded, the edit taken out (or stitched in), and what it
+    /// cost.
+    pub fn finish(&mut self, job: &EditJob, state: &Denoising) -> Result<EditOutput> {
+        let generated = self.decode(state)?;
         Ok(EditOutput {
             edited: job.edited(&generated),
             generated,
+            evaluations: state.evaluations(),
+            full_evaluations: state.full_evaluations(),
+            computed_steps: state.computed_steps(),
         })
     }
 }

@@ -12,7 +12,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
-use icedit_flux::{AutoencoderKl, Checkpoint, FluxConfig, FluxInput, FluxTransformer, Posterior};
+use icedit_flux::{
+    AutoencoderKl, Checkpoint, FluxConfig, FluxInput, FluxTransformer, Posterior, StepCache,
+    StepCacheConfig,
+};
 use icedit_hub::ModelRepo;
 use icedit_text::{TextConditioning, TextEncoders};
 use image::{GrayImage, RgbImage};
@@ -139,6 +142,8 @@ pub struct FluxPipeline {
     /// photo), by a hash of its pixels: seeds of one edit (and the candidates of a seed search)
     /// share it.
     posterior_cache: Option<(u64, Posterior)>,
+    /// A step cache for every run started from now on (`--cache`).
+    step_cache: Option<StepCacheConfig>,
 }
 
 impl FluxPipeline {
@@ -178,6 +183,7 @@ impl FluxPipeline {
             adapter_mode: ApplyMode::Merge,
             applied_adapters: Vec::new(),
             posterior_cache: None,
+            step_cache: None,
         })
     }
 
@@ -186,6 +192,12 @@ impl FluxPipeline {
     pub fn keep_text_encoders(mut self, keep: bool) -> Self {
         self.keep_text_encoders = keep;
         self
+    }
+
+    /// A step cache (lossy, opt-in) for the runs started from now on; `None` computes every step
+    /// in full.
+    pub fn set_step_cache(&mut self, cache: Option<StepCacheConfig>) {
+        self.step_cache = cache;
     }
 
     /// Drops the text encoders now (they are kept while [`FluxPipeline::keep_text_encoders`]
@@ -496,6 +508,10 @@ impl FluxPipeline {
             schedule: FlowMatchSchedule::new(&self.scheduler, run.steps, tokens)?,
             condition,
             keep_outside: None,
+            step_caches: self.step_cache.as_ref().map(|c| {
+                let branches = 1 + true_cfg.is_some() as usize;
+                (0..branches).map(|_| c.new_state()).collect()
+            }),
             true_cfg,
             img_ids,
             txt_ids: text_ids(txt.dim(1)?, device)?,
@@ -581,10 +597,19 @@ impl FluxPipeline {
                         .into(),
                 ));
             }
+            if group.len() > 1 && group.iter().any(|s| s.step_caches.is_some()) {
+                return Err(PipelineError::Input(
+                    "a step cache keeps each run's own state: advance runs one at a time \
+                     (--batch-candidates 1) with --cache"
+                        .into(),
+                ));
+            }
             let total = first.total_steps();
             let noise_tokens = first.latents.dim(1)?;
             while group[0].step < until.min(total) {
                 let step = group[0].step;
+                // A step cache's state goes with the one run it belongs to (checked above).
+                let mut caches = group[0].step_caches.take();
                 let cat = |part: &dyn Fn(&Denoising) -> Result<Tensor>| -> Result<Tensor> {
                     let parts = group.iter().map(|s| part(s)).collect::<Result<Vec<_>>>()?;
                     Ok(Tensor::cat(&parts, 0)?)
@@ -593,19 +618,25 @@ impl FluxPipeline {
                 let guidance = cat(&|s| Ok(s.guidance.clone()))?;
                 let t = group[0].schedule.model_timestep(step, dtype);
                 let timestep = Tensor::new(vec![t; group.len()], &device)?;
+                let mut branch = caches.iter_mut().flatten();
+                let img_ids = &group[0].img_ids;
                 // Only the noise tokens' prediction is used (Kontext appends the photo's).
-                let predict = |txt: &Tensor, txt_ids: &Tensor, pooled: &Tensor| -> Result<Tensor> {
-                    let out = transformer.forward(&FluxInput {
-                        img: &img,
-                        img_ids: &group[0].img_ids,
-                        txt,
-                        txt_ids,
-                        pooled,
-                        timestep: &timestep,
-                        guidance: transformer.config().guidance_embeds.then_some(&guidance),
-                    })?;
-                    Ok(out.narrow(1, 0, noise_tokens)?)
-                };
+                let mut predict =
+                    |txt: &Tensor, txt_ids: &Tensor, pooled: &Tensor| -> Result<Tensor> {
+                        let out = transformer.forward_cached(
+                            &FluxInput {
+                                img: &img,
+                                img_ids,
+                                txt,
+                                txt_ids,
+                                pooled,
+                                timestep: &timestep,
+                                guidance: transformer.config().guidance_embeds.then_some(&guidance),
+                            },
+                            branch.next(),
+                        )?;
+                        Ok(out.narrow(1, 0, noise_tokens)?)
+                    };
                 let mut velocity = predict(
                     &cat(&|s| Ok(s.txt.clone()))?,
                     &group[0].txt_ids,
@@ -625,6 +656,8 @@ impl FluxPipeline {
                     velocity = (negative + scaled)?;
                     passes = 2;
                 }
+                drop(predict);
+                group[0].step_caches = caches;
                 for (i, state) in group.iter_mut().enumerate() {
                     let velocity = velocity.narrow(0, i, 1)?;
                     state.latents = state.schedule.step(step, &state.latents, &velocity)?;
@@ -734,8 +767,8 @@ impl KeepOutside {
     fn blend(&self, schedule: &FlowMatchSchedule, step: usize, latents: &Tensor) -> Result<Tensor> {
         let dtype = latents.dtype();
         let proper = if step + 1 < schedule.steps() {
-            let sigma = crate::scheduler::round_to(schedule.sigma(step + 1), dtype);
-            let rest = crate::scheduler::round_to(1.0 - sigma, dtype);
+            let sigma = icedit_flux::round_to(schedule.sigma(step + 1), dtype);
+            let rest = icedit_flux::round_to(1.0 - sigma, dtype);
             (self.noise.affine(sigma as f64, 0.0)? + self.photo.affine(rest as f64, 0.0)?)?
         } else {
             self.photo.clone()
@@ -760,6 +793,8 @@ pub struct Denoising {
     schedule: FlowMatchSchedule,
     condition: Condition,
     keep_outside: Option<KeepOutside>,
+    /// The step cache's state per guidance branch (cond, then uncond with true CFG).
+    step_caches: Option<Vec<StepCache>>,
     true_cfg: Option<TrueCfg>,
     /// The noise tokens' ids, then the condition tokens'.
     img_ids: Tensor,
@@ -794,6 +829,22 @@ impl Denoising {
     /// passes them (`hidden_states`, `img_ids`).
     pub fn transformer_image_input(&self) -> Result<(Tensor, &Tensor)> {
         Ok((self.model_input()?, &self.img_ids))
+    }
+
+    /// For each step, whether the transformer computed it in full, per guidance branch (cond,
+    /// then uncond with true CFG); `None` without a step cache (every step is).
+    pub fn computed_steps(&self) -> Option<Vec<Vec<bool>>> {
+        self.step_caches
+            .as_ref()
+            .map(|caches| caches.iter().map(|c| c.computed().to_vec()).collect())
+    }
+
+    /// Transformer passes computed in full (all of them without a step cache).
+    pub fn full_evaluations(&self) -> usize {
+        match self.computed_steps() {
+            Some(branches) => branches.iter().flatten().filter(|&&c| c).count(),
+            None => self.evaluations,
+        }
     }
 
     /// Transformer passes per step: 2 with true CFG.

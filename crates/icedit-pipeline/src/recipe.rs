@@ -30,6 +30,9 @@ pub struct Recipe {
     /// The mask file of a masked edit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// The step cache (`--cache`), lossy: the result depends on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
     pub width: u32,
     pub height: u32,
     /// Outpainting margins L,T,R,B.

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+use icedit_flux::round_to;
 use serde::Deserialize;
 
 use crate::error::{PipelineError, Result};
@@ -224,15 +225,6 @@ fn time_shift(kind: &str, mu: f64, t: f32) -> f32 {
     };
     let ratio = 1.0f32 / t - 1.0;
     numerator / (numerator + ratio)
-}
-
-/// Rounds an f32 to the nearest value of `dtype` (no-op for f32).
-pub(crate) fn round_to(value: f32, dtype: DType) -> f32 {
-    match dtype {
-        DType::BF16 => half::bf16::from_f32(value).to_f32(),
-        DType::F16 => half::f16::from_f32(value).to_f32(),
-        _ => value,
-    }
 }
 
 #[cfg(test)]

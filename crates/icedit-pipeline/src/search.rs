@@ -64,6 +64,8 @@ pub struct Candidate {
     /// (steps taken, right half of the clean-image estimate).
     pub previews: Vec<(usize, RgbImage)>,
     pub evaluations: usize,
+    /// Of those, the ones computed in full (fewer with a step cache).
+    pub full_evaluations: usize,
 }
 
 /// One judge call.
@@ -87,6 +89,8 @@ pub struct SearchOutcome {
     pub calls: Vec<JudgeCall>,
     /// Transformer evaluations, all candidates and the finish included.
     pub evaluations: usize,
+    /// Of those, the ones computed in full (fewer with a step cache).
+    pub full_evaluations: usize,
 }
 
 impl FluxPipeline {
@@ -120,6 +124,7 @@ impl FluxPipeline {
                 seed,
                 previews: Vec::new(),
                 evaluations: 0,
+                full_evaluations: 0,
             })
             .collect();
         let mut calls = Vec::new();
@@ -171,12 +176,14 @@ impl FluxPipeline {
                     let preview = job.judged(&self.decode(short)?);
                     c.previews.push((search.early_steps, preview));
                     c.evaluations += short.evaluations();
+                    c.full_evaluations += short.full_evaluations();
                 }
                 let winner = tournament(&candidates, &mut calls, &mut judge_pair)?;
                 let mut run = start(self, candidates[winner].seed, settings.steps, progress)?;
                 self.advance(&mut run, usize::MAX, progress)?;
                 candidates[winner].evaluations += run.evaluations();
-                (winner, self.decode(&run)?)
+                candidates[winner].full_evaluations += run.full_evaluations();
+                (winner, self.finish(job, &run)?)
             }
             EarlyFilter::Continue => {
                 let mut states: Vec<Denoising> = Vec::with_capacity(candidates.len());
@@ -234,18 +241,17 @@ impl FluxPipeline {
                 self.advance(state, usize::MAX, progress)?;
                 for (c, s) in candidates.iter_mut().zip(&states) {
                     c.evaluations = s.evaluations();
+                    c.full_evaluations = s.full_evaluations();
                 }
-                (winner, self.decode(&states[winner])?)
+                (winner, self.finish(job, &states[winner])?)
             }
         };
         progress(Progress::Decoding);
         Ok(SearchOutcome {
             winner_seed: candidates[winner].seed,
-            result: EditOutput {
-                edited: job.edited(&result),
-                generated: result,
-            },
+            result,
             evaluations: candidates.iter().map(|c| c.evaluations).sum(),
+            full_evaluations: candidates.iter().map(|c| c.full_evaluations).sum(),
             candidates,
             calls,
         })

@@ -843,3 +843,64 @@ fn fast_is_the_default_adapter_plus_turbo_at_8_steps() {
     );
     assert!(run.status.success(), "{}", stderr(&run));
 }
+
+/// `--cache`: a threshold of 0 computes every step (the plain edit, bit for bit); TaylorSeer
+/// predicts on its schedule; `--json` and the recipe say what ran; bad specs are refused.
+#[test]
+fn step_caches_on_the_command_line() {
+    let home = hf_home_with_adapters();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.png");
+    let run = icedit(&base_args(&plain), home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let zero = dir.path().join("zero.png");
+    let run = icedit(
+        &with(base_args(&zero), &["--cache", "first-block:0", "--json"]),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(max_png_diff(&plain, &zero), 0, "threshold 0 is no cache");
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let out = &summary["outputs"][0];
+    assert_eq!(
+        out["computed_steps"],
+        serde_json::json!([[true, true, true, true]])
+    );
+    assert_eq!(out["full_evaluations"], 4);
+    assert_eq!(recipe(&zero)["cache"], "first-block:0");
+
+    let taylor = dir.path().join("taylor.png");
+    let run = icedit(
+        &with(
+            base_args(&taylor),
+            &["--cache", "taylorseer:interval=2,warmup=1", "--json"],
+        ),
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let out = &summary["outputs"][0];
+    // warm-up 1, interval 2: step 0 computes, 1 is predicted, 2 computes, 3 is predicted.
+    assert_eq!(
+        out["computed_steps"],
+        serde_json::json!([[true, false, true, false]])
+    );
+    assert_eq!(out["transformer_evaluations"], 4);
+    assert_eq!(out["full_evaluations"], 2);
+    assert!(
+        max_png_diff(&plain, &taylor) > 0,
+        "predicted steps change the result"
+    );
+
+    for (spec, expected) in [
+        ("magcache", "unknown cache"),
+        ("first-block:-1", "0 or more"),
+    ] {
+        let out = dir.path().join("bad.png");
+        let run = icedit(&with(base_args(&out), &["--cache", spec]), home.path());
+        assert_eq!(run.status.code(), Some(1));
+        assert!(stderr(&run).contains(expected), "{spec}: {}", stderr(&run));
+        assert!(!out.exists());
+    }
+}

@@ -237,7 +237,11 @@ impl TaylorSeerCache {
         }
         let (last, previous) = &self.slots[index];
         let first = *last == i64::MIN;
-        let dt = (self.step - *last) as f64;
+        let dt = if first {
+            1.0
+        } else {
+            (self.step - *last) as f64
+        };
         let mut all = Vec::with_capacity(outputs.len());
         for (i, features) in outputs.iter().enumerate() {
             let dtype = features.dtype();

@@ -1,0 +1,175 @@
+//! Step caches against diffusers' hooks (tests/fixtures/step_cache, made by
+//! tests/reference/gen_step_cache.py): First Block Cache at several thresholds (0 equals no
+//! cache), TaylorSeer with bf16 and f32 factors, and First Block Cache on Kontext with true CFG,
+//! whose cond and uncond branches decide apart. The same steps are computed in full, and the
+//! results match.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use icedit_flux::compare::max_abs_diff;
+use icedit_flux::StepCacheConfig;
+use icedit_hub::{HubOptions, ModelRepo};
+use icedit_pipeline::image_io::{load_mask, load_rgb, max_pixel_diff};
+use icedit_pipeline::kontext::{KontextJob, KontextOptions};
+use icedit_pipeline::{EditJob, EditSettings, EditText, FillRequest, FluxPipeline, InitialNoise};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn pipeline(folder: &str) -> FluxPipeline {
+    let repo = ModelRepo::open(
+        fixtures().join(folder).to_str().unwrap(),
+        &HubOptions::new(std::env::temp_dir()).with_offline(true),
+    )
+    .unwrap();
+    FluxPipeline::new(repo, DType::F32, Device::Cpu)
+        .unwrap()
+        .keep_text_encoders(true)
+}
+
+/// The run's cache as `--cache` would give it.
+fn cache_of(run: &Value) -> Option<StepCacheConfig> {
+    let c = &run["cache"];
+    match c["kind"].as_str()? {
+        "first_block_cache" => {
+            Some(StepCacheConfig::parse(&format!("first-block:{}", c["threshold"])).unwrap())
+        }
+        "taylorseer" => {
+            let dtype = match c["taylor_factors_dtype"].as_str().unwrap() {
+                "bfloat16" => "bf16",
+                "float32" => "f32",
+                other => panic!("{other}"),
+            };
+            let mut spec = format!(
+                "taylorseer:interval={},warmup={},order={},dtype={dtype}",
+                c["cache_interval"], c["disable_cache_before_step"], c["max_order"]
+            );
+            if let Some(after) = c["disable_cache_after_step"].as_u64() {
+                spec += &format!(",cooldown={after}");
+            }
+            Some(StepCacheConfig::parse(&spec).unwrap())
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn step_caches_decide_and_compute_as_diffusers() {
+    let runs: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("step_cache/reference/runs.json")).unwrap(),
+    )
+    .unwrap();
+    for run in runs["runs"].as_array().unwrap() {
+        let name = run["name"].as_str().unwrap();
+        let folder = fixtures().join("step_cache/reference").join(name);
+        let io: HashMap<String, Tensor> =
+            candle_core::safetensors::load(folder.join("io.safetensors"), &Device::Cpu).unwrap();
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        let guidance = run["guidance"].as_f64().unwrap() as f32;
+        let max_len = run["max_sequence_length"].as_u64().unwrap() as usize;
+        let seed = run["seed"].as_u64().unwrap();
+        let prompt = run["prompt"].as_str().unwrap();
+        let image = load_rgb(&folder.join("image.png")).unwrap().rgb;
+        let (mut p, mut state) = if run["pipeline"] == "fill" {
+            let mut p = pipeline("fill_pipeline/tiny");
+            p.set_step_cache(cache_of(run));
+            let text = p.encode_prompt(prompt, max_len, &mut |_| {}).unwrap();
+            let mask = load_mask(&folder.join("mask.png")).unwrap();
+            let request = FillRequest {
+                image: &image,
+                mask: &mask,
+                prompt,
+                steps,
+                guidance,
+                noise: InitialNoise::Seed(seed),
+                max_sequence_length: max_len,
+            };
+            let state = p.start(&request, &text, &mut |_| {}).unwrap();
+            (p, state)
+        } else {
+            let mut p = pipeline("kontext/tiny");
+            p.set_step_cache(cache_of(run));
+            let encoded = p.encode_prompt(prompt, max_len, &mut |_| {}).unwrap();
+            let negative = run["negative_prompt"]
+                .as_str()
+                .map(|n| p.encode_prompt(n, max_len, &mut |_| {}).unwrap());
+            let size = (
+                run["width"].as_u64().unwrap() as u32,
+                run["height"].as_u64().unwrap() as u32,
+            );
+            let options = KontextOptions {
+                auto_resize: run["auto_resize"].as_bool().unwrap(),
+                size: Some(size),
+                max_area: run["max_area"].as_u64(),
+            };
+            let job = EditJob::Kontext(KontextJob::new(&image, None, &options).unwrap());
+            let text = EditText {
+                prompt,
+                encoded: &encoded,
+                true_cfg: negative
+                    .as_ref()
+                    .map(|n| (n, run["true_cfg_scale"].as_f64().unwrap() as f32)),
+            };
+            let settings = EditSettings {
+                steps,
+                guidance,
+                max_sequence_length: max_len,
+            };
+            let state = p
+                .start_edit(
+                    &job,
+                    &text,
+                    &settings,
+                    InitialNoise::Seed(seed),
+                    &mut |_| {},
+                )
+                .unwrap();
+            (p, state)
+        };
+        p.advance(&mut state, usize::MAX, &mut |_| {}).unwrap();
+
+        let expected: Option<Vec<Vec<bool>>> = run["contexts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                run["computed"].get(c.as_str().unwrap()).map(|steps| {
+                    steps
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|b| b.as_bool().unwrap())
+                        .collect()
+                })
+            })
+            .collect();
+        assert_eq!(
+            state.computed_steps(),
+            expected,
+            "{name}: steps computed in full"
+        );
+
+        let latents_err = max_abs_diff(state.latents(), &io["final_latents"]).unwrap();
+        let out = p.decode(&state).unwrap();
+        let png = load_rgb(&folder.join("out.png")).unwrap().rgb;
+        let png_err = max_pixel_diff(&out, &png).unwrap();
+        eprintln!(
+            "{name}: computed {:?}, final latents {latents_err:.1e}, PNG {png_err}/255",
+            state.computed_steps()
+        );
+        assert!(latents_err <= 5e-4, "{name}: final latents {latents_err}");
+        assert!(png_err <= 1, "{name}: PNG {png_err}/255");
+        if let Some(full) = &expected {
+            let skipped = full.iter().flatten().filter(|c| !**c).count();
+            assert_eq!(
+                state.full_evaluations(),
+                state.evaluations() - skipped,
+                "{name}"
+            );
+        }
+    }
+}

@@ -6,30 +6,31 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use icedit_adapters::{
-    manifest_of, resolve, AdapterChoice, AdapterFile, AdapterKind, AppliedAdapter, ApplyMode,
-    Manifest, ResolvedAdapter, DEFAULT_ADAPTER, TURBO_ADAPTER,
-};
+use icedit_adapters::{manifest_of, AppliedAdapter};
 use icedit_flux::{parse_dtype, StepCacheConfig};
 use icedit_hub::{HubOptions, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
 use icedit_judge::{Judge, JudgeSpec};
-use icedit_pipeline::edit::{prompt_template, templated_prompt, DEFAULT_WIDTH, DIPTYCH_TEMPLATE};
+use icedit_pipeline::edit::{
+    templated_prompt, JobOptions, DEFAULT_CONTEXT, DEFAULT_FEATHER, DIPTYCH_TEMPLATE,
+    ICEDIT_GUIDANCE,
+};
 use icedit_pipeline::image_io::{
     aspect_warning, load_mask, load_rgb, save_png, write_file_atomically,
 };
-use icedit_pipeline::kontext::{self, KontextJob, KontextOptions};
 use icedit_pipeline::latents::VAE_SCALE;
-use icedit_pipeline::masked::{ContextMargin, MaskedEdit, Window};
+use icedit_pipeline::masked::{ContextMargin, Window};
 use icedit_pipeline::recipe::{AdapterUse, Recipe};
 use icedit_pipeline::search::{
     EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
 };
-use icedit_pipeline::{
-    Diptych, EditJob, EditOutput, EditSettings, EditText, InitialNoise, PipelineKind,
-};
+use icedit_pipeline::{EditJob, EditOutput, EditSettings, EditText, InitialNoise, PipelineKind};
 use serde_json::json;
 
+use crate::adapters::{
+    adapter_specs, base_model_warning, check_base_model, describe_applied, load_adapters,
+    manifest_template, AdapterArgs,
+};
 use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_latents};
 use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
@@ -48,24 +49,8 @@ pub struct EditArgs {
     /// The whole prompt instead of the templated instruction.
     #[arg(long)]
     prompt: Option<String>,
-    /// Adapter: a known name (icedit-moe, icedit-normal, ...), `hf:OWNER/REPO[/FILE]`, or a
-    /// local .safetensors file, folder or .toml manifest. Repeat to combine. Default: icedit-moe
-    /// on Fill models, none on Kontext models.
-    #[arg(long = "lora", value_name = "SPEC")]
-    loras: Vec<String>,
-    /// Strength of each --lora, in order (default: the manifest's, else 1).
-    #[arg(long = "lora-scale", value_name = "X")]
-    lora_scales: Vec<f64>,
-    /// Run the bare model without any adapter.
-    #[arg(long, conflicts_with_all = ["loras", "lora_scales"])]
-    no_lora: bool,
-    /// Experts per token for mixture-of-experts adapters (default: the file's, else 1).
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// merge: LoRA folded into the weights at load (fast); runtime: computed at each layer, as
-    /// PEFT does. MoE layers always run at run time.
-    #[arg(long, value_enum, default_value = "merge")]
-    lora_mode: LoraMode,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// ICEdit: the width of each half of the diptych [default: 512, as the adapters were
     /// trained]. Kontext: the output's width, with --height [default: the photo's aspect ratio
     /// at --max-area].
@@ -177,15 +162,9 @@ pub struct EditArgs {
     quiet: bool,
 }
 
-/// ICEdit's guidance (its paper and scripts).
-const ICEDIT_GUIDANCE: f32 = 50.0;
 /// Steps of an edit: FLUX's usual 28, or 8 with the turbo LoRA (`--fast`).
 const DEFAULT_STEPS: usize = 28;
 const FAST_STEPS: usize = 8;
-/// A masked edit's context around the mask: a quarter of its longer side on each side.
-const DEFAULT_CONTEXT: &str = "0.25";
-/// A masked edit's soft edge, in pixels.
-const DEFAULT_FEATHER: u32 = 8;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum EarlyFilterArg {
@@ -197,12 +176,6 @@ enum EarlyFilterArg {
 enum SelectionArg {
     Tournament,
     Halving,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LoraMode {
-    Merge,
-    Runtime,
 }
 
 pub fn run(args: EditArgs) -> Result<()> {
@@ -280,10 +253,10 @@ pub fn run(args: EditArgs) -> Result<()> {
     if step_cache.is_some() && judge_specs.is_some() && args.batch_candidates > 1 {
         bail!("--cache keeps each candidate's own state: use it with --batch-candidates 1");
     }
-    if args.top_k == Some(0) {
+    if args.adapters.top_k == Some(0) {
         bail!("--top-k must be at least 1");
     }
-    if let Some(scale) = args.lora_scales.iter().find(|s| !s.is_finite()) {
+    if let Some(scale) = args.adapters.lora_scales.iter().find(|s| !s.is_finite()) {
         bail!("--lora-scale {scale}: a scale must be a finite number");
     }
 
@@ -318,7 +291,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         inputs.file("--latents", latents);
     }
     add_model_inputs(&mut inputs, &args.model, &hub)?;
-    for spec in &args.loras {
+    for spec in &args.adapters.loras {
         add_adapter_inputs(&mut inputs, spec);
     }
     for spec in judge_specs.iter().flatten() {
@@ -353,17 +326,20 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let context = ContextMargin::parse(args.context.as_deref().unwrap_or(DEFAULT_CONTEXT))?;
+    let context = match &args.context {
+        Some(text) => ContextMargin::parse(text)?,
+        None => DEFAULT_CONTEXT,
+    };
     // The model's kind, from its small config files; its weights are fetched later.
     let pipeline = args.model.open(&hub, dtype, &device)?;
     let kind = pipeline.kind();
     check_flags_for(kind, &args)?;
-    if kind == PipelineKind::Kontext {
-        settings.guidance = args.guidance.unwrap_or(kontext::DEFAULT_GUIDANCE);
-    }
+    settings.guidance = args
+        .guidance
+        .unwrap_or(EditSettings::for_kind(kind).guidance);
     // The adapters' manifests (built in or local, no download) say which prompt template they
     // were trained with and on which model.
-    let adapter_specs = adapter_specs(&args, kind);
+    let adapter_specs = adapter_specs(&args.adapters, kind, args.fast);
     let mut manifests = Vec::new();
     for spec in &adapter_specs {
         manifests.extend(manifest_of(spec).with_context(|| format!("--lora {spec}"))?);
@@ -385,40 +361,22 @@ pub fn run(args: EditArgs) -> Result<()> {
         (None, Some(p)) => p.clone(),
         (None, None) => unreachable!("checked above"),
     };
-    let job = match kind {
-        PipelineKind::Fill => {
-            let width = args.width.unwrap_or(DEFAULT_WIDTH);
-            let job = match &mask {
-                Some(mask) => EditJob::Masked(
-                    MaskedEdit::new(
-                        &source.rgb,
-                        mask,
-                        width,
-                        context,
-                        args.feather.unwrap_or(DEFAULT_FEATHER),
-                    )
-                    .with_context(|| format!("--image {}", args.image.display()))?,
-                ),
-                None => EditJob::Diptych(Diptych::new(&source.rgb, width)?),
-            };
-            let (w, h) = job.generated_size();
-            if let Some(warning) = aspect_warning(w / 2, h, "the edit") {
-                reporter.warn(&warning);
-            }
-            job
-        }
-        PipelineKind::Kontext => {
-            let options = KontextOptions {
-                auto_resize: !args.no_auto_resize,
-                size: args.width.zip(args.height),
-                max_area: args.max_area,
-            };
-            EditJob::Kontext(
-                KontextJob::new(&source.rgb, mask.as_ref(), &options)
-                    .with_context(|| format!("--image {}", args.image.display()))?,
-            )
-        }
+    let options = JobOptions {
+        width: args.width,
+        height: args.height,
+        max_area: args.max_area,
+        auto_resize: !args.no_auto_resize,
+        context,
+        feather: args.feather.unwrap_or(DEFAULT_FEATHER),
     };
+    let job = EditJob::new(kind, &source.rgb, mask.as_ref(), &options)
+        .with_context(|| format!("--image {}", args.image.display()))?;
+    if kind == PipelineKind::Fill {
+        let (w, h) = job.generated_size();
+        if let Some(warning) = aspect_warning(w / 2, h, "the edit") {
+            reporter.warn(&warning);
+        }
+    }
     let (generated_width, generated_height) = job.generated_size();
     let latents = match &args.latents {
         Some(path) => {
@@ -458,7 +416,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         _ => None,
     };
     let passes_per_step = 1 + negative.is_some() as usize;
-    let adapters = load_adapters(&args, &adapter_specs, &hub, &reporter)?;
+    let adapters = load_adapters(&args.adapters, &adapter_specs, args.fast, &hub, &reporter)?;
     // Adapters named by manifests are known only now: their files are inputs too.
     for (resolved, _) in &adapters {
         inputs.file("adapter", &resolved.path);
@@ -492,10 +450,7 @@ pub fn run(args: EditArgs) -> Result<()> {
                 .then(|| choice.top_k.or(choice.file.metadata_top_k()).unwrap_or(1)),
         })
         .collect();
-    let mode = match args.lora_mode {
-        LoraMode::Merge => ApplyMode::Merge,
-        LoraMode::Runtime => ApplyMode::Runtime,
-    };
+    let mode = args.adapters.lora_mode.apply_mode();
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
     pipeline.set_step_cache(step_cache.clone());
 
@@ -782,25 +737,6 @@ impl ResultWriter<'_> {
     }
 }
 
-/// The `--lora` specs, or the default adapter (ICEdit's, on Fill; none on Kontext, which edits
-/// by itself); none with --no-lora.
-fn adapter_specs(args: &EditArgs, kind: PipelineKind) -> Vec<String> {
-    let mut specs = if args.no_lora {
-        Vec::new()
-    } else if args.loras.is_empty() {
-        match kind {
-            PipelineKind::Fill => vec![DEFAULT_ADAPTER.to_string()],
-            PipelineKind::Kontext => Vec::new(),
-        }
-    } else {
-        args.loras.clone()
-    };
-    if args.fast && !specs.iter().any(|s| s == TURBO_ADAPTER) {
-        specs.push(TURBO_ADAPTER.to_string());
-    }
-    specs
-}
-
 /// Flags that only one kind of model takes, refused on the other before anything loads.
 fn check_flags_for(kind: PipelineKind, args: &EditArgs) -> Result<()> {
     let kontext_only = [
@@ -842,165 +778,6 @@ fn check_flags_for(kind: PipelineKind, args: &EditArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// An adapter trained on the other kind of model cannot load into this one (Fill's transformer
-/// takes 384 input channels, Kontext's 64): refused before anything downloads.
-fn check_base_model(manifest: &Manifest, kind: PipelineKind) -> Result<()> {
-    let Some(base) = manifest.base_model.as_deref() else {
-        return Ok(());
-    };
-    let lower = base.to_ascii_lowercase();
-    let trained_on = if lower.contains("kontext") {
-        PipelineKind::Kontext
-    } else if lower.contains("fill") {
-        PipelineKind::Fill
-    } else {
-        return Ok(());
-    };
-    if trained_on != kind {
-        bail!(
-            "adapter {} was trained on {base} ({}, {} input channels), but --model is {} ({} \
-             input channels); pick an adapter for this model or --no-lora",
-            manifest.name,
-            trained_on.name(),
-            trained_on.in_channels(),
-            kind.name(),
-            kind.in_channels()
-        );
-    }
-    Ok(())
-}
-
-/// The prompt template the adapters were trained with (`default` when no manifest names one:
-/// ICEdit's diptych prompt on Fill, the instruction itself on Kontext).
-fn manifest_template(manifests: &[Manifest], default: &'static str) -> Result<&'static str> {
-    let mut names: Vec<&str> = manifests
-        .iter()
-        .filter_map(|m| m.prompt.as_deref())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    match names[..] {
-        [] => Ok(default),
-        [name] => Ok(prompt_template(name)?),
-        _ => bail!(
-            "the adapters were trained with different prompt templates ({}); use one at a time, \
-             or give the whole --prompt",
-            names.join(", ")
-        ),
-    }
-}
-
-/// A warning when `--model` is a Hub repo other than the one the adapter was trained on.
-/// Also when the adapter was trained on another FLUX model than this kind (the turbo LoRAs,
-/// trained on FLUX.1 dev), whatever `--model` is.
-fn base_model_warning(manifest: &Manifest, model: &str, kind: PipelineKind) -> Option<String> {
-    let base = manifest.base_model.as_deref()?;
-    match ModelSource::parse(model) {
-        Ok(ModelSource::Hub { repo_id, .. }) if !repo_id.eq_ignore_ascii_case(base) => {
-            Some(format!(
-                "adapter {} was trained on {base}, not {repo_id}: expect weaker edits",
-                manifest.name
-            ))
-        }
-        Ok(ModelSource::Hub { .. }) => None,
-        _ => {
-            let lower = base.to_ascii_lowercase();
-            let same_kind = match kind {
-                PipelineKind::Fill => lower.contains("fill"),
-                PipelineKind::Kontext => lower.contains("kontext"),
-            };
-            (!same_kind).then(|| {
-                format!(
-                    "adapter {} was trained on {base}, not {}: expect weaker edits",
-                    manifest.name,
-                    kind.name()
-                )
-            })
-        }
-    }
-}
-
-/// Resolves (downloading if needed) and reads every adapter; checks manifests' stated kinds.
-fn load_adapters(
-    args: &EditArgs,
-    specs: &[String],
-    hub: &HubOptions,
-    reporter: &Reporter,
-) -> Result<Vec<(ResolvedAdapter, AdapterChoice)>> {
-    // --fast's turbo LoRA, added after the others, keeps its manifest's scale.
-    let added_turbo = args.fast && !args.loras.iter().any(|s| s == TURBO_ADAPTER);
-    let scalable = specs.len() - usize::from(added_turbo);
-    if !args.lora_scales.is_empty() && args.lora_scales.len() != scalable {
-        bail!(
-            "{} --lora-scale value(s) for {scalable} adapter(s); give one scale per --lora, in \
-             order",
-            args.lora_scales.len(),
-        );
-    }
-    let mut adapters = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
-        let resolved =
-            resolve(spec, hub).with_context(|| format!("cannot get the adapter `{spec}`"))?;
-        let file = AdapterFile::read(&resolved.path)?;
-        if let Some(manifest) = &resolved.manifest {
-            let kind = if file.is_moe() {
-                AdapterKind::MoeLora
-            } else {
-                AdapterKind::Lora
-            };
-            if kind != manifest.kind {
-                bail!(
-                    "{}: the manifest `{}` says {:?} but the file holds a {kind:?} adapter",
-                    resolved.path.display(),
-                    manifest.name,
-                    manifest.kind
-                );
-            }
-        }
-        if !file.text_encoder_keys().is_empty() {
-            reporter.warn(&format!(
-                "{}: {} text-encoder LoRA tensor(s) are NOT applied (icedit adapts the \
-                 transformer only)",
-                resolved.path.display(),
-                file.text_encoder_keys().len()
-            ));
-        }
-        let scale = args
-            .lora_scales
-            .get(i)
-            .copied()
-            .unwrap_or_else(|| resolved.default_scale());
-        if !scale.is_finite() {
-            bail!("--lora-scale must be a finite number");
-        }
-        let top_k = args
-            .top_k
-            .or(resolved.manifest.as_ref().and_then(|m| m.top_k));
-        let choice = AdapterChoice {
-            name: resolved.name.clone(),
-            file,
-            scale,
-            top_k,
-        };
-        adapters.push((resolved, choice));
-    }
-    Ok(adapters)
-}
-
-fn describe_applied(a: &AppliedAdapter) -> String {
-    let mut text = format!("adapter {}: {} LoRA layer(s)", a.name, a.lora_layers);
-    if a.lora_layers > 0 {
-        text += &format!(" ({} merged)", a.merged_layers);
-    }
-    if a.moe_layers > 0 {
-        text += &format!(
-            ", {} MoE layer(s) with {} experts, top-{}",
-            a.moe_layers, a.experts, a.top_k
-        );
-    }
-    text
 }
 
 /// One line per layer group: the share of tokens each expert received.

@@ -13,6 +13,7 @@ use icedit_pipeline::image_io;
 use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
 use icedit_pipeline::PipelineKind;
 
+mod adapters;
 mod edit;
 mod fill;
 mod inputs;
@@ -20,6 +21,7 @@ mod judge;
 mod outputs;
 mod progress;
 mod quantize;
+mod serve;
 
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
 // page faults (measurably faster on CPU).
@@ -47,6 +49,9 @@ enum Command {
     Edit(edit::EditArgs),
     /// Inpaint (regenerate the masked area) or outpaint (--expand) an image with FLUX.1 Fill.
     Fill(fill::FillArgs),
+    /// Keep the model loaded and serve edits over HTTP: OpenAI's `POST /v1/images/edits` and a
+    /// job API with progress events.
+    Serve(serve::ServeArgs),
     /// Write a FLUX transformer as a GGUF file (BFL naming, as ComfyUI-GGUF and diffusers read
     /// it), its matrices quantized (q8_0, q4_k, ...), for `--transformer` on smaller GPUs.
     Quantize(quantize::QuantizeArgs),
@@ -218,14 +223,18 @@ struct InspectArgs {
 }
 
 fn main() {
+    let cli = Cli::parse();
     // A signal runs no destructors: remove the temporary file of a result being written, so
-    // that a stopped run leaves nothing behind.
-    let _ = ctrlc::set_handler(|| {
-        icedit_pipeline::image_io::remove_partial_outputs();
-        eprintln!("icedit: stopped; no partial output left behind");
-        std::process::exit(130);
-    });
-    if let Err(err) = run(Cli::parse()) {
+    // that a stopped run leaves nothing behind. The server handles its own signals (it stops
+    // accepting and finishes its jobs).
+    if !matches!(cli.command, Command::Serve(_)) {
+        let _ = ctrlc::set_handler(|| {
+            icedit_pipeline::image_io::remove_partial_outputs();
+            eprintln!("icedit: stopped; no partial output left behind");
+            std::process::exit(130);
+        });
+    }
+    if let Err(err) = run(cli) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }
@@ -236,6 +245,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Edit(args) => edit::run(args),
         Command::Fill(args) => fill::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Judge(args) => judge::run(args),
         Command::Quantize(args) => quantize::run(args),
     }

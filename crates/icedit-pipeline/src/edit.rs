@@ -9,9 +9,10 @@ use image::{imageops, GrayImage, Luma, RgbImage};
 
 use crate::error::{PipelineError, Result};
 use crate::image_io::check_size;
+use crate::kontext::KontextOptions;
 use crate::kontext::{KontextJob, KontextRequest};
 use crate::latents::PIXELS_PER_TOKEN;
-use crate::masked::MaskedEdit;
+use crate::masked::{ContextMargin, MaskedEdit};
 use crate::pipeline::{Denoising, FillRequest, FluxPipeline, InitialNoise, PipelineKind, Progress};
 use icedit_image::resize::{resize_rgb, Filter};
 
@@ -185,7 +186,7 @@ impl Default for EditSettings {
     fn default() -> Self {
         Self {
             steps: 28,
-            guidance: 50.0,
+            guidance: ICEDIT_GUIDANCE,
             max_sequence_length: 512,
         }
     }
@@ -270,6 +271,115 @@ impl EditJob {
         }
     }
 }
+
+/// How a photo becomes an edit job, whatever asked for it (the CLI's flags, the server's forms
+/// and JSON): validated here, in one place.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// ICEdit: the diptych half's width (default [`DEFAULT_WIDTH`]). Kontext: the output's
+    /// width, with `height`.
+    pub width: Option<u32>,
+    /// Kontext: the output's height, with `width`.
+    pub height: Option<u32>,
+    /// Kontext: the output's pixel budget.
+    pub max_area: Option<u64>,
+    /// Kontext: resize the photo to the nearest training resolution.
+    pub auto_resize: bool,
+    /// Masked ICEdit edits: the window's margin and the blend's soft edge.
+    pub context: ContextMargin,
+    pub feather: u32,
+}
+
+/// A masked ICEdit edit's default margin: a quarter of the mask's longer side on each side.
+pub const DEFAULT_CONTEXT: ContextMargin = ContextMargin::Fraction(0.25);
+/// A masked ICEdit edit's default soft edge, in pixels.
+pub const DEFAULT_FEATHER: u32 = 8;
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        Self {
+            width: None,
+            height: None,
+            max_area: None,
+            auto_resize: true,
+            context: DEFAULT_CONTEXT,
+            feather: DEFAULT_FEATHER,
+        }
+    }
+}
+
+impl EditJob {
+    /// The job for `photo` on a model of `kind`: ICEdit's diptych, or a masked ICEdit edit
+    /// when a mask is given; Kontext's photo conditioning (its own inpainting with a mask).
+    pub fn new(
+        kind: PipelineKind,
+        photo: &RgbImage,
+        mask: Option<&GrayImage>,
+        options: &JobOptions,
+    ) -> Result<Self> {
+        match kind {
+            PipelineKind::Fill => {
+                if options.height.is_some() || options.max_area.is_some() {
+                    return Err(PipelineError::Input(
+                        "a height or pixel budget is for Kontext models; an ICEdit edit takes \
+                         the diptych half's width"
+                            .into(),
+                    ));
+                }
+                let width = options.width.unwrap_or(DEFAULT_WIDTH);
+                Ok(match mask {
+                    Some(mask) => Self::Masked(MaskedEdit::new(
+                        photo,
+                        mask,
+                        width,
+                        options.context,
+                        options.feather,
+                    )?),
+                    None => Self::Diptych(Diptych::new(photo, width)?),
+                })
+            }
+            PipelineKind::Kontext => {
+                if options.width.is_some() != options.height.is_some() {
+                    return Err(PipelineError::Input(
+                        "give the Kontext output's width and height together (or neither: the \
+                         photo's aspect ratio)"
+                            .into(),
+                    ));
+                }
+                if mask.is_some() && (options.width.is_some() || options.max_area.is_some()) {
+                    return Err(PipelineError::Input(
+                        "a masked Kontext edit has the photo's size; drop the width, height and \
+                         pixel budget"
+                            .into(),
+                    ));
+                }
+                let kontext = KontextOptions {
+                    auto_resize: options.auto_resize,
+                    size: options.width.zip(options.height),
+                    max_area: options.max_area,
+                };
+                Ok(Self::Kontext(KontextJob::new(photo, mask, &kontext)?))
+            }
+        }
+    }
+}
+
+impl EditSettings {
+    /// The defaults of a model kind: 28 steps; guidance 50 for ICEdit (its paper), 2.5 for
+    /// Kontext (BFL's examples).
+    pub fn for_kind(kind: PipelineKind) -> Self {
+        Self {
+            guidance: match kind {
+                PipelineKind::Fill => ICEDIT_GUIDANCE,
+                PipelineKind::Kontext => crate::kontext::DEFAULT_GUIDANCE,
+            },
+            ..Self::default()
+        }
+    }
+}
+
+/// ICEdit's guidance (its paper and scripts).
+pub const ICEDIT_GUIDANCE: f32 = 50.0;
 
 /// The prompt of an edit, encoded, with an optional negative prompt for true CFG (Kontext:
 /// two transformer passes per step, `negative + scale * (positive - negative)`).

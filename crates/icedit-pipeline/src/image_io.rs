@@ -1,7 +1,7 @@
 //! Reading user images and masks (any common format, converted to what the model takes) and
 //! writing results as PNG with their recipe in the metadata, atomically.
 
-use std::io::{BufWriter, Cursor, Write};
+use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -49,7 +49,16 @@ fn open(path: &Path) -> Result<(DynamicImage, Vec<String>)> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| image_err(e.to_string()))?;
-    let mut reader = ImageReader::new(Cursor::new(&bytes[..]))
+    decode(&bytes, path)
+}
+
+/// Decodes image bytes, `path` naming them in errors.
+fn decode(bytes: &[u8], path: &Path) -> Result<(DynamicImage, Vec<String>)> {
+    let image_err = |message: String| PipelineError::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| image_err(e.to_string()))?;
     let mut limits = image::Limits::default();
@@ -61,7 +70,7 @@ fn open(path: &Path) -> Result<(DynamicImage, Vec<String>)> {
             "not a recognised image format (PNG, JPEG, WebP, BMP or TIFF)".into(),
         ));
     };
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(&bytes) {
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The decoder would fill the missing rows with gray; PIL refuses such a file.
         return Err(image_err(
             "the JPEG is truncated (its data ends before the image does); is the file complete?"
@@ -69,7 +78,7 @@ fn open(path: &Path) -> Result<(DynamicImage, Vec<String>)> {
         ));
     }
     let mut notes = Vec::new();
-    if is_animated(format, &bytes) {
+    if is_animated(format, bytes) {
         notes.push("an animated image: its first frame is used".to_string());
     }
     let bad_image = |e: image::ImageError| {
@@ -115,7 +124,23 @@ fn is_animated(format: ImageFormat, bytes: &[u8]) -> bool {
 /// Reads an image as 8-bit RGB. Alpha is dropped (as PIL's `convert("RGB")` does), grayscale is
 /// replicated to three channels, 16-bit and float images are scaled to 8 bits.
 pub fn load_rgb(path: &Path) -> Result<LoadedImage> {
-    let (image, mut notes) = open(path)?;
+    let (image, notes) = open(path)?;
+    Ok(into_rgb(image, notes))
+}
+
+/// [`load_rgb`] of bytes already in memory (an upload), `name` naming them in errors.
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<LoadedImage> {
+    let (image, notes) = decode(bytes, Path::new(name))?;
+    Ok(into_rgb(image, notes))
+}
+
+/// [`load_mask`] of bytes already in memory (an upload), `name` naming them in errors.
+pub fn decode_mask(bytes: &[u8], name: &str) -> Result<GrayImage> {
+    let (image, _) = decode(bytes, Path::new(name))?;
+    Ok(into_mask(image))
+}
+
+fn into_rgb(image: DynamicImage, mut notes: Vec<String>) -> LoadedImage {
     let conversion = match &image {
         DynamicImage::ImageRgb8(_) => None,
         DynamicImage::ImageRgba8(_) => Some("RGBA converted to RGB (alpha dropped)".to_string()),
@@ -125,17 +150,38 @@ pub fn load_rgb(path: &Path) -> Result<LoadedImage> {
         other => Some(format!("{:?} converted to 8-bit RGB", other.color())),
     };
     notes.extend(conversion);
-    Ok(LoadedImage {
+    LoadedImage {
         rgb: image.into_rgb8(),
         notes,
-    })
+    }
 }
 
 /// Reads a mask as 8-bit luminance the way PIL's `convert("L")` computes it from RGB
 /// (ITU-R 601 weights in 16-bit fixed point, alpha ignored), upright by its EXIF orientation.
 pub fn load_mask(path: &Path) -> Result<GrayImage> {
     let (image, _) = open(path)?;
-    Ok(match image {
+    Ok(into_mask(image))
+}
+
+/// A mask whose edit region is where the image is fully transparent (OpenAI's images API
+/// convention), as white on black; an image without alpha is read as [`load_mask`] does.
+pub fn decode_alpha_mask(bytes: &[u8], name: &str) -> Result<GrayImage> {
+    let (image, _) = decode(bytes, Path::new(name))?;
+    if !image.color().has_alpha() {
+        return Ok(into_mask(image));
+    }
+    let rgba = image.to_rgba8();
+    Ok(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        image::Luma([if rgba.get_pixel(x, y).0[3] == 0 {
+            255
+        } else {
+            0
+        }])
+    }))
+}
+
+fn into_mask(image: DynamicImage) -> GrayImage {
+    match image {
         DynamicImage::ImageLuma8(gray) => gray,
         DynamicImage::ImageLumaA8(_)
         | DynamicImage::ImageLuma16(_)
@@ -148,7 +194,7 @@ pub fn load_mask(path: &Path) -> Result<GrayImage> {
                 image::Luma([l as u8])
             })
         }
-    })
+    }
 }
 
 /// Binarises a mask as diffusers does (`x/255 >= 0.5`, i.e. values 128..=255 are 1).
@@ -205,25 +251,33 @@ pub fn aspect_warning(width: u32, height: u32, what: &str) -> Option<String> {
 /// Writes an RGB PNG with text metadata (UTF-8 iTXt chunks), atomically
 /// ([`write_file_atomically`]).
 pub fn save_png(path: &Path, image: &RgbImage, metadata: &[(&str, String)]) -> Result<()> {
-    let out_err = |message: String| PipelineError::Output {
+    let bytes = png_bytes(image, metadata).map_err(|message| PipelineError::Output {
         path: path.to_path_buf(),
         message,
-    };
-    write_atomically(path, |file| {
-        let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (key, value) in metadata {
-            encoder
-                .add_itxt_chunk(key.to_string(), value.clone())
-                .map_err(|e| out_err(format!("metadata {key}: {e}")))?;
-        }
-        let mut writer = encoder.write_header().map_err(|e| out_err(e.to_string()))?;
-        writer
-            .write_image_data(image.as_raw())
-            .map_err(|e| out_err(e.to_string()))?;
-        writer.finish().map_err(|e| out_err(e.to_string()))
-    })
+    })?;
+    write_file_atomically(path, &bytes)
+}
+
+/// An RGB PNG with text chunks (the recipe), in memory.
+pub fn png_bytes(
+    image: &RgbImage,
+    metadata: &[(&str, String)],
+) -> std::result::Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (key, value) in metadata {
+        encoder
+            .add_itxt_chunk(key.to_string(), value.clone())
+            .map_err(|e| format!("metadata {key}: {e}"))?;
+    }
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    writer
+        .write_image_data(image.as_raw())
+        .map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// Writes a file as a whole or not at all: the bytes go to a temporary file next to `path`,

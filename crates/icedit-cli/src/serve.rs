@@ -1,0 +1,258 @@
+//! `icedit serve`: loads the model and adapters once and serves edits over HTTP (OpenAI's
+//! images edits API and a job API, see icedit-server).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use icedit_flux::parse_dtype;
+use icedit_hub::HubOptions;
+use icedit_pipeline::edit::{DIPTYCH_TEMPLATE, MAX_SEQUENCE_LENGTH};
+use icedit_pipeline::image_io::MAX_PIXELS;
+use icedit_pipeline::recipe::{AdapterUse, Recipe};
+use icedit_pipeline::PipelineKind;
+use icedit_server::{router, AppState, Engine, EngineConfig, Jobs, ServerConfig};
+
+use crate::adapters::{
+    adapter_specs, base_model_warning, check_base_model, describe_applied, load_adapters,
+    manifest_template, AdapterArgs,
+};
+use crate::progress::Reporter;
+use crate::{device, device_name, ModelArgs, OpenedPipeline};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    adapters: AdapterArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0 needs --api-keys).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// A file of API keys, one per line: requests must send `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<PathBuf>,
+    /// Jobs that may wait beside the running one; more are refused with 429.
+    #[arg(long, default_value_t = 16)]
+    queue_size: usize,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 32)]
+    max_upload_mb: usize,
+    /// Largest image, in pixels (checked from its header, before decoding).
+    #[arg(long, default_value_t = MAX_PIXELS)]
+    max_pixels: u64,
+    /// Seconds a request may take, queue included.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let reporter = Reporter::new(args.quiet);
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let device = device(args.model.device)?;
+    let hub = HubOptions::from_env();
+    if args.model.max_seq_len == 0 || args.model.max_seq_len > MAX_SEQUENCE_LENGTH {
+        bail!("--max-seq-len must be 1 to {MAX_SEQUENCE_LENGTH}");
+    }
+    if args.queue_size == 0 || args.queue_size > 10_000 {
+        bail!("--queue-size must be 1 to 10000");
+    }
+    if args.timeout == 0 || args.max_upload_mb == 0 || args.max_pixels == 0 {
+        bail!("--timeout, --max-upload-mb and --max-pixels must be above 0");
+    }
+    let address: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {}: not an address to listen on",
+                args.host, args.port
+            )
+        })?;
+    let api_keys = match &args.api_keys {
+        Some(path) => read_keys(path)?,
+        None => Vec::new(),
+    };
+    if !address.ip().is_loopback() && api_keys.is_empty() {
+        bail!(
+            "--host {}: a server reachable from other machines needs --api-keys FILE",
+            args.host
+        );
+    }
+
+    let pipeline = args.model.open(&hub, dtype, &device)?;
+    let kind = pipeline.kind();
+    let specs = adapter_specs(&args.adapters, kind, false);
+    let mut manifests = Vec::new();
+    for spec in &specs {
+        manifests
+            .extend(icedit_adapters::manifest_of(spec).with_context(|| format!("--lora {spec}"))?);
+    }
+    for manifest in &manifests {
+        check_base_model(manifest, kind)?;
+        if let Some(warning) = base_model_warning(manifest, &args.model.model, kind) {
+            reporter.warn(&warning);
+        }
+    }
+    let template = manifest_template(
+        &manifests,
+        match kind {
+            PipelineKind::Fill => DIPTYCH_TEMPLATE,
+            PipelineKind::Kontext => "{instruction}",
+        },
+    )?;
+    let adapters = load_adapters(&args.adapters, &specs, false, &hub, &reporter)?;
+    let OpenedPipeline {
+        mut pipeline,
+        model_name,
+        transformer,
+        text_encoder_2,
+        weights,
+    } = args.model.fetch_weights(pipeline, &hub)?;
+    let adapter_uses: Vec<AdapterUse> = adapters
+        .iter()
+        .map(|(resolved, choice)| AdapterUse {
+            name: resolved.name.clone(),
+            source: Some(resolved.origin.clone()),
+            scale: choice.scale as f32,
+            top_k: choice
+                .file
+                .is_moe()
+                .then(|| choice.top_k.or(choice.file.metadata_top_k()).unwrap_or(1)),
+        })
+        .collect();
+    pipeline.set_adapters(
+        adapters.into_iter().map(|(_, c)| c).collect(),
+        args.adapters.lora_mode.apply_mode(),
+    )?;
+    let mut callback = reporter.callback();
+    pipeline.load_transformer(&mut callback)?;
+    for applied in pipeline.applied_adapters() {
+        reporter.note(&describe_applied(applied));
+    }
+    let recipe = Recipe {
+        task: "edit".into(),
+        prompt: String::new(),
+        instruction: None,
+        seed: 0,
+        latents: None,
+        steps: 0,
+        guidance: 0.0,
+        max_sequence_length: args.model.max_seq_len,
+        pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
+        negative_prompt: None,
+        true_cfg_scale: None,
+        mask: None,
+        cache: None,
+        width: 0,
+        height: 0,
+        expand: None,
+        model: model_name.clone(),
+        transformer,
+        text_encoder_2,
+        weights,
+        adapters: adapter_uses,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    let engine_config = EngineConfig {
+        template: template.to_string(),
+        recipe,
+        max_sequence_length: args.model.max_seq_len,
+    };
+    let engine = Engine::new(pipeline, engine_config.clone());
+    let timeout = Duration::from_secs(args.timeout);
+    let (jobs, engine_thread) = Jobs::start(engine, args.queue_size, Some(timeout));
+    let state = AppState {
+        jobs: Arc::clone(&jobs),
+        kind,
+        engine: Arc::new(engine_config),
+        config: Arc::new(ServerConfig {
+            api_keys,
+            max_body_bytes: args.max_upload_mb << 20,
+            max_pixels: args.max_pixels,
+            timeout: Some(timeout),
+            model_name: model_name.clone(),
+        }),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+        .context("cannot start the server's runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        let bound = listener.local_addr()?;
+        // One line a client or a test can read: where the server listens.
+        eprintln!(
+            "icedit serve: {model_name} ({}) on {}, listening on http://{bound}",
+            kind.name(),
+            device_name(&device)
+        );
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("the server stopped")
+    })?;
+    // Stop taking jobs; the engine finishes those it has, then exits.
+    jobs.close();
+    reporter.note("finishing the queued jobs before exiting");
+    let _ = engine_thread.join();
+    Ok(())
+}
+
+fn read_keys(path: &PathBuf) -> Result<Vec<String>> {
+    let text = icedit_flux::files::read_text_file(path, 1 << 20)
+        .with_context(|| format!("--api-keys {}", path.display()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if keys.is_empty() {
+        bail!(
+            "--api-keys {}: the file holds no key (one a line)",
+            path.display()
+        );
+    }
+    if let Some(short) = keys.iter().find(|k| k.len() < 16) {
+        bail!(
+            "--api-keys {}: a key of {} characters is too easy to guess; use 16 or more",
+            path.display(),
+            short.len()
+        );
+    }
+    Ok(keys)
+}
+
+/// Ctrl-C or SIGTERM: stop accepting, finish the requests in flight.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

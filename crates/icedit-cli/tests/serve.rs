@@ -1,0 +1,500 @@
+//! `icedit serve` end to end: the real binary on 127.0.0.1 with the tiny pipelines, driven over
+//! HTTP as OpenAI's SDK drives it (multipart `POST /v1/images/edits`) and through the job API:
+//! the images equal `icedit edit`'s for the same seed, events arrive in order, and every bad
+//! request gets its status and OpenAI-shaped error while the server keeps serving.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use base64::Engine as _;
+
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+use cli_support::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// A running `icedit serve`, stopped (SIGTERM, then waited for) when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_icedit"))
+            .arg("serve")
+            .args([
+                "--port",
+                "0",
+                "--dtype",
+                "f32",
+                "--max-seq-len",
+                "16",
+                "--quiet",
+            ])
+            .args(args)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", std::env::temp_dir().join("icedit-serve-test-hf"))
+            .env_remove("HF_HUB_CACHE")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start icedit serve");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("icedit serve exited before listening")
+                .unwrap();
+            if let Some(at) = line.find("listening on ") {
+                break line[at + "listening on ".len()..].trim().to_string();
+            }
+        };
+        // Keep draining stderr so that the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, url }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A multipart form as OpenAI's SDK sends it.
+fn multipart(parts: &[(&str, Part)]) -> (String, Vec<u8>) {
+    let boundary = "icedit-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, part) in parts {
+        body.extend(format!("--{boundary}\r\n").as_bytes());
+        match part {
+            Part::Text(text) => {
+                body.extend(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{text}\r\n")
+                        .as_bytes(),
+                );
+            }
+            Part::File(bytes, mime) => {
+                body.extend(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n\
+                         Content-Type: {mime}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                body.extend(bytes);
+                body.extend(b"\r\n");
+            }
+        }
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+enum Part {
+    Text(String),
+    File(Vec<u8>, &'static str),
+}
+
+fn text(s: &str) -> Part {
+    Part::Text(s.to_string())
+}
+
+/// Status and JSON body of a request, whatever the status.
+fn send(request: ureq::Request, body: Option<(&str, &[u8])>) -> (u16, serde_json::Value) {
+    let result = match body {
+        Some((content_type, bytes)) => request.set("Content-Type", content_type).send_bytes(bytes),
+        None => request.call(),
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = response.status();
+    let mut text = String::new();
+    response.into_reader().read_to_string(&mut text).unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+fn png_pixels(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory(bytes).unwrap().to_rgb8()
+}
+
+fn photo_bytes() -> Vec<u8> {
+    std::fs::read(fixtures().join("edit/source.png")).unwrap()
+}
+
+#[test]
+fn openai_edits_equal_icedit_edit() {
+    let model = fixtures().join("fill_pipeline/tiny");
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--no-lora"]);
+    let (content_type, body) = multipart(&[
+        ("image", Part::File(photo_bytes(), "image/png")),
+        ("prompt", text("make it night")),
+        ("n", text("2")),
+        ("size", text("64x48")),
+        ("response_format", text("b64_json")),
+        ("model", text("icedit")),
+        ("user", text("someone")),
+        ("seed", text("7")),
+        ("steps", text("3")),
+    ]);
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/images/edits")),
+        Some((&content_type, &body)),
+    );
+    assert_eq!(status, 200, "{json}");
+    let data = json["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "n images");
+    // The same edit from the command line, for both seeds.
+    let dir = tempfile::tempdir().unwrap();
+    for (i, seed) in [7u64, 8].iter().enumerate() {
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(data[i]["b64_json"].as_str().unwrap())
+            .unwrap();
+        let out = dir.path().join(format!("cli-{seed}.png"));
+        let run = Command::new(env!("CARGO_BIN_EXE_icedit"))
+            .args(strings(&[
+                "edit",
+                "--model",
+                model.to_str().unwrap(),
+                "--image",
+                fixtures().join("edit/source.png").to_str().unwrap(),
+                "--instruction",
+                "make it night",
+                "--no-lora",
+                "--width",
+                "64",
+                "--steps",
+                "3",
+                "--seed",
+                &seed.to_string(),
+                "--dtype",
+                "f32",
+                "--max-seq-len",
+                "16",
+                "--quiet",
+                "--out",
+                out.to_str().unwrap(),
+            ]))
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", stderr(&run));
+        let cli = std::fs::read(&out).unwrap();
+        assert_eq!(
+            png_pixels(&png),
+            png_pixels(&cli),
+            "seed {seed}: as icedit edit"
+        );
+        let served = dir.path().join(format!("served-{seed}.png"));
+        std::fs::write(&served, &png).unwrap();
+        let (a, b) = (recipe(&served), recipe(&out));
+        for key in [
+            "prompt",
+            "instruction",
+            "seed",
+            "steps",
+            "guidance",
+            "model",
+            "width",
+        ] {
+            assert_eq!(a[key], b[key], "seed {seed}: recipe {key}");
+        }
+    }
+}
+
+#[test]
+fn jobs_events_cancel_and_errors() {
+    let model = fixtures().join("fill_pipeline/tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "# one a line\nsecret-key-0123456789\n").unwrap();
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--no-lora",
+        "--api-keys",
+        keys.to_str().unwrap(),
+        "--queue-size",
+        "1",
+        "--max-upload-mb",
+        "1",
+        "--max-pixels",
+        "200000",
+    ]);
+    let auth = |r: ureq::Request| r.set("Authorization", "Bearer secret-key-0123456789");
+    let photo = base64::engine::general_purpose::STANDARD.encode(photo_bytes());
+    let job_body = |steps: usize, seeds: &str| {
+        format!(
+            r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [{seeds}], "steps": {steps}, "size": "64x48"}}"#
+        )
+    };
+
+    // Health answers without a key; the API does not.
+    let (status, json) = send(ureq::get(&server.url("/healthz")), None);
+    assert_eq!((status, json["status"].as_str()), (200, Some("ok")));
+    let (status, json) = send(ureq::get(&server.url("/metrics")), None);
+    assert_eq!(status, 401, "{json}");
+    assert_eq!(json["error"]["type"], "authentication_error");
+    let (status, _) = send(
+        ureq::get(&server.url("/metrics")).set("Authorization", "Bearer secret-key-0123456780"),
+        None,
+    );
+    assert_eq!(status, 401, "a key one character off");
+
+    // A job: 202, its events in order, then its result.
+    let (status, json) = send(
+        auth(ureq::post(&server.url("/v1/edits"))),
+        Some(("application/json", job_body(3, "5").as_bytes())),
+    );
+    assert_eq!(status, 202, "{json}");
+    let id = json["id"].as_str().unwrap().to_string();
+    let events = auth(ureq::get(&server.url(&format!("/v1/jobs/{id}/events"))))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let names: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"queued"), "{events}");
+    assert_eq!(names.last(), Some(&"done"), "{events}");
+    let steps: Vec<&str> = events
+        .lines()
+        .filter(|l| l.starts_with("data: ") && l.contains("\"step\""))
+        .collect();
+    assert!(steps.last().unwrap().contains("\"step\":3"), "{events}");
+    let (status, json) = send(
+        auth(ureq::get(&server.url(&format!("/v1/jobs/{id}")))),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(json["state"], "done");
+    assert_eq!(json["results"][0]["seed"], 5);
+    assert_eq!(json["results"][0]["recipe"]["steps"], 3);
+    // Cancelling a finished job conflicts.
+    let (status, _) = send(
+        auth(ureq::delete(&server.url(&format!("/v1/jobs/{id}")))),
+        None,
+    );
+    assert_eq!(status, 409);
+
+    // A long job runs, one waits, the next is refused with 429 and Retry-After; the waiting
+    // one is cancelled before it starts.
+    let long = job_body(400, "1");
+    let (status, running) = send(
+        auth(ureq::post(&server.url("/v1/edits"))),
+        Some(("application/json", long.as_bytes())),
+    );
+    assert_eq!(status, 202);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (status, waiting) = send(
+        auth(ureq::post(&server.url("/v1/edits"))),
+        Some(("application/json", long.as_bytes())),
+    );
+    assert_eq!(status, 202, "{waiting}");
+    let full = auth(ureq::post(&server.url("/v1/edits")))
+        .set("Content-Type", "application/json")
+        .send_bytes(long.as_bytes());
+    match full {
+        Err(ureq::Error::Status(429, response)) => {
+            assert!(response.header("Retry-After").is_some());
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    for job in [&waiting, &running] {
+        let id = job["id"].as_str().unwrap();
+        let (status, json) = send(
+            auth(ureq::delete(&server.url(&format!("/v1/jobs/{id}")))),
+            None,
+        );
+        assert_eq!(status, 200, "{json}");
+    }
+    for job in [&waiting, &running] {
+        let id = job["id"].as_str().unwrap();
+        let mut state = String::new();
+        for _ in 0..200 {
+            let (_, json) = send(
+                auth(ureq::get(&server.url(&format!("/v1/jobs/{id}")))),
+                None,
+            );
+            state = json["state"].as_str().unwrap().to_string();
+            if state == "cancelled" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(state, "cancelled", "{id}");
+    }
+
+    // Bad requests: their status and an OpenAI-shaped error; the server keeps serving.
+    let big = {
+        let img = image::RgbImage::new(600, 400); // 240000 pixels > 200000
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+        bytes
+    };
+    let form = |parts: &[(&str, Part)]| multipart(parts);
+    let cases: Vec<(&str, (String, Vec<u8>), u16, &str)> = vec![
+        (
+            "too many pixels",
+            form(&[
+                ("image", Part::File(big, "image/png")),
+                ("prompt", text("night")),
+            ]),
+            413,
+            "pixels",
+        ),
+        (
+            // Just over: a client still sending when refused would see the connection close.
+            "body over the limit",
+            form(&[
+                (
+                    "image",
+                    Part::File(vec![0; (1 << 20) + (32 << 10)], "image/png"),
+                ),
+                ("prompt", text("x")),
+            ]),
+            413,
+            "larger",
+        ),
+        (
+            "not an image",
+            form(&[
+                ("image", Part::File(b"GIF89a....".to_vec(), "image/gif")),
+                ("prompt", text("x")),
+            ]),
+            400,
+            "image",
+        ),
+        (
+            "no prompt",
+            form(&[("image", Part::File(photo_bytes(), "image/png"))]),
+            400,
+            "prompt",
+        ),
+        (
+            "url responses",
+            form(&[
+                ("image", Part::File(photo_bytes(), "image/png")),
+                ("prompt", text("x")),
+                ("response_format", text("url")),
+            ]),
+            400,
+            "b64_json",
+        ),
+        (
+            "n of 0",
+            form(&[
+                ("image", Part::File(photo_bytes(), "image/png")),
+                ("prompt", text("x")),
+                ("n", text("0")),
+            ]),
+            400,
+            "n must be",
+        ),
+        (
+            "a width off the grid",
+            form(&[
+                ("image", Part::File(photo_bytes(), "image/png")),
+                ("prompt", text("x")),
+                ("size", text("50x50")),
+            ]),
+            400,
+            "multiple of 16",
+        ),
+        (
+            "malformed multipart",
+            (
+                "multipart/form-data; boundary=zzz".to_string(),
+                b"--zzz\r\nnonsense".to_vec(),
+            ),
+            400,
+            "multipart",
+        ),
+    ];
+    for (what, (content_type, body), expected, message) in cases {
+        let (status, json) = send(
+            auth(ureq::post(&server.url("/v1/images/edits"))),
+            Some((&content_type, &body)),
+        );
+        assert_eq!(status, expected, "{what}: {json}");
+        let text = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(text.contains(message), "{what}: {json}");
+    }
+    for body in [
+        &b"{\"image\": 3"[..],
+        b"{\"image\": 3}",
+        b"{\"image\": \"%%\", \"instruction\": \"x\"}",
+    ] {
+        let (status, json) = send(
+            auth(ureq::post(&server.url("/v1/edits"))),
+            Some(("application/json", body)),
+        );
+        assert_eq!(status, 400, "malformed JSON: {json}");
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+    }
+    let (status, _) = send(auth(ureq::get(&server.url("/v1/jobs/nope"))), None);
+    assert_eq!(status, 404);
+    let (status, metrics) = send(auth(ureq::get(&server.url("/metrics"))), None);
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.contains("icedit_jobs{state=\"done\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("icedit_rejected_total 1"), "{metrics}");
+    assert!(metrics.contains("icedit_step_seconds_count"), "{metrics}");
+}
+
+#[test]
+fn bad_server_flags_exit_1() {
+    let model = fixtures().join("fill_pipeline/tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "abc\n").unwrap();
+    for (args, expected) in [
+        (vec!["--host", "0.0.0.0"], "needs --api-keys"),
+        (
+            vec!["--api-keys", short.to_str().unwrap()],
+            "too easy to guess",
+        ),
+        (vec!["--queue-size", "0"], "--queue-size"),
+        (vec!["--host", "not an ip"], "not an address"),
+    ] {
+        let run = Command::new(env!("CARGO_BIN_EXE_icedit"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(&args)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&run).contains(expected),
+            "{args:?}: {}",
+            stderr(&run)
+        );
+    }
+}

@@ -173,3 +173,67 @@ fn step_caches_decide_and_compute_as_diffusers() {
         }
     }
 }
+
+/// Inside the seed search a cache keeps each candidate's own state: previews and the finish
+/// follow from it, the winner equals a plain cached edit of its seed, and the evaluations
+/// computed in full are counted apart from those served by the cache.
+#[test]
+fn step_caches_in_the_seed_search() {
+    use icedit_pipeline::search::{search_cost, EarlyFilter, SearchSettings, Selection};
+    let mut p = pipeline("fill_pipeline/tiny");
+    // A threshold no change reaches: every run computes its first evaluation only.
+    p.set_step_cache(Some(StepCacheConfig::parse("first-block:1000").unwrap()));
+    let source = load_rgb(&fixtures().join("edit/source.png")).unwrap().rgb;
+    let job = EditJob::Diptych(icedit_pipeline::Diptych::new(&source, 64).unwrap());
+    let prompt = icedit_pipeline::edit::diptych_prompt("make it night").unwrap();
+    let encoded = p.encode_prompt(&prompt, 16, &mut |_| {}).unwrap();
+    let text = EditText::new(&prompt, &encoded);
+    let settings = EditSettings {
+        steps: 4,
+        guidance: 50.0,
+        max_sequence_length: 16,
+    };
+    let search = SearchSettings {
+        seeds: vec![3, 5, 8],
+        early_steps: 2,
+        filter: EarlyFilter::Continue,
+        selection: Selection::Tournament,
+        batch: 1,
+    };
+    struct First;
+    impl icedit_judge::Judge for First {
+        fn name(&self) -> String {
+            "first".into()
+        }
+        fn compare(
+            &mut self,
+            _: &icedit_judge::Comparison,
+        ) -> icedit_judge::Result<icedit_judge::Verdict> {
+            Ok(icedit_judge::Verdict {
+                preference: icedit_judge::Preference::First,
+                judge: "first".into(),
+                answer: "1".into(),
+                latency: std::time::Duration::ZERO,
+                warnings: vec![],
+            })
+        }
+    }
+    let out = p
+        .edit_search(&job, &text, "make it night", &settings, &search, &mut First, &mut |_| {})
+        .unwrap();
+    assert_eq!(out.winner_seed, 3);
+    assert_eq!(out.evaluations, search_cost(EarlyFilter::Continue, 3, 2, 4));
+    assert_eq!(out.full_evaluations, 3, "one full evaluation per candidate");
+    let plain = p
+        .edit(&job, &text, &settings, InitialNoise::Seed(3), &mut |_| {})
+        .unwrap();
+    assert_eq!(out.result.edited, plain.edited, "the winner as a plain cached edit");
+    assert_eq!(plain.computed_steps, Some(vec![vec![true, false, false, false]]));
+    let batched = SearchSettings { batch: 2, ..search };
+    let err = p
+        .edit_search(&job, &text, "make it night", &settings, &batched, &mut First, &mut |_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("one at a time"), "{err}");
+}

@@ -219,7 +219,15 @@ fn step_caches_in_the_seed_search() {
         }
     }
     let out = p
-        .edit_search(&job, &text, "make it night", &settings, &search, &mut First, &mut |_| {})
+        .edit_search(
+            &job,
+            &text,
+            "make it night",
+            &settings,
+            &search,
+            &mut First,
+            &mut |_| {},
+        )
         .unwrap();
     assert_eq!(out.winner_seed, 3);
     assert_eq!(out.evaluations, search_cost(EarlyFilter::Continue, 3, 2, 4));
@@ -227,11 +235,25 @@ fn step_caches_in_the_seed_search() {
     let plain = p
         .edit(&job, &text, &settings, InitialNoise::Seed(3), &mut |_| {})
         .unwrap();
-    assert_eq!(out.result.edited, plain.edited, "the winner as a plain cached edit");
-    assert_eq!(plain.computed_steps, Some(vec![vec![true, false, false, false]]));
+    assert_eq!(
+        out.result.edited, plain.edited,
+        "the winner as a plain cached edit"
+    );
+    assert_eq!(
+        plain.computed_steps,
+        Some(vec![vec![true, false, false, false]])
+    );
     let batched = SearchSettings { batch: 2, ..search };
     let err = p
-        .edit_search(&job, &text, "make it night", &settings, &batched, &mut First, &mut |_| {})
+        .edit_search(
+            &job,
+            &text,
+            "make it night",
+            &settings,
+            &batched,
+            &mut First,
+            &mut |_| {},
+        )
         .err()
         .unwrap()
         .to_string();

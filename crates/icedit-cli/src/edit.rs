@@ -769,14 +769,8 @@ fn check_flags_for(kind: PipelineKind, args: &EditArgs) -> Result<()> {
     if masked && args.keep_size {
         bail!("--keep-size: a masked edit already has the photo's own size");
     }
-    if kind == PipelineKind::Kontext {
-        if args.width.is_some() != args.height.is_some() {
-            bail!("give the Kontext output's --width and --height together (or neither: the photo's aspect ratio)");
-        }
-        if masked && (args.width.is_some() || args.max_area.is_some()) {
-            bail!("a masked Kontext edit has the photo's size; drop --width/--height/--max-area");
-        }
-    }
+    // Sizes that do not go together are the job's to refuse (EditJob::new), for every entry
+    // point alike.
     Ok(())
 }
 

@@ -277,13 +277,13 @@ fn the_other_models_flags_and_adapters_are_refused() {
             "a mask with a size",
             "edit",
             with(&["--mask", black_mask.to_str().unwrap()]),
-            "drop --width/--height",
+            "drop the width, height",
         ),
         (
             "width without height",
             "edit",
             without("--height", 1),
-            "--width and --height together",
+            "width and height together",
         ),
         (
             "true CFG of 1",

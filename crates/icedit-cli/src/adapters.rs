@@ -9,6 +9,7 @@ use icedit_adapters::{
 };
 use icedit_hub::{HubOptions, ModelSource};
 use icedit_pipeline::edit::prompt_template;
+use icedit_pipeline::recipe::AdapterUse;
 use icedit_pipeline::PipelineKind;
 
 use crate::progress::Reporter;
@@ -227,4 +228,20 @@ pub fn describe_applied(a: &AppliedAdapter) -> String {
         );
     }
     text
+}
+
+/// The adapters as a recipe records them: name, source file, scale, and top-k for MoE.
+pub fn adapter_uses(adapters: &[(ResolvedAdapter, AdapterChoice)]) -> Vec<AdapterUse> {
+    adapters
+        .iter()
+        .map(|(resolved, choice)| AdapterUse {
+            name: resolved.name.clone(),
+            source: Some(resolved.origin.clone()),
+            scale: choice.scale as f32,
+            top_k: choice
+                .file
+                .is_moe()
+                .then(|| choice.top_k.or(choice.file.metadata_top_k()).unwrap_or(1)),
+        })
+        .collect()
 }

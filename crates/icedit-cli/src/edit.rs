@@ -20,7 +20,7 @@ use icedit_pipeline::image_io::{
 };
 use icedit_pipeline::latents::VAE_SCALE;
 use icedit_pipeline::masked::{ContextMargin, Window};
-use icedit_pipeline::recipe::{AdapterUse, Recipe};
+use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::search::{
     EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
 };
@@ -28,8 +28,8 @@ use icedit_pipeline::{EditJob, EditOutput, EditSettings, EditText, InitialNoise,
 use serde_json::json;
 
 use crate::adapters::{
-    adapter_specs, base_model_warning, check_base_model, describe_applied, load_adapters,
-    manifest_template, AdapterArgs,
+    adapter_specs, adapter_uses, base_model_warning, check_base_model, describe_applied,
+    load_adapters, manifest_template, AdapterArgs,
 };
 use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_latents};
 use crate::judge::JudgeArgs;
@@ -438,18 +438,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         None => None,
     };
-    let adapter_uses: Vec<AdapterUse> = adapters
-        .iter()
-        .map(|(resolved, choice)| AdapterUse {
-            name: resolved.name.clone(),
-            source: Some(resolved.origin.clone()),
-            scale: choice.scale as f32,
-            top_k: choice
-                .file
-                .is_moe()
-                .then(|| choice.top_k.or(choice.file.metadata_top_k()).unwrap_or(1)),
-        })
-        .collect();
+    let adapter_uses = adapter_uses(&adapters);
     let mode = args.adapters.lora_mode.apply_mode();
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
     pipeline.set_step_cache(step_cache.clone());

@@ -11,13 +11,13 @@ use icedit_flux::parse_dtype;
 use icedit_hub::HubOptions;
 use icedit_pipeline::edit::{DIPTYCH_TEMPLATE, MAX_SEQUENCE_LENGTH};
 use icedit_pipeline::image_io::MAX_PIXELS;
-use icedit_pipeline::recipe::{AdapterUse, Recipe};
+use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::PipelineKind;
 use icedit_server::{router, AppState, Engine, EngineConfig, Jobs, ServerConfig};
 
 use crate::adapters::{
-    adapter_specs, base_model_warning, check_base_model, describe_applied, load_adapters,
-    manifest_template, AdapterArgs,
+    adapter_specs, adapter_uses, base_model_warning, check_base_model, describe_applied,
+    load_adapters, manifest_template, AdapterArgs,
 };
 use crate::progress::Reporter;
 use crate::{device, device_name, ModelArgs, OpenedPipeline};
@@ -116,18 +116,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         text_encoder_2,
         weights,
     } = args.model.fetch_weights(pipeline, &hub)?;
-    let adapter_uses: Vec<AdapterUse> = adapters
-        .iter()
-        .map(|(resolved, choice)| AdapterUse {
-            name: resolved.name.clone(),
-            source: Some(resolved.origin.clone()),
-            scale: choice.scale as f32,
-            top_k: choice
-                .file
-                .is_moe()
-                .then(|| choice.top_k.or(choice.file.metadata_top_k()).unwrap_or(1)),
-        })
-        .collect();
+    let adapter_uses = adapter_uses(&adapters);
     pipeline.set_adapters(
         adapters.into_iter().map(|(_, c)| c).collect(),
         args.adapters.lora_mode.apply_mode(),

@@ -278,11 +278,6 @@ impl MaskedEdit {
         }
         out
     }
-
-    /// The photo's size (the stitched result's).
-    pub fn photo_size(&self) -> (u32, u32) {
-        self.photo.dimensions()
-    }
 }
 
 /// Blend weights: 1 on the mask (>= 128), `1 - d / (feather + 1)` at chamfer distance `d`

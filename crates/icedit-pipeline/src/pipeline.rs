@@ -847,11 +847,6 @@ impl Denoising {
         }
     }
 
-    /// Transformer passes per step: 2 with true CFG.
-    pub fn passes_per_step(&self) -> usize {
-        1 + self.true_cfg.is_some() as usize
-    }
-
     /// Steps taken so far.
     pub fn step(&self) -> usize {
         self.step

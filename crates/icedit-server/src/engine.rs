@@ -144,10 +144,6 @@ impl Engine {
         self.pipeline.kind()
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
-    }
-
     /// Runs one prepared edit, seed after seed: the same images `icedit edit` makes with these
     /// settings. `stop` is asked between steps (cancel, time limit).
     pub fn run(

@@ -22,6 +22,7 @@ mod outputs;
 mod progress;
 mod quantize;
 mod serve;
+mod worker;
 
 // Every op allocates a fresh tensor; an allocator that keeps freed pages mapped spares the
 // page faults (measurably faster on CPU).
@@ -52,6 +53,9 @@ enum Command {
     /// Keep the model loaded and serve edits over HTTP: OpenAI's `POST /v1/images/edits` and a
     /// job API with progress events.
     Serve(serve::ServeArgs),
+    /// Run edits from a Redis queue filled by `icedit serve --queue` or `icedit batch --queue`
+    /// (one worker per GPU; a job survives a worker that dies).
+    Worker(worker::WorkerArgs),
     /// Write a FLUX transformer as a GGUF file (BFL naming, as ComfyUI-GGUF and diffusers read
     /// it), its matrices quantized (q8_0, q4_k, ...), for `--transformer` on smaller GPUs.
     Quantize(quantize::QuantizeArgs),
@@ -226,8 +230,8 @@ fn main() {
     let cli = Cli::parse();
     // A signal runs no destructors: remove the temporary file of a result being written, so
     // that a stopped run leaves nothing behind. The server handles its own signals (it stops
-    // accepting and finishes its jobs).
-    if !matches!(cli.command, Command::Serve(_)) {
+    // accepting and finishes its jobs; a worker finishes the job in hand).
+    if !matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
         let _ = ctrlc::set_handler(|| {
             icedit_pipeline::image_io::remove_partial_outputs();
             eprintln!("icedit: stopped; no partial output left behind");
@@ -246,6 +250,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Edit(args) => edit::run(args),
         Command::Fill(args) => fill::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Judge(args) => judge::run(args),
         Command::Quantize(args) => quantize::run(args),
     }

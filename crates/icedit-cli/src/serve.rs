@@ -13,7 +13,7 @@ use icedit_pipeline::edit::{DIPTYCH_TEMPLATE, MAX_SEQUENCE_LENGTH};
 use icedit_pipeline::image_io::MAX_PIXELS;
 use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::PipelineKind;
-use icedit_server::{router, AppState, Engine, EngineConfig, Jobs, ServerConfig};
+use icedit_server::{router, AppState, Engine, EngineConfig, Jobs, RedisQueue, ServerConfig};
 
 use crate::adapters::{
     adapter_specs, adapter_uses, base_model_warning, check_base_model, describe_applied,
@@ -49,19 +49,142 @@ pub struct ServeArgs {
     /// Seconds a request may take, queue included.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Send jobs to this Redis queue (`redis://HOST:PORT[/DB]`) instead of running them here:
+    /// `icedit worker`s with the same model flags run them. The model is then not loaded.
+    #[arg(long, value_name = "URL")]
+    queue: Option<String>,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
 }
 
+/// The key prefix of icedit's Redis queue.
+pub const QUEUE_PREFIX: &str = "icedit";
+
+/// What serving needs from the model flags: the pipeline's kind, the jobs' template and
+/// recipe, and (when loaded) the engine. The server and `icedit worker` build it alike, so a
+/// worker refuses exactly what its server does.
+pub(crate) struct EngineSetup {
+    pub kind: PipelineKind,
+    pub model_name: String,
+    pub config: EngineConfig,
+    pub engine: Option<Engine>,
+    pub device: candle_core::Device,
+}
+
+impl EngineSetup {
+    pub fn open(
+        model: &ModelArgs,
+        adapter_args: &AdapterArgs,
+        reporter: &Reporter,
+        load: bool,
+    ) -> Result<Self> {
+        let dtype = parse_dtype(&model.dtype)?;
+        let device = device(model.device)?;
+        let hub = HubOptions::from_env();
+        if model.max_seq_len == 0 || model.max_seq_len > MAX_SEQUENCE_LENGTH {
+            bail!("--max-seq-len must be 1 to {MAX_SEQUENCE_LENGTH}");
+        }
+        let pipeline = model.open(&hub, dtype, &device)?;
+        let kind = pipeline.kind();
+        let specs = adapter_specs(adapter_args, kind, false);
+        let mut manifests = Vec::new();
+        for spec in &specs {
+            manifests.extend(
+                icedit_adapters::manifest_of(spec).with_context(|| format!("--lora {spec}"))?,
+            );
+        }
+        for manifest in &manifests {
+            check_base_model(manifest, kind)?;
+            if let Some(warning) = base_model_warning(manifest, &model.model, kind) {
+                reporter.warn(&warning);
+            }
+        }
+        let template = manifest_template(
+            &manifests,
+            match kind {
+                PipelineKind::Fill => DIPTYCH_TEMPLATE,
+                PipelineKind::Kontext => "{instruction}",
+            },
+        )?
+        .to_string();
+        let mut recipe = Recipe {
+            task: "edit".into(),
+            prompt: String::new(),
+            instruction: None,
+            seed: 0,
+            latents: None,
+            steps: 0,
+            guidance: 0.0,
+            max_sequence_length: model.max_seq_len,
+            pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
+            negative_prompt: None,
+            true_cfg_scale: None,
+            mask: None,
+            cache: None,
+            width: 0,
+            height: 0,
+            expand: None,
+            model: pipeline.repo().describe(),
+            transformer: None,
+            text_encoder_2: None,
+            weights: String::new(),
+            adapters: Vec::new(),
+            dtype: format!("{dtype:?}").to_lowercase(),
+            software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+        };
+        if !load {
+            return Ok(Self {
+                kind,
+                model_name: recipe.model.clone(),
+                config: EngineConfig {
+                    template,
+                    recipe,
+                    max_sequence_length: model.max_seq_len,
+                },
+                engine: None,
+                device,
+            });
+        }
+        let adapters = load_adapters(adapter_args, &specs, false, &hub, reporter)?;
+        let OpenedPipeline {
+            mut pipeline,
+            model_name,
+            transformer,
+            text_encoder_2,
+            weights,
+        } = model.fetch_weights(pipeline, &hub)?;
+        recipe.adapters = adapter_uses(&adapters);
+        pipeline.set_adapters(
+            adapters.into_iter().map(|(_, c)| c).collect(),
+            adapter_args.lora_mode.apply_mode(),
+        )?;
+        let mut callback = reporter.callback();
+        pipeline.load_transformer(&mut callback)?;
+        for applied in pipeline.applied_adapters() {
+            reporter.note(&describe_applied(applied));
+        }
+        recipe.model = model_name.clone();
+        recipe.transformer = transformer;
+        recipe.text_encoder_2 = text_encoder_2;
+        recipe.weights = weights;
+        let config = EngineConfig {
+            template,
+            recipe,
+            max_sequence_length: model.max_seq_len,
+        };
+        Ok(Self {
+            kind,
+            model_name,
+            engine: Some(Engine::new(pipeline, config.clone())),
+            config,
+            device,
+        })
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let reporter = Reporter::new(args.quiet);
-    let dtype = parse_dtype(&args.model.dtype)?;
-    let device = device(args.model.device)?;
-    let hub = HubOptions::from_env();
-    if args.model.max_seq_len == 0 || args.model.max_seq_len > MAX_SEQUENCE_LENGTH {
-        bail!("--max-seq-len must be 1 to {MAX_SEQUENCE_LENGTH}");
-    }
     if args.queue_size == 0 || args.queue_size > 10_000 {
         bail!("--queue-size must be 1 to 10000");
     }
@@ -87,78 +210,34 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
     }
 
-    let pipeline = args.model.open(&hub, dtype, &device)?;
-    let kind = pipeline.kind();
-    let specs = adapter_specs(&args.adapters, kind, false);
-    let mut manifests = Vec::new();
-    for spec in &specs {
-        manifests
-            .extend(icedit_adapters::manifest_of(spec).with_context(|| format!("--lora {spec}"))?);
-    }
-    for manifest in &manifests {
-        check_base_model(manifest, kind)?;
-        if let Some(warning) = base_model_warning(manifest, &args.model.model, kind) {
-            reporter.warn(&warning);
-        }
-    }
-    let template = manifest_template(
-        &manifests,
-        match kind {
-            PipelineKind::Fill => DIPTYCH_TEMPLATE,
-            PipelineKind::Kontext => "{instruction}",
-        },
+    let setup = EngineSetup::open(
+        &args.model,
+        &args.adapters,
+        &reporter,
+        // With a queue the workers hold the model; the server only validates.
+        args.queue.is_none(),
     )?;
-    let adapters = load_adapters(&args.adapters, &specs, false, &hub, &reporter)?;
-    let OpenedPipeline {
-        mut pipeline,
+    let EngineSetup {
+        kind,
         model_name,
-        transformer,
-        text_encoder_2,
-        weights,
-    } = args.model.fetch_weights(pipeline, &hub)?;
-    let adapter_uses = adapter_uses(&adapters);
-    pipeline.set_adapters(
-        adapters.into_iter().map(|(_, c)| c).collect(),
-        args.adapters.lora_mode.apply_mode(),
-    )?;
-    let mut callback = reporter.callback();
-    pipeline.load_transformer(&mut callback)?;
-    for applied in pipeline.applied_adapters() {
-        reporter.note(&describe_applied(applied));
-    }
-    let recipe = Recipe {
-        task: "edit".into(),
-        prompt: String::new(),
-        instruction: None,
-        seed: 0,
-        latents: None,
-        steps: 0,
-        guidance: 0.0,
-        max_sequence_length: args.model.max_seq_len,
-        pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
-        negative_prompt: None,
-        true_cfg_scale: None,
-        mask: None,
-        cache: None,
-        width: 0,
-        height: 0,
-        expand: None,
-        model: model_name.clone(),
-        transformer,
-        text_encoder_2,
-        weights,
-        adapters: adapter_uses,
-        dtype: format!("{dtype:?}").to_lowercase(),
-        software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
-    };
-    let engine_config = EngineConfig {
-        template: template.to_string(),
-        recipe,
-        max_sequence_length: args.model.max_seq_len,
-    };
-    let engine = Engine::new(pipeline, engine_config.clone());
+        config: engine_config,
+        engine,
+        device,
+    } = setup;
     let timeout = Duration::from_secs(args.timeout);
-    let (jobs, engine_thread) = Jobs::start(engine, args.queue_size, Some(timeout));
+    let (jobs, engine_thread) = match (&args.queue, engine) {
+        (Some(url), _) => {
+            let queue = RedisQueue::open(url, QUEUE_PREFIX)?;
+            reporter.note(&format!("jobs go to the Redis queue at {url}"));
+            Jobs::start_queue(Arc::new(queue), args.queue_size, Some(timeout))
+        }
+        (None, Some(engine)) => Jobs::start(engine, args.queue_size, Some(timeout)),
+        (None, None) => unreachable!("an engine is loaded without --queue"),
+    };
+    let place = match &args.queue {
+        Some(url) => format!("queue {url}"),
+        None => device_name(&device).to_string(),
+    };
     let state = AppState {
         jobs: Arc::clone(&jobs),
         kind,
@@ -185,14 +264,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!(
             "icedit serve: {model_name} ({}) on {}, listening on http://{bound}",
             kind.name(),
-            device_name(&device)
+            place
         );
         axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("the server stopped")
     })?;
-    // Stop taking jobs; the engine finishes those it has, then exits.
+    // Stop taking jobs; the engine finishes those it has (with a queue: the relay follows
+    // its jobs to their end), then exits.
     jobs.close();
     reporter.note("finishing the queued jobs before exiting");
     let _ = engine_thread.join();
@@ -225,7 +305,7 @@ fn read_keys(path: &PathBuf) -> Result<Vec<String>> {
 }
 
 /// Ctrl-C or SIGTERM: stop accepting, finish the requests in flight.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -3,137 +3,20 @@
 //! the images equal `icedit edit`'s for the same seed, events arrive in order, and every bad
 //! request gets its status and OpenAI-shaped error while the server keeps serving.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use base64::Engine as _;
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
+#[path = "../../../tests/support/http.rs"]
+mod http_support;
+use http_support::*;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// A running `icedit serve`, stopped (SIGTERM, then waited for) when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_icedit"))
-            .arg("serve")
-            .args([
-                "--port",
-                "0",
-                "--dtype",
-                "f32",
-                "--max-seq-len",
-                "16",
-                "--quiet",
-            ])
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
-            .env("HF_HOME", std::env::temp_dir().join("icedit-serve-test-hf"))
-            .env_remove("HF_HUB_CACHE")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start icedit serve");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("icedit serve exited before listening")
-                .unwrap();
-            if let Some(at) = line.find("listening on ") {
-                break line[at + "listening on ".len()..].trim().to_string();
-            }
-        };
-        // Keep draining stderr so that the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, url }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// A multipart form as OpenAI's SDK sends it.
-fn multipart(parts: &[(&str, Part)]) -> (String, Vec<u8>) {
-    let boundary = "icedit-test-boundary-7f3a";
-    let mut body = Vec::new();
-    for (name, part) in parts {
-        body.extend(format!("--{boundary}\r\n").as_bytes());
-        match part {
-            Part::Text(text) => {
-                body.extend(
-                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{text}\r\n")
-                        .as_bytes(),
-                );
-            }
-            Part::File(bytes, mime) => {
-                body.extend(
-                    format!(
-                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n\
-                         Content-Type: {mime}\r\n\r\n"
-                    )
-                    .as_bytes(),
-                );
-                body.extend(bytes);
-                body.extend(b"\r\n");
-            }
-        }
-    }
-    body.extend(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-enum Part {
-    Text(String),
-    File(Vec<u8>, &'static str),
-}
-
-fn text(s: &str) -> Part {
-    Part::Text(s.to_string())
-}
-
-/// Status and JSON body of a request, whatever the status.
-fn send(request: ureq::Request, body: Option<(&str, &[u8])>) -> (u16, serde_json::Value) {
-    let result = match body {
-        Some((content_type, bytes)) => request.set("Content-Type", content_type).send_bytes(bytes),
-        None => request.call(),
-    };
-    let response = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    let status = response.status();
-    let mut text = String::new();
-    response.into_reader().read_to_string(&mut text).unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-    )
-}
-
-fn png_pixels(bytes: &[u8]) -> image::RgbImage {
-    image::load_from_memory(bytes).unwrap().to_rgb8()
 }
 
 fn photo_bytes() -> Vec<u8> {

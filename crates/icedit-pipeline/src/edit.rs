@@ -274,7 +274,8 @@ impl EditJob {
 
 /// How a photo becomes an edit job, whatever asked for it (the CLI's flags, the server's forms
 /// and JSON): validated here, in one place.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct JobOptions {
     /// ICEdit: the diptych half's width (default [`DEFAULT_WIDTH`]). Kontext: the output's
     /// width, with `height`.

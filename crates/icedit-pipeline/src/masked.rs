@@ -19,7 +19,8 @@ const GRID: u32 = PIXELS_PER_TOKEN as u32;
 pub const MIN_WINDOW: u32 = 64;
 
 /// How far the window reaches beyond the mask's bounding box, on each side.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ContextMargin {
     Pixels(u32),
     /// A fraction of the bounding box's longer side.

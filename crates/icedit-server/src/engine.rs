@@ -9,6 +9,7 @@ use icedit_pipeline::{
     Progress,
 };
 use image::{GrayImage, RgbImage};
+use serde::{Deserialize, Serialize};
 
 /// What every job of this server shares: the prompt template of its adapters and the recipe's
 /// fixed fields (model, weights, adapters, dtype).
@@ -21,29 +22,33 @@ pub struct EngineConfig {
     pub max_sequence_length: usize,
 }
 
-/// One edit request, as the server's entry points build it.
-#[derive(Debug, Clone)]
+/// One edit request, as the server's entry points build it. Serialized (the images as base64
+/// PNG) it is what travels on a queue to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EditRequest {
+    #[serde(with = "png_b64")]
     pub photo: RgbImage,
+    /// White edits (whatever convention the request came in).
+    #[serde(with = "mask_png_b64", default)]
     pub mask: Option<GrayImage>,
     pub instruction: String,
     pub seeds: Vec<u64>,
     pub steps: Option<usize>,
     pub guidance: Option<f32>,
+    #[serde(default)]
     pub options: JobOptions,
     /// Kontext's true CFG: the negative prompt and its scale.
+    #[serde(default)]
     pub negative: Option<(String, f32)>,
 }
 
 /// A request checked and turned into the model's job; what the engine runs.
 #[derive(Debug, Clone)]
 pub struct PreparedEdit {
+    pub request: EditRequest,
     pub job: EditJob,
     pub prompt: String,
-    pub instruction: String,
     pub settings: EditSettings,
-    pub seeds: Vec<u64>,
-    pub negative: Option<(String, f32)>,
 }
 
 /// Most seeds one request may ask for (`n`).
@@ -86,21 +91,20 @@ impl EditRequest {
         let prompt = templated_prompt(&config.template, &self.instruction)?;
         let job = EditJob::new(kind, &self.photo, self.mask.as_ref(), &self.options)?;
         Ok(PreparedEdit {
+            request: self.clone(),
             job,
             prompt,
-            instruction: self.instruction.clone(),
             settings,
-            seeds: self.seeds.clone(),
-            negative: self.negative.clone(),
         })
     }
 }
 
-/// One finished image.
-#[derive(Debug, Clone)]
+/// One finished image; in JSON (the job API, a queue's results) the PNG is base64 `png_b64`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EditResult {
     pub seed: u64,
     /// The PNG, its recipe in the metadata.
+    #[serde(rename = "png_b64", with = "bytes_b64")]
     pub png: Vec<u8>,
     pub recipe: Recipe,
 }
@@ -144,6 +148,10 @@ impl Engine {
         self.pipeline.kind()
     }
 
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     /// Runs one prepared edit, seed after seed: the same images `icedit edit` makes with these
     /// settings. `stop` is asked between steps (cancel, time limit).
     pub fn run(
@@ -156,7 +164,7 @@ impl Engine {
         let encoded = self
             .pipeline
             .encode_prompt(&edit.prompt, max_len, &mut |_| {})?;
-        let negative = match &edit.negative {
+        let negative = match &edit.request.negative {
             Some((text, scale)) => Some((
                 self.pipeline.encode_prompt(text, max_len, &mut |_| {})?,
                 *scale,
@@ -168,8 +176,8 @@ impl Engine {
             encoded: &encoded,
             true_cfg: negative.as_ref().map(|(n, s)| (n, *s)),
         };
-        let mut results = Vec::with_capacity(edit.seeds.len());
-        for (index, &seed) in edit.seeds.iter().enumerate() {
+        let mut results = Vec::with_capacity(edit.request.seeds.len());
+        for (index, &seed) in edit.request.seeds.iter().enumerate() {
             let mut state = self.pipeline.start_edit(
                 &edit.job,
                 &text,
@@ -198,13 +206,13 @@ impl Engine {
             let recipe = Recipe {
                 task: "edit".into(),
                 prompt: edit.prompt.clone(),
-                instruction: Some(edit.instruction.clone()),
+                instruction: Some(edit.request.instruction.clone()),
                 seed,
                 steps: edit.settings.steps,
                 guidance: edit.settings.guidance,
                 max_sequence_length: max_len,
-                negative_prompt: edit.negative.as_ref().map(|(n, _)| n.clone()),
-                true_cfg_scale: edit.negative.as_ref().map(|(_, s)| *s),
+                negative_prompt: edit.request.negative.as_ref().map(|(n, _)| n.clone()),
+                true_cfg_scale: edit.request.negative.as_ref().map(|(_, s)| *s),
                 width: output.edited.width(),
                 height: output.edited.height(),
                 ..self.config.recipe.clone()
@@ -214,5 +222,71 @@ impl Engine {
             results.push(EditResult { seed, png, recipe });
         }
         Ok(results)
+    }
+}
+
+/// An RGB image as base64 PNG in JSON: lossless, so a worker edits exactly the uploaded pixels.
+mod png_b64 {
+    use base64::Engine as _;
+    use icedit_pipeline::image_io::{decode_rgb, png_bytes};
+    use image::RgbImage;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(image: &RgbImage, s: S) -> Result<S::Ok, S::Error> {
+        let png = png_bytes(image, &[]).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(png))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RgbImage, D::Error> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(String::deserialize(d)?)
+            .map_err(D::Error::custom)?;
+        Ok(decode_rgb(&bytes, "the request's photo")
+            .map_err(D::Error::custom)?
+            .rgb)
+    }
+}
+
+mod mask_png_b64 {
+    use base64::Engine as _;
+    use icedit_pipeline::image_io::decode_mask;
+    use image::GrayImage;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mask: &Option<GrayImage>, s: S) -> Result<S::Ok, S::Error> {
+        let Some(mask) = mask else {
+            return s.serialize_none();
+        };
+        let mut png = Vec::new();
+        mask.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(serde::ser::Error::custom)?;
+        s.serialize_some(&base64::engine::general_purpose::STANDARD.encode(png))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<GrayImage>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(D::Error::custom)?;
+        Ok(Some(
+            decode_mask(&bytes, "the request's mask").map_err(D::Error::custom)?,
+        ))
+    }
+}
+
+mod bytes_b64 {
+    use base64::Engine as _;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        base64::engine::general_purpose::STANDARD
+            .decode(String::deserialize(d)?)
+            .map_err(D::Error::custom)
     }
 }

@@ -352,8 +352,13 @@ fn check_pixels(bytes: &[u8], max_pixels: u64, param: &'static str) -> Result<()
     Ok(())
 }
 
-fn submit(state: &AppState, edit: crate::PreparedEdit) -> Result<Arc<Job>, ApiError> {
-    state.jobs.submit(edit).map_err(|e| match e {
+/// Queues the edit (on a Redis queue, a network round trip: off the async threads).
+async fn submit(state: &AppState, edit: crate::PreparedEdit) -> Result<Arc<Job>, ApiError> {
+    let jobs = Arc::clone(&state.jobs);
+    let submitted = tokio::task::spawn_blocking(move || jobs.submit(edit))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    submitted.map_err(|e| match e {
         SubmitError::Full => ApiError {
             retry_after: Some(5),
             ..ApiError::new(
@@ -364,6 +369,10 @@ fn submit(state: &AppState, edit: crate::PreparedEdit) -> Result<Arc<Job>, ApiEr
         SubmitError::ShuttingDown => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
+        ),
+        SubmitError::Queue(error) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the job queue is unavailable: {error}"),
         ),
     })
 }
@@ -416,7 +425,7 @@ async fn openai_edit(
     }
     let image = image.ok_or_else(|| ApiError::bad("the image is missing").param("image"))?;
     let edit = prepare(&state, fields, image, mask.map(|m| (m, true))).await?;
-    let job = submit(&state, edit)?;
+    let job = submit(&state, edit).await?;
     let status = wait(&job, state.config.timeout).await?;
     let data: Vec<_> = status
         .results
@@ -521,7 +530,7 @@ async fn submit_edit(
         .transpose()?
         .map(|m| (m, false));
     let edit = prepare(&state, fields, image, mask).await?;
-    let job = submit(&state, edit)?;
+    let job = submit(&state, edit).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(
@@ -543,23 +552,12 @@ async fn job_status(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = find(&state, &id)?;
     let status = job.status();
-    let results: Vec<_> = status
-        .results
-        .iter()
-        .map(|r| {
-            json!({
-                "seed": r.seed,
-                "png_b64": base64::engine::general_purpose::STANDARD.encode(&r.png),
-                "recipe": r.recipe,
-            })
-        })
-        .collect();
     Ok(Json(json!({
         "id": job.id,
         "state": status.state,
         "progress": status.progress,
-        "seeds": job.edit.seeds,
-        "results": results,
+        "seeds": job.edit.request.seeds,
+        "results": status.results,
         "error": status.error,
         "seconds": job.created.elapsed().as_secs_f64(),
     })))

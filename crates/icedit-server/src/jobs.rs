@@ -3,14 +3,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{
+    channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError,
+};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::engine::{EditResult, Engine, EngineError, EngineEvent, PreparedEdit};
+use crate::queue::{QueueError, RedisQueue};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,7 +50,7 @@ impl JobState {
 }
 
 /// What a job's subscribers hear, in order.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobEvent {
     Queued,
@@ -136,7 +139,7 @@ pub struct Jobs {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Finished jobs, oldest first, so that the oldest are forgotten past [`KEPT_FINISHED`].
     finished: Mutex<VecDeque<String>>,
-    queue: Mutex<Option<SyncSender<Arc<Job>>>>,
+    queue: Mutex<Option<Backend>>,
     next_id: AtomicU64,
     pub counters: Counters,
     timeout: Option<Duration>,
@@ -145,11 +148,24 @@ pub struct Jobs {
 /// Finished jobs kept for `GET /v1/jobs/{id}`.
 pub const KEPT_FINISHED: usize = 256;
 
+/// Where jobs go: this server's engine thread, or a Redis queue that workers consume (the
+/// forwarding thread then relays their events and results to the job).
+enum Backend {
+    Engine(SyncSender<Arc<Job>>),
+    Redis {
+        queue: Arc<RedisQueue>,
+        capacity: usize,
+        forward: Sender<Arc<Job>>,
+    },
+}
+
 /// Why a job was not queued.
 #[derive(Debug)]
 pub enum SubmitError {
     Full,
     ShuttingDown,
+    /// The queue's Redis failed.
+    Queue(String),
 }
 
 impl Jobs {
@@ -161,14 +177,7 @@ impl Jobs {
         timeout: Option<Duration>,
     ) -> (Arc<Self>, std::thread::JoinHandle<()>) {
         let (sender, receiver) = sync_channel::<Arc<Job>>(capacity);
-        let jobs = Arc::new(Self {
-            jobs: Mutex::new(HashMap::new()),
-            finished: Mutex::new(VecDeque::new()),
-            queue: Mutex::new(Some(sender)),
-            next_id: AtomicU64::new(1),
-            counters: Counters::default(),
-            timeout,
-        });
+        let jobs = Self::new(Backend::Engine(sender), timeout);
         let worker = Arc::clone(&jobs);
         let handle = std::thread::Builder::new()
             .name("icedit-engine".into())
@@ -182,11 +191,49 @@ impl Jobs {
         (jobs, handle)
     }
 
+    /// Jobs sent to a Redis queue, at most `capacity` waiting or running there. The returned
+    /// thread relays workers' events and results; it ends once closed and every job it
+    /// follows has finished.
+    pub fn start_queue(
+        queue: Arc<RedisQueue>,
+        capacity: usize,
+        timeout: Option<Duration>,
+    ) -> (Arc<Self>, std::thread::JoinHandle<()>) {
+        let (forward, followed) = channel::<Arc<Job>>();
+        let jobs = Self::new(
+            Backend::Redis {
+                queue: Arc::clone(&queue),
+                capacity,
+                forward,
+            },
+            timeout,
+        );
+        let relay = Arc::clone(&jobs);
+        let handle = std::thread::Builder::new()
+            .name("icedit-queue".into())
+            .spawn(move || relay.relay(&queue, followed))
+            .expect("spawn the queue's thread");
+        (jobs, handle)
+    }
+
+    fn new(backend: Backend, timeout: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self {
+            jobs: Mutex::new(HashMap::new()),
+            finished: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Some(backend)),
+            next_id: AtomicU64::new(1),
+            counters: Counters::default(),
+            timeout,
+        })
+    }
+
     /// Queues a prepared edit; refused when the queue is full or the server is stopping.
     pub fn submit(&self, edit: PreparedEdit) -> Result<Arc<Job>, SubmitError> {
+        // Unique across servers sharing a queue: the process and the time go in too.
         let id = format!(
-            "job-{:06}-{:08x}",
+            "job-{:06}-{:x}-{:08x}",
             self.next_id.fetch_add(1, Ordering::SeqCst),
+            std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos())
@@ -209,28 +256,45 @@ impl Jobs {
             events,
         });
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(sender) = queue.as_ref() else {
+        let Some(backend) = queue.as_ref() else {
             return Err(SubmitError::ShuttingDown);
         };
-        // Registered first: the engine may start it before try_send returns.
+        // Registered first: the engine may start it before the send returns.
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), Arc::clone(&job));
-        match sender.try_send(Arc::clone(&job)) {
+        let sent = match backend {
+            Backend::Engine(sender) => sender.try_send(Arc::clone(&job)).map_err(|err| match err {
+                TrySendError::Full(_) => SubmitError::Full,
+                TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
+            }),
+            Backend::Redis {
+                queue,
+                capacity,
+                forward,
+            } => {
+                let deadline = self.timeout.map(|t| SystemTime::now() + t);
+                match queue.submit(&id, &job.edit.request, deadline, *capacity) {
+                    Ok(()) => forward
+                        .send(Arc::clone(&job))
+                        .map_err(|_| SubmitError::ShuttingDown),
+                    Err(QueueError::Full(_)) => Err(SubmitError::Full),
+                    Err(e) => Err(SubmitError::Queue(e.to_string())),
+                }
+            }
+        };
+        match sent {
             Ok(()) => Ok(job),
             Err(err) => {
                 self.jobs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
-                Err(match err {
-                    TrySendError::Full(_) => {
-                        self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
-                        SubmitError::Full
-                    }
-                    TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
-                })
+                if matches!(err, SubmitError::Full) {
+                    self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err)
             }
         }
     }
@@ -252,7 +316,8 @@ impl Jobs {
         counts
     }
 
-    /// Stops taking jobs; the engine finishes those already queued, then its thread ends.
+    /// Stops taking jobs; the engine finishes those already queued (a queue's relay, those it
+    /// follows), then its thread ends.
     pub fn close(&self) {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
@@ -308,20 +373,151 @@ impl Jobs {
             Err(EngineError::Stopped("cancelled")) => {
                 self.finish(job, JobEvent::Cancelled, |s| s.state = JobState::Cancelled)
             }
-            Err(err) => {
-                let error = err.to_string();
-                self.finish(
-                    job,
-                    JobEvent::Failed {
-                        error: error.clone(),
-                    },
-                    |s| {
-                        s.state = JobState::Failed;
-                        s.error = Some(error);
-                    },
-                )
-            }
+            Err(err) => self.fail(job, err.to_string()),
         }
+    }
+
+    /// Follows the jobs sent to the queue: their events, read from Redis, become the jobs'
+    /// events; a done job's results are fetched; a cancel is passed on to the workers.
+    fn relay(&self, queue: &RedisQueue, new_jobs: Receiver<Arc<Job>>) {
+        struct Followed {
+            job: Arc<Job>,
+            cursor: String,
+            cancel_sent: bool,
+        }
+        let mut followed: Vec<Followed> = Vec::new();
+        let mut con = None;
+        let mut closed = false;
+        let mut last_step = Instant::now();
+        loop {
+            // New jobs; when there is nothing to follow, wait for one.
+            loop {
+                let next = if followed.is_empty() && !closed {
+                    new_jobs.recv_timeout(Duration::from_secs(1))
+                } else {
+                    new_jobs.try_recv().map_err(|e| match e {
+                        std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        std::sync::mpsc::TryRecvError::Disconnected => {
+                            RecvTimeoutError::Disconnected
+                        }
+                    })
+                };
+                match next {
+                    Ok(job) => followed.push(Followed {
+                        job,
+                        cursor: "0".into(),
+                        cancel_sent: false,
+                    }),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if followed.is_empty() {
+                if closed {
+                    return;
+                }
+                continue;
+            }
+            let connection = match con.as_mut() {
+                Some(c) => c,
+                None => match queue.connection() {
+                    Ok(c) => con.insert(c),
+                    Err(e) => {
+                        eprintln!("icedit serve: the queue's Redis is unreachable ({e})");
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            for f in followed.iter_mut() {
+                if !f.cancel_sent && f.job.cancel.load(Ordering::SeqCst) {
+                    f.cancel_sent = queue.cancel(&f.job.id).is_ok();
+                }
+            }
+            let cursors: Vec<(String, String)> = followed
+                .iter()
+                .map(|f| (f.job.id.clone(), f.cursor.clone()))
+                .collect();
+            let events = match queue.read_events(connection, &cursors, Duration::from_millis(500)) {
+                Ok(events) => events,
+                Err(e) => {
+                    eprintln!("icedit serve: reading the queue's events failed ({e})");
+                    con = None;
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            for (id, cursor, event) in events {
+                let Some(f) = followed.iter_mut().find(|f| f.job.id == id) else {
+                    continue;
+                };
+                f.cursor = cursor;
+                let job = &f.job;
+                match event {
+                    // Already the job's first event here.
+                    JobEvent::Queued => {}
+                    JobEvent::Started => {
+                        job.update(JobEvent::Started, |s| s.state = JobState::Running)
+                    }
+                    step @ JobEvent::Step { .. } => {
+                        let now = Instant::now();
+                        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+                        self.counters.step_micros.fetch_add(
+                            now.duration_since(last_step).as_micros() as u64,
+                            Ordering::Relaxed,
+                        );
+                        last_step = now;
+                        job.update(step, |_| {})
+                    }
+                    JobEvent::Done => match queue.result(&id) {
+                        Ok(Some(results)) => self.finish(job, JobEvent::Done, |s| {
+                            s.state = JobState::Done;
+                            s.results = results;
+                        }),
+                        Ok(None) | Err(_) => self.fail(
+                            job,
+                            "a worker finished the job but its result cannot be read".into(),
+                        ),
+                    },
+                    JobEvent::Failed { error } => self.fail(job, error),
+                    JobEvent::Cancelled => {
+                        self.finish(job, JobEvent::Cancelled, |s| s.state = JobState::Cancelled)
+                    }
+                }
+            }
+            // A job no worker finished long after its deadline is given up here (it stays
+            // in the queue, cancelled, for a worker to drop).
+            for f in &followed {
+                if f.job
+                    .deadline
+                    .is_some_and(|d| Instant::now() > d + Duration::from_secs(60))
+                    && !f.job.status().state.is_final()
+                {
+                    let _ = queue.cancel(&f.job.id);
+                    self.fail(
+                        &f.job,
+                        "no worker finished the job within the request's time limit".into(),
+                    );
+                }
+            }
+            followed.retain(|f| !f.job.status().state.is_final());
+        }
+    }
+
+    fn fail(&self, job: &Job, error: String) {
+        self.finish(
+            job,
+            JobEvent::Failed {
+                error: error.clone(),
+            },
+            |s| {
+                s.state = JobState::Failed;
+                s.error = Some(error);
+            },
+        )
     }
 
     fn finish(&self, job: &Job, event: JobEvent, change: impl FnOnce(&mut JobStatus)) {

@@ -12,11 +12,15 @@
 //!   `Retry-After`); bodies and images over the limits are refused (413) before decoding; a
 //!   per-request time limit; bearer API keys compared in constant time; nothing in a request
 //!   names a file or URL the server reads.
+//! - With a queue (`--queue redis://...`), jobs go to a Redis stream that `icedit worker`s on
+//!   other machines consume (see [`queue`]); the server forwards their events and results.
 
 pub mod engine;
 mod http;
 pub mod jobs;
+pub mod queue;
 
 pub use engine::{EditRequest, EditResult, Engine, EngineConfig, PreparedEdit};
 pub use http::{router, AppState, ServerConfig};
 pub use jobs::{JobEvent, JobState, Jobs};
+pub use queue::{Outcome, RedisQueue, Worker, WorkerConfig};

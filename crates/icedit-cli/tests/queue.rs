@@ -1,0 +1,308 @@
+//! `icedit serve --queue` and `icedit worker` on a real Redis: jobs survive a worker killed
+//! (SIGKILL) in the middle of one, each job gets exactly one result equal to a local run of its
+//! seed, a poisoned job lands in the dead-letter stream after its tries, and events and cancel
+//! flow between the server and the workers.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use redis::Commands;
+
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+#[path = "../../../tests/support/http.rs"]
+mod http_support;
+use http_support::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model() -> String {
+    fixtures()
+        .join("fill_pipeline/tiny")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn photo_b64() -> String {
+    base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(fixtures().join("edit/source.png")).unwrap())
+}
+
+fn worker(redis: &RedisServer, name: &str) -> Server {
+    Server::start_command(
+        "worker",
+        &[
+            "--model",
+            &model(),
+            "--no-lora",
+            "--queue",
+            &redis.url(),
+            "--name",
+            name,
+            "--visibility-timeout",
+            "2",
+            "--max-attempts",
+            "3",
+        ],
+        "taking jobs from ",
+    )
+}
+
+fn submit(server: &Server, seed: u64, steps: usize) -> String {
+    let body = format!(
+        r#"{{"image": "{}", "instruction": "make it night", "seeds": [{seed}], "steps": {steps}, "size": "64x48"}}"#,
+        photo_b64()
+    );
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/edits")),
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(status, 202, "{json}");
+    json["id"].as_str().unwrap().to_string()
+}
+
+/// Polls the job until it reaches a final state (or the time runs out).
+fn wait_final(server: &Server, id: &str, limit: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (status, json) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+        assert_eq!(status, 200, "{json}");
+        if ["done", "failed", "cancelled"].contains(&json["state"].as_str().unwrap()) {
+            return json;
+        }
+        assert!(start.elapsed() < limit, "job {id} still {}", json["state"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn jobs_survive_a_killed_worker() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let server = Server::start(&[
+        "--model",
+        &model(),
+        "--no-lora",
+        "--queue",
+        &redis.url(),
+        "--queue-size",
+        "64",
+    ]);
+    let mut first = worker(&redis, "w1");
+    let _second = worker(&redis, "w2");
+
+    let seeds: Vec<u64> = (100..120).collect();
+    let ids: Vec<String> = seeds.iter().map(|&s| submit(&server, s, 12)).collect();
+
+    // Kill w1 the moment it holds a job, mid-edit.
+    let start = Instant::now();
+    let killed_job = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "w1 never took a job"
+        );
+        let pending: redis::streams::StreamPendingCountReply = con
+            .xpending_consumer_count("icedit:jobs", "workers", "-", "+", 10, "w1")
+            .unwrap();
+        if let Some(entry) = pending.ids.first() {
+            let entries: redis::streams::StreamRangeReply =
+                con.xrange("icedit:jobs", &entry.id, &entry.id).unwrap();
+            let state: Option<String> = entries
+                .ids
+                .first()
+                .and_then(|e| e.get::<String>("id"))
+                .and_then(|id| con.hget(format!("icedit:job:{id}"), "state").ok());
+            if state.as_deref() == Some("running") {
+                first.child.kill().unwrap(); // SIGKILL
+                first.child.wait().unwrap();
+                break entries.ids[0].get::<String>("id").unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+
+    // Every job completes, the killed one on w2 after the visibility timeout.
+    let finished: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| wait_final(&server, id, Duration::from_secs(240)))
+        .collect();
+    for (job, seed) in finished.iter().zip(&seeds) {
+        assert_eq!(job["state"], "done", "{job}");
+        assert_eq!(job["results"].as_array().unwrap().len(), 1);
+        assert_eq!(job["results"][0]["seed"], *seed);
+    }
+    let attempts: u32 = con
+        .hget(format!("icedit:job:{killed_job}"), "attempts")
+        .unwrap();
+    let by: String = con
+        .hget(format!("icedit:job:{killed_job}"), "worker")
+        .unwrap();
+    assert!(attempts >= 2, "{killed_job} was tried {attempts} times");
+    assert_eq!(by, "w2", "{killed_job} taken over by the other worker");
+
+    // Exactly one result per job, one `done` event each, nothing left in the queue.
+    let results: Vec<String> = con.keys("icedit:result:*").unwrap();
+    assert_eq!(results.len(), ids.len());
+    for id in &ids {
+        let events: redis::streams::StreamRangeReply =
+            con.xrange_all(format!("icedit:events:{id}")).unwrap();
+        let done = events
+            .ids
+            .iter()
+            .filter(|e| e.get::<String>("event").unwrap().contains("\"done\""))
+            .count();
+        assert_eq!(done, 1, "{id}");
+    }
+    let left: usize = con.xlen("icedit:jobs").unwrap();
+    assert_eq!(left, 0, "acknowledged jobs are removed");
+
+    // Each image equals a local run of its seed (`icedit serve` without a queue, which equals
+    // `icedit edit`: tests/serve.rs).
+    let local = Server::start(&["--model", &model(), "--no-lora"]);
+    for chunk in seeds.chunks(10) {
+        let (content_type, body) = multipart(&[
+            (
+                "image",
+                Part::File(
+                    std::fs::read(fixtures().join("edit/source.png")).unwrap(),
+                    "image/png",
+                ),
+            ),
+            ("prompt", text("make it night")),
+            ("n", text(&chunk.len().to_string())),
+            ("seed", text(&chunk[0].to_string())),
+            ("steps", text("12")),
+            ("size", text("64x48")),
+        ]);
+        let (status, json) = send(
+            ureq::post(&local.url("/v1/images/edits")),
+            Some((&content_type, &body)),
+        );
+        assert_eq!(status, 200, "{json}");
+        for (i, seed) in chunk.iter().enumerate() {
+            let job = &finished[(seed - 100) as usize];
+            let decode = |text: &serde_json::Value| {
+                png_pixels(
+                    &base64::engine::general_purpose::STANDARD
+                        .decode(text.as_str().unwrap())
+                        .unwrap(),
+                )
+            };
+            assert_eq!(
+                decode(&job["results"][0]["png_b64"]),
+                decode(&json["data"][i]["b64_json"]),
+                "seed {seed}: the queued result equals the local run"
+            );
+        }
+    }
+}
+
+#[test]
+fn poison_events_and_cancel_through_the_queue() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let server = Server::start(&["--model", &model(), "--no-lora", "--queue", &redis.url()]);
+    let _worker = worker(&redis, "w1");
+
+    // An entry no server wrote: tried three times, then dead-lettered with its error.
+    let _: String = con
+        .xadd(
+            "icedit:jobs",
+            "*",
+            &[("id", "poison-1"), ("request", "{not json")],
+        )
+        .unwrap();
+    let start = Instant::now();
+    let dead = loop {
+        let dead: redis::streams::StreamRangeReply = con.xrange_all("icedit:dead").unwrap();
+        if let Some(entry) = dead.ids.into_iter().next() {
+            break entry;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not dead-lettered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(dead.get::<String>("id").as_deref(), Some("poison-1"));
+    assert_eq!(dead.get::<u32>("attempts"), Some(3));
+    let error = dead.get::<String>("error").unwrap();
+    assert!(error.contains("cannot be read"), "{error}");
+    let state: String = con.hget("icedit:job:poison-1", "state").unwrap();
+    assert_eq!(state, "dead");
+
+    // Events flow back from the worker to the server's SSE, in order.
+    let id = submit(&server, 3, 3);
+    let events = ureq::get(&server.url(&format!("/v1/jobs/{id}/events")))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let names: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"queued"), "{events}");
+    assert_eq!(names.get(1), Some(&"started"), "{events}");
+    assert_eq!(names.last(), Some(&"done"), "{events}");
+    assert!(events.contains("\"step\":3,\"total\":3"), "{events}");
+
+    // Cancel reaches the worker running the job.
+    let id = submit(&server, 4, 400);
+    let start = Instant::now();
+    loop {
+        let (_, json) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+        if json["progress"]["step"].as_u64().is_some_and(|s| s >= 1) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, json) = send(ureq::delete(&server.url(&format!("/v1/jobs/{id}"))), None);
+    assert_eq!(status, 200, "{json}");
+    let job = wait_final(&server, &id, Duration::from_secs(60));
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(job["progress"]["step"].as_u64().unwrap() < 400);
+}
+
+#[test]
+fn unreachable_queue_is_refused_before_loading() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for command in ["worker", "serve"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_icedit"))
+            .args([
+                command,
+                "--model",
+                &model(),
+                "--no-lora",
+                "--queue",
+                &format!("redis://127.0.0.1:{port}"),
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let err = cli_support::stderr(&out);
+        assert!(err.contains("cannot reach Redis"), "{command}: {err}");
+        assert!(!err.contains("loading transformer"), "{command}: {err}");
+    }
+}

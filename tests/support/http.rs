@@ -1,0 +1,187 @@
+//! What the server tests share: a running `icedit serve` (or `worker`), OpenAI-shaped multipart
+//! forms, requests answered with status and JSON whatever the status. Included with `#[path]`.
+#![allow(dead_code)] // each test file uses some of these
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+
+/// A running `icedit serve`, stopped (SIGTERM, then waited for) when dropped.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_command("serve", args, "listening on ")
+    }
+
+    /// `icedit {command} ...`, running once stderr has a line with `ready`; what follows it
+    /// is the server's address.
+    pub fn start_command(command: &str, args: &[&str], ready: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_icedit"))
+            .arg(command)
+            .args(if command == "serve" {
+                &["--port", "0"][..]
+            } else {
+                &[]
+            })
+            .args(["--dtype", "f32", "--max-seq-len", "16", "--quiet"])
+            .args(args)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", std::env::temp_dir().join("icedit-serve-test-hf"))
+            .env_remove("HF_HUB_CACHE")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start icedit serve");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("icedit serve exited before listening")
+                .unwrap();
+            if let Some(at) = line.find(ready) {
+                break line[at + ready.len()..].trim().to_string();
+            }
+        };
+        // Keep draining stderr so that the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, url }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A multipart form as OpenAI's SDK sends it.
+pub fn multipart(parts: &[(&str, Part)]) -> (String, Vec<u8>) {
+    let boundary = "icedit-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, part) in parts {
+        body.extend(format!("--{boundary}\r\n").as_bytes());
+        match part {
+            Part::Text(text) => {
+                body.extend(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{text}\r\n")
+                        .as_bytes(),
+                );
+            }
+            Part::File(bytes, mime) => {
+                body.extend(
+                    format!(
+                        "Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n\
+                         Content-Type: {mime}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                body.extend(bytes);
+                body.extend(b"\r\n");
+            }
+        }
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+pub enum Part {
+    Text(String),
+    File(Vec<u8>, &'static str),
+}
+
+pub fn text(s: &str) -> Part {
+    Part::Text(s.to_string())
+}
+
+/// Status and JSON body of a request, whatever the status.
+pub fn send(request: ureq::Request, body: Option<(&str, &[u8])>) -> (u16, serde_json::Value) {
+    let result = match body {
+        Some((content_type, bytes)) => request.set("Content-Type", content_type).send_bytes(bytes),
+        None => request.call(),
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = response.status();
+    let mut text = String::new();
+    response.into_reader().read_to_string(&mut text).unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+pub fn png_pixels(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory(bytes).unwrap().to_rgb8()
+}
+
+/// A `redis-server` of its own on a free port, without persistence, stopped when dropped;
+/// `None` (said loudly) where no redis-server is installed: `.ci/run` installs it.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = match Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!(
+                    "\n*** SKIPPED: no redis-server here ({e}); install it (apt install \
+                     redis-server) to run the queue tests ***\n"
+                );
+                return None;
+            }
+        };
+        let server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(server);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -23,6 +23,103 @@ fn photo_bytes() -> Vec<u8> {
     std::fs::read(fixtures().join("edit/source.png")).unwrap()
 }
 
+/// `icedit edit` of the test photo with the servers' settings (tiny pipeline, no adapter,
+/// width 64, 3 steps), written into `dir`.
+fn cli_edit(dir: &Path, seed: u64) -> PathBuf {
+    let out = dir.join(format!("cli-{seed}.png"));
+    let run = Command::new(env!("CARGO_BIN_EXE_icedit"))
+        .args(strings(&[
+            "edit",
+            "--model",
+            fixtures().join("fill_pipeline/tiny").to_str().unwrap(),
+            "--image",
+            fixtures().join("edit/source.png").to_str().unwrap(),
+            "--instruction",
+            "make it night",
+            "--no-lora",
+            "--width",
+            "64",
+            "--steps",
+            "3",
+            "--seed",
+            &seed.to_string(),
+            "--dtype",
+            "f32",
+            "--max-seq-len",
+            "16",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    out
+}
+
+/// A Python with OpenAI's SDK: `ICEDIT_PYTHON`, the reference venv's, or `python3`.
+fn python_with_openai() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidates = std::env::var_os("ICEDIT_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([root.join(".venv-ref/bin/python"), PathBuf::from("python3")]);
+    candidates.into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import openai"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// The official `openai` Python package as the client: `client.images.edit(...)` gets the
+/// images `icedit edit` makes for the same seeds; its errors arrive as the SDK's exceptions.
+#[test]
+fn openai_sdk_edits_equal_icedit_edit() {
+    let Some(python) = python_with_openai() else {
+        eprintln!(
+            "\n*** SKIPPED: no Python with the openai package (pip install openai, or set \
+             ICEDIT_PYTHON); the same calls are tested over HTTP by openai_edits_equal_icedit_edit ***\n"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "sdk-test-key-0123456789\n").unwrap();
+    let model = fixtures().join("fill_pipeline/tiny");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--no-lora",
+        "--api-keys",
+        keys.to_str().unwrap(),
+    ]);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/openai_client.py");
+    let run = Command::new(&python)
+        .arg(script)
+        .args([
+            server.url.as_str(),
+            "sdk-test-key-0123456789",
+            fixtures().join("edit/source.png").to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        stderr(&run)
+    );
+    for (i, seed) in [7u64, 8].iter().enumerate() {
+        let sdk = std::fs::read(dir.path().join(format!("sdk-{i}.png"))).unwrap();
+        let cli = std::fs::read(cli_edit(dir.path(), *seed)).unwrap();
+        assert_eq!(png_pixels(&sdk), png_pixels(&cli), "seed {seed}");
+    }
+}
+
 #[test]
 fn openai_edits_equal_icedit_edit() {
     let model = fixtures().join("fill_pipeline/tiny");
@@ -51,35 +148,7 @@ fn openai_edits_equal_icedit_edit() {
         let png = base64::engine::general_purpose::STANDARD
             .decode(data[i]["b64_json"].as_str().unwrap())
             .unwrap();
-        let out = dir.path().join(format!("cli-{seed}.png"));
-        let run = Command::new(env!("CARGO_BIN_EXE_icedit"))
-            .args(strings(&[
-                "edit",
-                "--model",
-                model.to_str().unwrap(),
-                "--image",
-                fixtures().join("edit/source.png").to_str().unwrap(),
-                "--instruction",
-                "make it night",
-                "--no-lora",
-                "--width",
-                "64",
-                "--steps",
-                "3",
-                "--seed",
-                &seed.to_string(),
-                "--dtype",
-                "f32",
-                "--max-seq-len",
-                "16",
-                "--quiet",
-                "--out",
-                out.to_str().unwrap(),
-            ]))
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .unwrap();
-        assert!(run.status.success(), "{}", stderr(&run));
+        let out = cli_edit(dir.path(), *seed);
         let cli = std::fs::read(&out).unwrap();
         assert_eq!(
             png_pixels(&png),

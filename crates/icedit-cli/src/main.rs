@@ -14,6 +14,7 @@ use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
 use icedit_pipeline::PipelineKind;
 
 mod adapters;
+mod batch;
 mod edit;
 mod fill;
 mod inputs;
@@ -53,6 +54,9 @@ enum Command {
     /// Keep the model loaded and serve edits over HTTP: OpenAI's `POST /v1/images/edits` and a
     /// job API with progress events.
     Serve(serve::ServeArgs),
+    /// Run a JSON Lines file of edits (one model load; resumes where it stopped), or submit
+    /// them to a Redis queue with --queue and collect the results.
+    Batch(batch::BatchArgs),
     /// Run edits from a Redis queue filled by `icedit serve --queue` or `icedit batch --queue`
     /// (one worker per GPU; a job survives a worker that dies).
     Worker(worker::WorkerArgs),
@@ -251,6 +255,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fill(args) => fill::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Batch(args) => batch::run(args),
         Command::Judge(args) => judge::run(args),
         Command::Quantize(args) => quantize::run(args),
     }

@@ -306,3 +306,69 @@ fn unreachable_queue_is_refused_before_loading() {
         assert!(!err.contains("loading transformer"), "{command}: {err}");
     }
 }
+
+#[test]
+fn batch_through_the_queue_equals_a_local_batch() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _worker = worker(&redis, "w1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("edit/source.png"),
+        dir.path().join("photo.png"),
+    )
+    .unwrap();
+    let jobs = dir.path().join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        r#"{"id": "night", "image": "photo.png", "instruction": "make it night", "seeds": [7, 8], "steps": 3, "width": 64}
+{"id": "snow", "image": "photo.png", "instruction": "make it snow", "seed": 2, "steps": 3, "width": 64}
+"#,
+    )
+    .unwrap();
+    let batch = |out: &str, queue: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_icedit"));
+        command
+            .arg("batch")
+            .arg(&jobs)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .args(["--model", &model(), "--no-lora", "--dtype", "f32"])
+            .args(["--max-seq-len", "16"])
+            .env("HF_HUB_OFFLINE", "1");
+        if queue {
+            command.args(["--queue", &redis.url()]);
+        }
+        let run = command.output().unwrap();
+        assert!(run.status.success(), "{}", cli_support::stderr(&run));
+        run
+    };
+    batch("local", false);
+    batch("queued", true);
+    for file in ["night-7.png", "night-8.png", "snow-2.png"] {
+        assert_eq!(
+            cli_support::max_png_diff(
+                &dir.path().join("local").join(file),
+                &dir.path().join("queued").join(file)
+            ),
+            0,
+            "{file}"
+        );
+    }
+    // A rerun collects the stored result: nothing is sent to the workers again.
+    std::fs::remove_file(dir.path().join("queued/snow.json")).unwrap();
+    let run = batch("queued", true);
+    assert!(cli_support::stderr(&run).contains("1 of 2 jobs already done"));
+    assert!(dir.path().join("queued/snow.json").is_file());
+    let keys: Vec<String> = con.keys("icedit:job:*").unwrap();
+    assert_eq!(keys.len(), 2);
+    for key in keys {
+        let attempts: u32 = con.hget(&key, "attempts").unwrap();
+        assert_eq!(attempts, 1, "{key} ran once");
+    }
+}

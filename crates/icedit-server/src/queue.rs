@@ -171,8 +171,13 @@ impl RedisQueue {
         let queued = serde_json::to_string(&JobEvent::Queued)?;
         let deadline = deadline.map(unix_ms).unwrap_or(0);
         self.with(|con| {
+            // A job id sent again (a batch retrying a failed job) starts afresh.
             redis::pipe()
                 .atomic()
+                .del(self.job_key(id))
+                .ignore()
+                .del(self.events_key(id))
+                .ignore()
                 .hset(self.job_key(id), "state", "queued")
                 .ignore()
                 .xadd(self.events_key(id), "*", &[("event", &queued)])

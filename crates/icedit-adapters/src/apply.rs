@@ -3,6 +3,7 @@
 //! and applying the result: merged into the weights, or hooked in at run time.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
@@ -47,6 +48,9 @@ pub struct AppliedAdapter {
     pub top_k: usize,
     /// Router statistics of each MoE layer, by module path.
     pub routing: Vec<(String, Arc<RoutingStats>)>,
+    /// Turns the layers applied at run time on and off together (on when applied); merged
+    /// layers are part of the weights for good.
+    pub switch: Arc<AtomicBool>,
 }
 
 impl AppliedAdapter {
@@ -101,6 +105,7 @@ pub fn apply_adapters(
             experts: 0,
             top_k: 0,
             routing: Vec::new(),
+            switch: Arc::new(AtomicBool::new(true)),
         })
         .collect();
     let mut by_module: HashMap<String, Vec<(usize, BoundLayer)>> = HashMap::new();
@@ -177,7 +182,10 @@ fn install(
                 parts.extend(&delta.up_bias);
                 check(&parts, "weights", delta.scale)?;
                 report.lora_layers += 1;
-                linear.attach(Arc::new(delta) as Arc<dyn LinearAdapter>)?;
+                linear.attach_switched(
+                    Arc::new(delta) as Arc<dyn LinearAdapter>,
+                    Some(report.switch.clone()),
+                )?;
             }
         }
         BoundLayer::Moe(moe) => {
@@ -199,7 +207,10 @@ fn install(
             report.experts = report.experts.max(moe.experts.len());
             report.top_k = moe.top_k;
             report.routing.push((module.to_string(), moe.stats.clone()));
-            linear.attach(Arc::new(moe) as Arc<dyn LinearAdapter>)?;
+            linear.attach_switched(
+                Arc::new(moe) as Arc<dyn LinearAdapter>,
+                Some(report.switch.clone()),
+            )?;
         }
     }
     Ok(())

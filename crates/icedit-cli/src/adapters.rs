@@ -8,7 +8,7 @@ use icedit_adapters::{
     ResolvedAdapter, DEFAULT_ADAPTER, TURBO_ADAPTER,
 };
 use icedit_hub::{HubOptions, ModelSource};
-use icedit_pipeline::edit::prompt_template;
+use icedit_pipeline::edit::adapters_template;
 use icedit_pipeline::recipe::AdapterUse;
 use icedit_pipeline::PipelineKind;
 
@@ -101,21 +101,11 @@ pub fn check_base_model(manifest: &Manifest, kind: PipelineKind) -> Result<()> {
 /// The prompt template the adapters were trained with (`default` when no manifest names one:
 /// ICEdit's diptych prompt on Fill, the instruction itself on Kontext).
 pub fn manifest_template(manifests: &[Manifest], default: &'static str) -> Result<&'static str> {
-    let mut names: Vec<&str> = manifests
+    let names: Vec<&str> = manifests
         .iter()
         .filter_map(|m| m.prompt.as_deref())
         .collect();
-    names.sort_unstable();
-    names.dedup();
-    match names[..] {
-        [] => Ok(default),
-        [name] => Ok(prompt_template(name)?),
-        _ => bail!(
-            "the adapters were trained with different prompt templates ({}); use one at a time, \
-             or give the whole --prompt",
-            names.join(", ")
-        ),
-    }
+    Ok(adapters_template(&names)?.unwrap_or(default))
 }
 
 /// A warning when `--model` is a Hub repo other than the one the adapter was trained on.

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use icedit_hub::HubOptions;
 use icedit_pipeline::edit::JobOptions;
 use icedit_pipeline::image_io::{load_mask, load_rgb, write_file_atomically};
-use icedit_server::engine::{EditRequest, EditResult, Engine, EngineEvent};
+use icedit_server::engine::{EditRequest, EditResult, Engine, EngineEvent, SearchRequest};
 use icedit_server::RedisQueue;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,7 @@ use sha2::Digest;
 
 use crate::adapters::AdapterArgs;
 use crate::inputs::{add_model_inputs, check_png_name};
+use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
 use crate::serve::{EngineSetup, QUEUE_PREFIX};
@@ -41,6 +42,9 @@ pub struct BatchArgs {
     model: ModelArgs,
     #[command(flatten)]
     adapters: AdapterArgs,
+    /// The judge of jobs with a `search` (best of their seeds).
+    #[command(flatten)]
+    judging: JudgeArgs,
     /// Submit the jobs to this Redis queue (`redis://HOST:PORT[/DB]`) and collect what the
     /// workers make, instead of running them here. The model flags then only validate.
     #[arg(long, value_name = "URL")]
@@ -79,6 +83,13 @@ struct JobLine {
     negative_prompt: Option<String>,
     #[serde(default)]
     true_cfg_scale: Option<f32>,
+    /// A best-of-N search over `seeds`: `{"early_steps": 10}` (with `early_filter`,
+    /// `selection`); the winner is the job's one image.
+    #[serde(default)]
+    search: Option<SearchRequest>,
+    /// The adapters to use, by name, among those given on the command line (default: all).
+    #[serde(default)]
+    adapters: Option<Vec<String>>,
 }
 
 /// A job as read and checked, before its images are decoded.
@@ -93,6 +104,8 @@ struct BatchJob {
     guidance: Option<f32>,
     options: JobOptions,
     negative: Option<(String, f32)>,
+    search: Option<SearchRequest>,
+    adapters: Option<Vec<String>>,
 }
 
 /// `DIR/{id}.json`: written after the job's images, so its presence means the job is done.
@@ -109,11 +122,23 @@ struct SummaryImage {
     seed: u64,
     file: String,
     recipe: icedit_pipeline::recipe::Recipe,
+    /// A search's candidates and verdicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    search: Option<icedit_server::engine::SearchSummary>,
 }
 
 impl BatchJob {
     fn image_name(&self, seed: u64) -> String {
         format!("{}-{seed}.png", self.id)
+    }
+
+    /// A search keeps its winner only.
+    fn image_count(&self) -> usize {
+        if self.search.is_some() {
+            1
+        } else {
+            self.seeds.len()
+        }
     }
 
     fn summary_name(&self) -> String {
@@ -126,7 +151,7 @@ impl BatchJob {
             return false;
         };
         serde_json::from_str::<Summary>(&text).is_ok_and(|s| {
-            s.images.len() == self.seeds.len()
+            s.images.len() == self.image_count()
                 && s.images.iter().all(|i| out.join(&i.file).is_file())
         })
     }
@@ -144,6 +169,8 @@ impl BatchJob {
             guidance: self.guidance,
             options: self.options.clone(),
             negative: self.negative.clone(),
+            search: self.search.clone(),
+            adapters: self.adapters.clone(),
         })
     }
 
@@ -157,6 +184,7 @@ impl BatchJob {
                 seed: result.seed,
                 file,
                 recipe: result.recipe.clone(),
+                search: result.search.clone(),
             });
         }
         let summary = Summary {
@@ -253,6 +281,8 @@ fn read_jobs(path: &Path) -> Result<Vec<BatchJob>> {
                 ..JobOptions::default()
             },
             negative,
+            search: job.search,
+            adapters: job.adapters,
         });
     }
     if jobs.is_empty() {
@@ -314,7 +344,13 @@ pub fn run(args: BatchArgs) -> Result<()> {
         return Ok(());
     }
     // Every job's request is checked against the model before any runs or is submitted.
-    let setup = EngineSetup::open(&args.model, &args.adapters, &reporter, args.queue.is_none())?;
+    let setup = EngineSetup::open(
+        &args.model,
+        &args.adapters,
+        &args.judging,
+        &reporter,
+        args.queue.is_none(),
+    )?;
     for job in &todo {
         job.request()?
             .prepare(setup.kind, &setup.config)
@@ -381,15 +417,20 @@ fn run_here(
             let edit = job.request()?.prepare(engine.kind(), config)?;
             let results = engine.run(
                 &edit,
-                &mut |EngineEvent::Step {
-                          index, step, total, ..
-                      }| {
-                    bar.set_message(format!(
-                        "({}: image {}/{}, step {step}/{total})",
-                        job.id,
-                        index + 1,
-                        job.seeds.len()
-                    ))
+                &mut |event| {
+                    bar.set_message(match event {
+                        EngineEvent::Step {
+                            index, step, total, ..
+                        } => format!(
+                            "({}: image {}/{}, step {step}/{total})",
+                            job.id,
+                            index + 1,
+                            job.seeds.len()
+                        ),
+                        EngineEvent::SearchStep { evaluations } => {
+                            format!("({}: search, {evaluations} steps)", job.id)
+                        }
+                    })
                 },
                 &|| None,
             )?;

@@ -13,12 +13,14 @@ use icedit_pipeline::edit::{DIPTYCH_TEMPLATE, MAX_SEQUENCE_LENGTH};
 use icedit_pipeline::image_io::MAX_PIXELS;
 use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::PipelineKind;
+use icedit_server::engine::ServedAdapter;
 use icedit_server::{router, AppState, Engine, EngineConfig, Jobs, RedisQueue, ServerConfig};
 
 use crate::adapters::{
     adapter_specs, adapter_uses, base_model_warning, check_base_model, describe_applied,
     load_adapters, manifest_template, AdapterArgs,
 };
+use crate::judge::JudgeArgs;
 use crate::progress::Reporter;
 use crate::{device, device_name, ModelArgs, OpenedPipeline};
 
@@ -28,6 +30,9 @@ pub struct ServeArgs {
     model: ModelArgs,
     #[command(flatten)]
     adapters: AdapterArgs,
+    /// The judge of requests that ask for a best-of-N search (`search` in the job API).
+    #[command(flatten)]
+    judging: JudgeArgs,
     /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0 needs --api-keys).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -76,9 +81,18 @@ impl EngineSetup {
     pub fn open(
         model: &ModelArgs,
         adapter_args: &AdapterArgs,
+        judging: &JudgeArgs,
         reporter: &Reporter,
         load: bool,
     ) -> Result<Self> {
+        let judge_specs = judging.parse()?;
+        let judge_name = judge_specs.as_ref().map(|specs| {
+            specs
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", then ")
+        });
         let dtype = parse_dtype(&model.dtype)?;
         let device = device(model.device)?;
         let hub = HubOptions::from_env();
@@ -89,10 +103,16 @@ impl EngineSetup {
         let kind = pipeline.kind();
         let specs = adapter_specs(adapter_args, kind, false);
         let mut manifests = Vec::new();
+        let mut served = Vec::new();
         for spec in &specs {
-            manifests.extend(
-                icedit_adapters::manifest_of(spec).with_context(|| format!("--lora {spec}"))?,
-            );
+            let manifest =
+                icedit_adapters::manifest_of(spec).with_context(|| format!("--lora {spec}"))?;
+            served.push(ServedAdapter {
+                name: spec.clone(),
+                template: manifest.as_ref().and_then(|m| m.prompt.clone()),
+                can_leave_out: None,
+            });
+            manifests.extend(manifest);
         }
         for manifest in &manifests {
             check_base_model(manifest, kind)?;
@@ -100,14 +120,11 @@ impl EngineSetup {
                 reporter.warn(&warning);
             }
         }
-        let template = manifest_template(
-            &manifests,
-            match kind {
-                PipelineKind::Fill => DIPTYCH_TEMPLATE,
-                PipelineKind::Kontext => "{instruction}",
-            },
-        )?
-        .to_string();
+        let base_template = match kind {
+            PipelineKind::Fill => DIPTYCH_TEMPLATE,
+            PipelineKind::Kontext => "{instruction}",
+        };
+        let template = manifest_template(&manifests, base_template)?.to_string();
         let mut recipe = Recipe {
             task: "edit".into(),
             prompt: String::new(),
@@ -141,6 +158,9 @@ impl EngineSetup {
                     template,
                     recipe,
                     max_sequence_length: model.max_seq_len,
+                    judge: judge_name,
+                    adapters: served,
+                    base_template: base_template.to_string(),
                 },
                 engine: None,
                 device,
@@ -163,21 +183,34 @@ impl EngineSetup {
         pipeline.load_transformer(&mut callback)?;
         for applied in pipeline.applied_adapters() {
             reporter.note(&describe_applied(applied));
+            if let Some(adapter) = served.iter_mut().find(|a| a.name == applied.name) {
+                adapter.can_leave_out = Some(applied.merged_layers == 0);
+            }
         }
         recipe.model = model_name.clone();
         recipe.transformer = transformer;
         recipe.text_encoder_2 = text_encoder_2;
         recipe.weights = weights;
-        let config = EngineConfig {
-            template,
-            recipe,
-            max_sequence_length: model.max_seq_len,
-        };
+        let mut engine = Engine::new(
+            pipeline,
+            EngineConfig {
+                template,
+                recipe,
+                max_sequence_length: model.max_seq_len,
+                judge: None,
+                adapters: served,
+                base_template: base_template.to_string(),
+            },
+        );
+        if let Some(specs) = &judge_specs {
+            reporter.note(&format!("judge: {}", judge_name.as_deref().unwrap_or("")));
+            engine = engine.with_judge(Box::new(judging.build(specs, &hub, &device, dtype)?));
+        }
         Ok(Self {
             kind,
             model_name,
-            engine: Some(Engine::new(pipeline, config.clone())),
-            config,
+            config: engine.config().clone(),
+            engine: Some(engine),
             device,
         })
     }
@@ -213,6 +246,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let setup = EngineSetup::open(
         &args.model,
         &args.adapters,
+        &args.judging,
         &reporter,
         // With a queue the workers hold the model; the server only validates.
         args.queue.is_none(),

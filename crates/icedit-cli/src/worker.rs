@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use icedit_server::{Outcome, RedisQueue, Worker, WorkerConfig};
 
 use crate::adapters::AdapterArgs;
+use crate::judge::JudgeArgs;
 use crate::progress::Reporter;
 use crate::serve::{EngineSetup, QUEUE_PREFIX};
 use crate::{device_name, ModelArgs};
@@ -19,6 +20,9 @@ pub struct WorkerArgs {
     model: ModelArgs,
     #[command(flatten)]
     adapters: AdapterArgs,
+    /// The judge of jobs that ask for a best-of-N search.
+    #[command(flatten)]
+    judging: JudgeArgs,
     /// The Redis queue to take jobs from: `redis://HOST:PORT[/DB]`.
     #[arg(long, value_name = "URL")]
     queue: String,
@@ -53,7 +57,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     // Reached before the model loads, so a wrong address fails in seconds.
     let queue = RedisQueue::open(&args.queue, QUEUE_PREFIX)?;
-    let setup = EngineSetup::open(&args.model, &args.adapters, &reporter, true)?;
+    let setup = EngineSetup::open(&args.model, &args.adapters, &args.judging, &reporter, true)?;
     let mut engine = setup.engine.expect("loaded");
     let stop = Arc::new(AtomicBool::new(false));
     watch_signals(Arc::clone(&stop));

@@ -260,6 +260,12 @@ fn poison_events_and_cancel_through_the_queue() {
     assert_eq!(names.get(1), Some(&"started"), "{events}");
     assert_eq!(names.last(), Some(&"done"), "{events}");
     assert!(events.contains("\"step\":3,\"total\":3"), "{events}");
+    let metrics = ureq::get(&server.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(metrics.contains("icedit_redis_queue_length 0"), "{metrics}");
 
     // Cancel reaches the worker running the job.
     let id = submit(&server, 4, 400);

@@ -26,7 +26,11 @@ fn photo_bytes() -> Vec<u8> {
 /// `icedit edit` of the test photo with the servers' settings (tiny pipeline, no adapter,
 /// width 64, 3 steps), written into `dir`.
 fn cli_edit(dir: &Path, seed: u64) -> PathBuf {
-    let out = dir.join(format!("cli-{seed}.png"));
+    cli_edit_steps(dir, seed, 3)
+}
+
+fn cli_edit_steps(dir: &Path, seed: u64, steps: usize) -> PathBuf {
+    let out = dir.join(format!("cli-{seed}-{steps}.png"));
     let run = Command::new(env!("CARGO_BIN_EXE_icedit"))
         .args(strings(&[
             "edit",
@@ -40,7 +44,7 @@ fn cli_edit(dir: &Path, seed: u64) -> PathBuf {
             "--width",
             "64",
             "--steps",
-            "3",
+            &steps.to_string(),
             "--seed",
             &seed.to_string(),
             "--dtype",
@@ -56,6 +60,115 @@ fn cli_edit(dir: &Path, seed: u64) -> PathBuf {
         .unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
     out
+}
+
+/// A best-of-N search per request, judged by the server's judge (a scripted one on
+/// 127.0.0.1): the job API and the OpenAI form both answer with the winner only, equal to a
+/// plain edit of its seed, with the verdicts that chose it.
+#[test]
+fn search_per_request() {
+    use icedit_judge::fake_server::{serve, Reply};
+    // 5 vs 6 -> 6, 6 vs 7 -> 6; twice.
+    let (judge, received) = serve(vec![
+        Reply::Answer("Image 2"),
+        Reply::Answer("1"),
+        Reply::Answer("Image 2"),
+        Reply::Answer("1"),
+    ]);
+    let model = fixtures().join("fill_pipeline/tiny");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--no-lora",
+        "--judge",
+        &format!("openai:{judge}#judge-model"),
+    ]);
+    let photo = base64::engine::general_purpose::STANDARD.encode(photo_bytes());
+    let body = format!(
+        r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [5, 6, 7], "steps": 4, "size": "64x48", "search": {{"early_steps": 2}}}}"#
+    );
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/edits")),
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(status, 202, "{json}");
+    let id = json["id"].as_str().unwrap();
+    let job = loop {
+        let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+        if job["state"] != "queued" && job["state"] != "running" {
+            break job;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    let results = job["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "the winner only");
+    assert_eq!(results[0]["seed"], 6);
+    let search = &results[0]["search"];
+    assert_eq!(search["winner"], 6);
+    assert_eq!(search["candidates"], serde_json::json!([5, 6, 7]));
+    assert_eq!(search["verdicts"].as_array().unwrap().len(), 2);
+    assert_eq!(search["verdicts"][0]["answer"], "Image 2");
+    assert_eq!(search["transformer_evaluations"], 4 + 2 * 2);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = std::fs::read(cli_edit_steps(dir.path(), 6, 4)).unwrap();
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(results[0]["png_b64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        png_pixels(&png),
+        png_pixels(&plain),
+        "the winner = a plain edit"
+    );
+
+    // The same through OpenAI's form, as the SDK sends extra_body={"search": {...}}.
+    let (content_type, form) = multipart(&[
+        ("image", Part::File(photo_bytes(), "image/png")),
+        ("prompt", text("make it night")),
+        ("n", text("3")),
+        ("seed", text("5")),
+        ("steps", text("4")),
+        ("size", text("64x48")),
+        ("search[early_steps]", text("2")),
+        ("search[selection]", text("tournament")),
+    ]);
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/images/edits")),
+        Some((&content_type, &form)),
+    );
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["data"].as_array().unwrap().len(), 1);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(json["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(png_pixels(&png), png_pixels(&plain));
+    assert_eq!(received.lock().unwrap().len(), 4);
+
+    // Bad search settings: 400 with the reason.
+    for (search, expected) in [
+        (r#"{"early_steps": 4}"#, "early-steps"),
+        (r#"{"early_steps": 2, "selection": "best"}"#, "selection"),
+        (
+            r#"{"early_steps": 2, "early_filter": "restart", "selection": "halving"}"#,
+            "halving",
+        ),
+    ] {
+        let body = format!(
+            r#"{{"image": "{photo}", "instruction": "x", "seeds": [1, 2], "steps": 4, "search": {search}}}"#
+        );
+        let (status, json) = send(
+            ureq::post(&server.url("/v1/edits")),
+            Some(("application/json", body.as_bytes())),
+        );
+        assert_eq!(status, 400, "{search}: {json}");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
+            "{search}: {json}"
+        );
+    }
 }
 
 /// A Python with OpenAI's SDK: `ICEDIT_PYTHON`, the reference venv's, or `python3`.
@@ -142,6 +255,22 @@ fn openai_edits_equal_icedit_edit() {
     assert_eq!(status, 200, "{json}");
     let data = json["data"].as_array().unwrap();
     assert_eq!(data.len(), 2, "n images");
+    // A search needs a judge, which this server lacks.
+    let (content_type, search) = multipart(&[
+        ("image", Part::File(photo_bytes(), "image/png")),
+        ("prompt", text("make it night")),
+        ("n", text("2")),
+        ("search[early_steps]", text("1")),
+    ]);
+    let (status, refused) = send(
+        ureq::post(&server.url("/v1/images/edits")),
+        Some((&content_type, &search)),
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no judge"));
     // The same edit from the command line, for both seeds.
     let dir = tempfile::tempdir().unwrap();
     for (i, seed) in [7u64, 8].iter().enumerate() {

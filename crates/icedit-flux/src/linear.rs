@@ -2,6 +2,7 @@
 //! (merged LoRA, run-time LoRA, per-token mixtures of LoRA experts) hook in here and nowhere else.
 
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -36,6 +37,16 @@ struct Attached {
     adapter: Arc<dyn LinearAdapter>,
     /// Where its input projection sits among the weight's extra rows.
     projection: Option<Range<usize>>,
+    /// Off: the adapter adds nothing (a server choosing adapters per request).
+    switch: Option<Arc<AtomicBool>>,
+}
+
+impl Attached {
+    fn is_on(&self) -> bool {
+        self.switch
+            .as_ref()
+            .is_none_or(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// How a layer's weight is held.
@@ -193,6 +204,15 @@ impl Linear {
 
     /// Adds an adapter applied at run time, after those already attached.
     pub fn attach(&mut self, adapter: Arc<dyn LinearAdapter>) -> Result<()> {
+        self.attach_switched(adapter, None)
+    }
+
+    /// [`Linear::attach`], the adapter counted only while `switch` is on.
+    pub fn attach_switched(
+        &mut self,
+        adapter: Arc<dyn LinearAdapter>,
+        switch: Option<Arc<AtomicBool>>,
+    ) -> Result<()> {
         let mut projection = None;
         if let Some(rows) = adapter.input_projection() {
             let (k, width) = rows.dims2()?;
@@ -218,6 +238,7 @@ impl Linear {
         self.adapters.push(Attached {
             adapter,
             projection,
+            switch,
         });
         Ok(())
     }
@@ -295,7 +316,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (mut y, projected) = self.forward_base(x)?;
-        for attached in &self.adapters {
+        for attached in self.adapters.iter().filter(|a| a.is_on()) {
             let delta = match (&attached.projection, &projected) {
                 (Some(range), Some(p)) => attached
                     .adapter

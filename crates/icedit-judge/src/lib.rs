@@ -80,7 +80,8 @@ pub struct Verdict {
     pub warnings: Vec<String>,
 }
 
-pub trait Judge {
+/// `Send`: a server's engine thread owns its judge.
+pub trait Judge: Send {
     fn name(&self) -> String;
     /// Which of the two edits is better; an error once the judge has given up.
     fn compare(&mut self, comparison: &Comparison) -> Result<Verdict>;

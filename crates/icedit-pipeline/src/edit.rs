@@ -41,6 +41,23 @@ pub fn prompt_template(name: &str) -> Result<&'static str> {
         })
 }
 
+/// The template a set of adapters was trained with: the one their manifests name (`None`: no
+/// manifest names one). Adapters trained with different templates cannot run together.
+pub fn adapters_template(template_names: &[&str]) -> Result<Option<&'static str>> {
+    let mut names = template_names.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    match names[..] {
+        [] => Ok(None),
+        [name] => Ok(Some(prompt_template(name)?)),
+        _ => Err(PipelineError::Input(format!(
+            "the adapters were trained with different prompt templates ({}); use one at a \
+             time, or give the whole prompt",
+            names.join(", ")
+        ))),
+    }
+}
+
 /// The in-context prompt for an instruction.
 pub fn diptych_prompt(instruction: &str) -> Result<String> {
     templated_prompt(DIPTYCH_TEMPLATE, instruction)

@@ -241,6 +241,49 @@ impl FluxPipeline {
         &self.applied_adapters
     }
 
+    /// Turns the loaded adapters on and off for the next runs: those named on, the others off
+    /// (`None`: all on). An adapter merged into the weights cannot be turned off: a server
+    /// that chooses adapters per request applies them at run time.
+    pub fn use_adapters(&self, names: Option<&[String]>) -> Result<()> {
+        if let Some(names) = names {
+            if let Some(unknown) = names
+                .iter()
+                .find(|n| !self.applied_adapters.iter().any(|a| &a.name == *n))
+            {
+                let loaded: Vec<&str> = self
+                    .applied_adapters
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect();
+                return Err(PipelineError::Input(format!(
+                    "no adapter {unknown:?} is loaded; this server has: {}",
+                    if loaded.is_empty() {
+                        "none".to_string()
+                    } else {
+                        loaded.join(", ")
+                    }
+                )));
+            }
+        }
+        for adapter in &self.applied_adapters {
+            let on = names.is_none_or(|names| names.contains(&adapter.name));
+            if !on && adapter.merged_layers > 0 {
+                return Err(PipelineError::Input(format!(
+                    "the adapter {:?} is merged into the weights and cannot be left out; start \
+                     the server with --lora-mode runtime to choose adapters per request",
+                    adapter.name
+                )));
+            }
+        }
+        for adapter in &self.applied_adapters {
+            let on = names.is_none_or(|names| names.contains(&adapter.name));
+            adapter
+                .switch
+                .store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Loads the transformer and applies the adapters now (otherwise this happens at the first
     /// denoising step), so that adapter errors show before any other work.
     pub fn load_transformer(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<()> {

@@ -21,14 +21,18 @@ use crate::edit::{EditJob, EditOutput, EditSettings, EditText};
 use crate::error::{PipelineError, Result};
 use crate::pipeline::{Denoising, FluxPipeline, InitialNoise, Progress};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EarlyFilter {
+    #[default]
     Continue,
     Restart,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Selection {
+    #[default]
     Tournament,
     Halving,
 }

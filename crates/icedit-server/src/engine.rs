@@ -1,9 +1,11 @@
 //! The edit engine the server keeps loaded: one pipeline (transformer, adapters, VAE and text
 //! encoders), run on its own thread, one job at a time, exactly as `icedit edit` runs an edit.
 
-use icedit_pipeline::edit::{templated_prompt, JobOptions};
+use icedit_judge::Judge;
+use icedit_pipeline::edit::{adapters_template, templated_prompt, JobOptions};
 use icedit_pipeline::image_io::png_bytes;
 use icedit_pipeline::recipe::Recipe;
+use icedit_pipeline::search::{EarlyFilter, SearchSettings, Selection, MAX_CANDIDATES};
 use icedit_pipeline::{
     EditJob, EditSettings, EditText, FluxPipeline, InitialNoise, PipelineError, PipelineKind,
     Progress,
@@ -20,6 +22,63 @@ pub struct EngineConfig {
     /// The recipe's fixed fields; prompt, seed, steps and size are set per result.
     pub recipe: Recipe,
     pub max_sequence_length: usize,
+    /// The judge's name, when the server has one (requests may then ask for a search).
+    pub judge: Option<String>,
+    /// The adapters loaded, for requests that choose among them.
+    pub adapters: Vec<ServedAdapter>,
+    /// The template when the chosen adapters name none (`{instruction}`, or ICEdit's diptych
+    /// prompt on Fill).
+    pub base_template: String,
+}
+
+/// An adapter a server has loaded.
+#[derive(Debug, Clone)]
+pub struct ServedAdapter {
+    /// As given on the command line (a manifest name, `hf:` reference or path).
+    pub name: String,
+    /// The prompt template its manifest names.
+    pub template: Option<String>,
+    /// Whether it can be left out of a request: applied at run time, not merged. Unknown
+    /// (`None`) where the model is not loaded (a server in front of a queue).
+    pub can_leave_out: Option<bool>,
+}
+
+impl EngineConfig {
+    /// The prompt template of a request that names its adapters; they must be loaded, and
+    /// those left out must be run-time adapters.
+    pub fn template_for(&self, names: &[String]) -> Result<String, PipelineError> {
+        let loaded: Vec<&str> = self.adapters.iter().map(|a| a.name.as_str()).collect();
+        if let Some(unknown) = names.iter().find(|n| !loaded.contains(&n.as_str())) {
+            return Err(PipelineError::Input(format!(
+                "no adapter {unknown:?} on this server; it has: {}",
+                if loaded.is_empty() {
+                    "none".into()
+                } else {
+                    loaded.join(", ")
+                }
+            )));
+        }
+        if let Some(merged) = self
+            .adapters
+            .iter()
+            .find(|a| !names.contains(&a.name) && a.can_leave_out == Some(false))
+        {
+            return Err(PipelineError::Input(format!(
+                "the adapter {:?} is merged into this server's weights and cannot be left out \
+                 (a server started with --lora-mode runtime can)",
+                merged.name
+            )));
+        }
+        let chosen: Vec<&str> = self
+            .adapters
+            .iter()
+            .filter(|a| names.contains(&a.name))
+            .filter_map(|a| a.template.as_deref())
+            .collect();
+        Ok(adapters_template(&chosen)?
+            .map(str::to_string)
+            .unwrap_or_else(|| self.base_template.clone()))
+    }
 }
 
 /// One edit request, as the server's entry points build it. Serialized (the images as base64
@@ -40,6 +99,25 @@ pub struct EditRequest {
     /// Kontext's true CFG: the negative prompt and its scale.
     #[serde(default)]
     pub negative: Option<(String, f32)>,
+    /// A best-of-N search: `seeds` are its candidates and the judge's winner is the one
+    /// result. Needs a server started with `--judge`.
+    #[serde(default)]
+    pub search: Option<SearchRequest>,
+    /// The adapters to use, by name, among the server's (`None`: all of them; empty: none).
+    #[serde(default)]
+    pub adapters: Option<Vec<String>>,
+}
+
+/// The search settings a request may choose (the judge is the server's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// Steps each candidate runs before the judge sees it.
+    pub early_steps: usize,
+    #[serde(default)]
+    pub early_filter: EarlyFilter,
+    #[serde(default)]
+    pub selection: Selection,
 }
 
 /// A request checked and turned into the model's job; what the engine runs.
@@ -49,6 +127,7 @@ pub struct PreparedEdit {
     pub job: EditJob,
     pub prompt: String,
     pub settings: EditSettings,
+    pub search: Option<SearchSettings>,
 }
 
 /// Most seeds one request may ask for (`n`).
@@ -63,9 +142,22 @@ impl EditRequest {
         config: &EngineConfig,
     ) -> Result<PreparedEdit, PipelineError> {
         let bad = |m: String| Err(PipelineError::Input(m));
-        if self.seeds.is_empty() || self.seeds.len() > MAX_SEEDS {
+        if self.search.is_some() && config.judge.is_none() {
+            return bad("this server has no judge (--judge): it cannot run a search".into());
+        }
+        let most = if self.search.is_some() {
+            MAX_CANDIDATES
+        } else {
+            MAX_SEEDS
+        };
+        if self.seeds.is_empty() || self.seeds.len() > most {
             return bad(format!(
-                "ask for 1 to {MAX_SEEDS} images (n), got {}",
+                "ask for 1 to {most} {} (n or seeds), got {}",
+                if self.search.is_some() {
+                    "candidates"
+                } else {
+                    "images"
+                },
                 self.seeds.len()
             ));
         }
@@ -88,13 +180,32 @@ impl EditRequest {
             max_sequence_length: config.max_sequence_length,
         };
         settings.validate()?;
-        let prompt = templated_prompt(&config.template, &self.instruction)?;
+        let search = match &self.search {
+            Some(search) => {
+                let search = SearchSettings {
+                    seeds: self.seeds.clone(),
+                    early_steps: search.early_steps,
+                    filter: search.early_filter,
+                    selection: search.selection,
+                    batch: 1,
+                };
+                search.validate(&settings)?;
+                Some(search)
+            }
+            None => None,
+        };
+        let template = match &self.adapters {
+            Some(names) => config.template_for(names)?,
+            None => config.template.clone(),
+        };
+        let prompt = templated_prompt(&template, &self.instruction)?;
         let job = EditJob::new(kind, &self.photo, self.mask.as_ref(), &self.options)?;
         Ok(PreparedEdit {
             request: self.clone(),
             job,
             prompt,
             settings,
+            search,
         })
     }
 }
@@ -107,6 +218,30 @@ pub struct EditResult {
     #[serde(rename = "png_b64", with = "bytes_b64")]
     pub png: Vec<u8>,
     pub recipe: Recipe,
+    /// A search's winner: the candidates and the judge's calls that chose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchSummary>,
+}
+
+/// How a search chose its winner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchSummary {
+    pub candidates: Vec<u64>,
+    pub winner: u64,
+    pub verdicts: Vec<VerdictSummary>,
+    /// Transformer evaluations, all candidates included.
+    pub transformer_evaluations: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictSummary {
+    pub first_seed: u64,
+    pub second_seed: u64,
+    pub winner_seed: u64,
+    pub at_step: usize,
+    pub judge: String,
+    pub answer: String,
+    pub seconds: f64,
 }
 
 /// What the engine reports while it works.
@@ -119,6 +254,8 @@ pub enum EngineEvent {
         step: usize,
         total: usize,
     },
+    /// A search computed its `evaluations`-th denoising step (candidates and the finish).
+    SearchStep { evaluations: usize },
 }
 
 /// Why a run stopped before its end.
@@ -133,6 +270,7 @@ pub enum EngineError {
 pub struct Engine {
     pipeline: FluxPipeline,
     config: EngineConfig,
+    judge: Option<Box<dyn Judge>>,
 }
 
 impl Engine {
@@ -141,7 +279,15 @@ impl Engine {
         Self {
             pipeline: pipeline.keep_text_encoders(true),
             config,
+            judge: None,
         }
+    }
+
+    /// The judge of requests that ask for a search (its name goes in the config).
+    pub fn with_judge(mut self, judge: Box<dyn Judge>) -> Self {
+        self.config.judge = Some(judge.name());
+        self.judge = Some(judge);
+        self
     }
 
     pub fn kind(&self) -> PipelineKind {
@@ -160,6 +306,8 @@ impl Engine {
         events: &mut dyn FnMut(EngineEvent),
         stop: &dyn Fn() -> Option<&'static str>,
     ) -> Result<Vec<EditResult>, EngineError> {
+        self.pipeline
+            .use_adapters(edit.request.adapters.as_deref())?;
         let max_len = edit.settings.max_sequence_length;
         let encoded = self
             .pipeline
@@ -176,6 +324,50 @@ impl Engine {
             encoded: &encoded,
             true_cfg: negative.as_ref().map(|(n, s)| (n, *s)),
         };
+        if let Some(search) = &edit.search {
+            if let Some(reason) = stop() {
+                return Err(EngineError::Stopped(reason));
+            }
+            let judge = self
+                .judge
+                .as_mut()
+                .ok_or_else(|| PipelineError::Input("this server has no judge".into()))?;
+            let mut evaluations = 0;
+            let outcome = self.pipeline.edit_search(
+                &edit.job,
+                &text,
+                &edit.request.instruction,
+                &edit.settings,
+                search,
+                judge.as_mut(),
+                &mut |p| {
+                    if let Progress::Step { .. } = p {
+                        evaluations += 1;
+                        events(EngineEvent::SearchStep { evaluations });
+                    }
+                },
+            )?;
+            let mut result = self.result(edit, outcome.winner_seed, &outcome.result.edited)?;
+            result.search = Some(SearchSummary {
+                candidates: search.seeds.clone(),
+                winner: outcome.winner_seed,
+                verdicts: outcome
+                    .calls
+                    .iter()
+                    .map(|c| VerdictSummary {
+                        first_seed: c.first_seed,
+                        second_seed: c.second_seed,
+                        winner_seed: c.winner_seed,
+                        at_step: c.at_step,
+                        judge: c.judge.clone(),
+                        answer: c.answer.clone(),
+                        seconds: c.latency.as_secs_f64(),
+                    })
+                    .collect(),
+                transformer_evaluations: outcome.evaluations,
+            });
+            return Ok(vec![result]);
+        }
         let mut results = Vec::with_capacity(edit.request.seeds.len());
         for (index, &seed) in edit.request.seeds.iter().enumerate() {
             let mut state = self.pipeline.start_edit(
@@ -203,25 +395,47 @@ impl Engine {
                 })?;
             }
             let output = self.pipeline.finish(&edit.job, &state)?;
-            let recipe = Recipe {
-                task: "edit".into(),
-                prompt: edit.prompt.clone(),
-                instruction: Some(edit.request.instruction.clone()),
-                seed,
-                steps: edit.settings.steps,
-                guidance: edit.settings.guidance,
-                max_sequence_length: max_len,
-                negative_prompt: edit.request.negative.as_ref().map(|(n, _)| n.clone()),
-                true_cfg_scale: edit.request.negative.as_ref().map(|(_, s)| *s),
-                width: output.edited.width(),
-                height: output.edited.height(),
-                ..self.config.recipe.clone()
-            };
-            let png = png_bytes(&output.edited, &recipe.png_metadata())
-                .map_err(|m| PipelineError::Input(format!("cannot encode the PNG: {m}")))?;
-            results.push(EditResult { seed, png, recipe });
+            results.push(self.result(edit, seed, &output.edited)?);
         }
         Ok(results)
+    }
+
+    /// One image as the PNG a client gets, its recipe inside.
+    fn result(
+        &self,
+        edit: &PreparedEdit,
+        seed: u64,
+        edited: &RgbImage,
+    ) -> Result<EditResult, EngineError> {
+        let recipe = Recipe {
+            task: "edit".into(),
+            prompt: edit.prompt.clone(),
+            instruction: Some(edit.request.instruction.clone()),
+            seed,
+            steps: edit.settings.steps,
+            guidance: edit.settings.guidance,
+            max_sequence_length: edit.settings.max_sequence_length,
+            negative_prompt: edit.request.negative.as_ref().map(|(n, _)| n.clone()),
+            true_cfg_scale: edit.request.negative.as_ref().map(|(_, s)| *s),
+            width: edited.width(),
+            height: edited.height(),
+            adapters: match &edit.request.adapters {
+                Some(names) => (self.config.recipe.adapters.iter())
+                    .filter(|a| names.contains(&a.name))
+                    .cloned()
+                    .collect(),
+                None => self.config.recipe.adapters.clone(),
+            },
+            ..self.config.recipe.clone()
+        };
+        let png = png_bytes(edited, &recipe.png_metadata())
+            .map_err(|m| PipelineError::Input(format!("cannot encode the PNG: {m}")))?;
+        Ok(EditResult {
+            seed,
+            png,
+            recipe,
+            search: None,
+        })
     }
 }
 

@@ -17,11 +17,12 @@ use base64::Engine as _;
 use futures_util::stream::{self, Stream, StreamExt};
 use icedit_pipeline::edit::JobOptions;
 use icedit_pipeline::image_io::{decode_alpha_mask, decode_mask, decode_rgb};
+use icedit_pipeline::search::MAX_CANDIDATES;
 use icedit_pipeline::PipelineKind;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::engine::{EditRequest, EngineConfig, MAX_SEEDS};
+use crate::engine::{EditRequest, EngineConfig, SearchRequest, MAX_SEEDS};
 use crate::jobs::{Job, JobEvent, JobState, Jobs, SubmitError};
 
 /// The server's limits and keys.
@@ -176,6 +177,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "icedit_queue_depth {}\n",
         counts.get(&JobState::Queued).copied().unwrap_or(0)
     );
+    let jobs = Arc::clone(&state.jobs);
+    if let Ok(Some(Ok(depth))) =
+        tokio::task::spawn_blocking(move || jobs.shared_queue_depth()).await
+    {
+        text += "# HELP icedit_redis_queue_length Jobs waiting or running in the Redis queue.\n# TYPE icedit_redis_queue_length gauge\n";
+        text += &format!("icedit_redis_queue_length {depth}\n");
+    }
     text += "# HELP icedit_jobs Jobs known to the server, by state.\n# TYPE icedit_jobs gauge\n";
     for s in JobState::ALL {
         text += &format!(
@@ -227,6 +235,12 @@ struct EditFields {
     negative_prompt: Option<String>,
     #[serde(default)]
     true_cfg_scale: Option<f32>,
+    /// A best-of-N search over the seeds (the server's judge picks one).
+    #[serde(default)]
+    search: Option<SearchRequest>,
+    /// The server's adapters to use, by name (default: all).
+    #[serde(default)]
+    adapters: Option<Vec<String>>,
 }
 
 /// Builds and validates the request (decoding the images) off the async threads.
@@ -264,8 +278,13 @@ async fn prepare(
             (Some(seeds), _, _) => seeds,
             (None, seed, n) => {
                 let n = n.unwrap_or(1);
-                if n == 0 || n > MAX_SEEDS {
-                    return Err(ApiError::bad(format!("n must be 1 to {MAX_SEEDS}")).param("n"));
+                let most = if fields.search.is_some() {
+                    MAX_CANDIDATES
+                } else {
+                    MAX_SEEDS
+                };
+                if n == 0 || n > most {
+                    return Err(ApiError::bad(format!("n must be 1 to {most}")).param("n"));
                 }
                 let first = seed.unwrap_or_else(random_seed);
                 (0..n as u64).map(|i| first.wrapping_add(i)).collect()
@@ -307,6 +326,8 @@ async fn prepare(
             guidance: fields.guidance,
             options,
             negative,
+            search: fields.search,
+            adapters: fields.adapters,
         };
         Ok(request.prepare(state.kind, &state.engine)?)
     })
@@ -413,6 +434,28 @@ async fn openai_edit(
                 fields.true_cfg_scale = Some(number("true_cfg_scale", &bytes)? as f32)
             }
             "response_format" => format = Some(text(&bytes)),
+            // A list as the SDK sends it in a form (one field an item), or comma separated.
+            "adapters[]" => fields
+                .adapters
+                .get_or_insert_with(Vec::new)
+                .push(text(&bytes)),
+            "adapters" => fields.adapters.get_or_insert_with(Vec::new).extend(
+                text(&bytes)
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string),
+            ),
+            // A search, as the SDK sends `extra_body={"search": {...}}` in a form.
+            "search[early_steps]" | "early_steps" => {
+                search_field(&mut fields).early_steps = number("early_steps", &bytes)? as usize
+            }
+            "search[early_filter]" | "early_filter" => {
+                search_field(&mut fields).early_filter = choice("early_filter", &text(&bytes))?
+            }
+            "search[selection]" | "selection" => {
+                search_field(&mut fields).selection = choice("selection", &text(&bytes))?
+            }
             // OpenAI fields with no meaning here (model, user, quality, background, ...).
             _ => {}
         }
@@ -444,6 +487,22 @@ async fn openai_edit(
             .unwrap_or(0),
         "data": data,
     })))
+}
+
+/// The request's search settings, started when a form names the first of them.
+fn search_field(fields: &mut EditFields) -> &mut SearchRequest {
+    fields.search.get_or_insert(SearchRequest {
+        early_steps: 0,
+        early_filter: Default::default(),
+        selection: Default::default(),
+    })
+}
+
+/// A form's word for one of the search's choices (`continue`, `halving`, ...).
+fn choice<T: serde::de::DeserializeOwned>(param: &'static str, text: &str) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| {
+        ApiError::bad(format!("{param} {text:?} is not one of its choices")).param(param)
+    })
 }
 
 fn multipart_error(err: axum::extract::multipart::MultipartError) -> ApiError {
@@ -629,6 +688,7 @@ async fn job_events(
             JobEvent::Queued => "queued",
             JobEvent::Started => "started",
             JobEvent::Step { .. } => "step",
+            JobEvent::SearchStep { .. } => "search_step",
             JobEvent::Done => "done",
             JobEvent::Failed { .. } => "failed",
             JobEvent::Cancelled => "cancelled",

@@ -62,11 +62,34 @@ pub enum JobEvent {
         step: usize,
         total: usize,
     },
+    /// A search computed its `evaluations`-th denoising step.
+    SearchStep {
+        evaluations: usize,
+    },
     Done,
     Failed {
         error: String,
     },
     Cancelled,
+}
+
+impl From<EngineEvent> for JobEvent {
+    fn from(event: EngineEvent) -> Self {
+        match event {
+            EngineEvent::Step {
+                index,
+                seed,
+                step,
+                total,
+            } => Self::Step {
+                index,
+                seed,
+                step,
+                total,
+            },
+            EngineEvent::SearchStep { evaluations } => Self::SearchStep { evaluations },
+        }
+    }
 }
 
 /// A job's mutable part.
@@ -107,7 +130,7 @@ impl Job {
     fn update(&self, event: JobEvent, change: impl FnOnce(&mut JobStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         change(&mut status);
-        if matches!(event, JobEvent::Step { .. }) {
+        if matches!(event, JobEvent::Step { .. } | JobEvent::SearchStep { .. }) {
             status.progress = Some(event.clone());
         }
         // No subscriber is fine.
@@ -316,6 +339,20 @@ impl Jobs {
         counts
     }
 
+    /// Jobs waiting or running in the Redis queue (all servers' and batches'), when jobs go to
+    /// one; a network round trip.
+    pub fn shared_queue_depth(&self) -> Option<Result<usize, QueueError>> {
+        match self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(Backend::Redis { queue, .. }) => Some(queue.depth()),
+            _ => None,
+        }
+    }
+
     /// Stops taking jobs; the engine finishes those already queued (a queue's relay, those it
     /// follows), then its thread ends.
     pub fn close(&self) {
@@ -340,12 +377,6 @@ impl Jobs {
         let result = engine.run(
             &job.edit,
             &mut |event| {
-                let EngineEvent::Step {
-                    index,
-                    seed,
-                    step,
-                    total,
-                } = event;
                 let now = Instant::now();
                 self.counters.steps.fetch_add(1, Ordering::Relaxed);
                 self.counters.step_micros.fetch_add(
@@ -353,15 +384,7 @@ impl Jobs {
                     Ordering::Relaxed,
                 );
                 last_step = now;
-                job.update(
-                    JobEvent::Step {
-                        index,
-                        seed,
-                        step,
-                        total,
-                    },
-                    |_| {},
-                );
+                job.update(event.into(), |_| {});
             },
             &stop,
         );
@@ -462,7 +485,7 @@ impl Jobs {
                     JobEvent::Started => {
                         job.update(JobEvent::Started, |s| s.state = JobState::Running)
                     }
-                    step @ JobEvent::Step { .. } => {
+                    step @ (JobEvent::Step { .. } | JobEvent::SearchStep { .. }) => {
                         let now = Instant::now();
                         self.counters.steps.fetch_add(1, Ordering::Relaxed);
                         self.counters.step_micros.fetch_add(

@@ -538,18 +538,7 @@ impl Worker<'_> {
             }
         };
         let mut events = |event: EngineEvent| {
-            let EngineEvent::Step {
-                index,
-                seed,
-                step,
-                total,
-            } = event;
-            let event = JobEvent::Step {
-                index,
-                seed,
-                step,
-                total,
-            };
+            let event = JobEvent::from(event);
             let mut con = con.borrow_mut();
             if let Err(e) = self.send_event(&mut con, id, &event) {
                 redis_error.borrow_mut().replace(e);

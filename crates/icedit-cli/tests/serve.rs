@@ -30,7 +30,15 @@ fn cli_edit(dir: &Path, seed: u64) -> PathBuf {
 }
 
 fn cli_edit_steps(dir: &Path, seed: u64, steps: usize) -> PathBuf {
-    let out = dir.join(format!("cli-{seed}-{steps}.png"));
+    cli_edit_with(dir, seed, steps, &["--no-lora"])
+}
+
+/// `icedit edit` as above, with `adapters` (adapter flags) instead of `--no-lora`.
+fn cli_edit_with(dir: &Path, seed: u64, steps: usize, adapters: &[&str]) -> PathBuf {
+    let out = dir.join(format!(
+        "cli-{seed}-{steps}-{}.png",
+        adapters.len() + adapters.iter().map(|a| a.len()).sum::<usize>()
+    ));
     let run = Command::new(env!("CARGO_BIN_EXE_icedit"))
         .args(strings(&[
             "edit",
@@ -40,7 +48,9 @@ fn cli_edit_steps(dir: &Path, seed: u64, steps: usize) -> PathBuf {
             fixtures().join("edit/source.png").to_str().unwrap(),
             "--instruction",
             "make it night",
-            "--no-lora",
+        ]))
+        .args(adapters)
+        .args(strings(&[
             "--width",
             "64",
             "--steps",
@@ -60,6 +70,109 @@ fn cli_edit_steps(dir: &Path, seed: u64, steps: usize) -> PathBuf {
         .unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
     out
+}
+
+/// Adapters chosen per request among the server's (applied at run time): each choice equals
+/// `icedit edit` with only those adapters; unknown names and merged adapters are refused.
+#[test]
+fn adapters_per_request() {
+    let moe = fixtures().join("edit/adapters/moe_lora.safetensors");
+    let lora = fixtures().join("edit/adapters/lora_peft.safetensors");
+    let (moe, lora) = (moe.to_str().unwrap(), lora.to_str().unwrap());
+    let model = fixtures().join("fill_pipeline/tiny");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--lora",
+        moe,
+        "--lora",
+        lora,
+        "--lora-mode",
+        "runtime",
+    ]);
+    let photo = base64::engine::general_purpose::STANDARD.encode(photo_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<&str>); 4] = [
+        (
+            "",
+            vec!["--lora", moe, "--lora", lora, "--lora-mode", "runtime"],
+        ),
+        (r#", "adapters": []"#, vec!["--no-lora"]),
+        (
+            &format!(r#", "adapters": ["{moe}"]"#),
+            vec!["--lora", moe, "--lora-mode", "runtime"],
+        ),
+        (
+            &format!(r#", "adapters": ["{lora}"]"#),
+            vec!["--lora", lora, "--lora-mode", "runtime"],
+        ),
+    ]
+    .map(|(a, b)| (Box::leak(a.to_string().into_boxed_str()) as &str, b));
+    for (adapters, flags) in cases {
+        let body = format!(
+            r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [9], "steps": 3, "size": "64x48"{adapters}}}"#
+        );
+        let (status, json) = send(
+            ureq::post(&server.url("/v1/edits")),
+            Some(("application/json", body.as_bytes())),
+        );
+        assert_eq!(status, 202, "{json}");
+        let id = json["id"].as_str().unwrap();
+        let job = loop {
+            let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+            if job["state"] != "queued" && job["state"] != "running" {
+                break job;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(job["state"], "done", "{adapters}: {job}");
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(job["results"][0]["png_b64"].as_str().unwrap())
+            .unwrap();
+        let expected = std::fs::read(cli_edit_with(dir.path(), 9, 3, &flags)).unwrap();
+        let diff =
+            icedit_pipeline::image_io::max_pixel_diff(&png_pixels(&png), &png_pixels(&expected))
+                .unwrap();
+        assert_eq!(diff, 0, "{adapters}: as icedit edit {flags:?}");
+        let used = job["results"][0]["recipe"]["adapters"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(
+            used,
+            flags.iter().filter(|f| **f == "--lora").count(),
+            "{adapters}"
+        );
+    }
+    // Unknown adapters are refused with the server's list.
+    let body =
+        format!(r#"{{"image": "{photo}", "instruction": "x", "steps": 3, "adapters": ["other"]}}"#);
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/edits")),
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(status, 400, "{json}");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"other\"") && message.contains(moe),
+        "{message}"
+    );
+    drop(server);
+
+    // A merged LoRA cannot be left out.
+    let merged = Server::start(&["--model", model.to_str().unwrap(), "--lora", lora]);
+    let body = format!(r#"{{"image": "{photo}", "instruction": "x", "steps": 3, "adapters": []}}"#);
+    let (status, json) = send(
+        ureq::post(&merged.url("/v1/edits")),
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(status, 400, "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--lora-mode runtime"),
+        "{json}"
+    );
 }
 
 /// A best-of-N search per request, judged by the server's judge (a scripted one on

@@ -430,6 +430,11 @@ fn run_here(
                         EngineEvent::SearchStep { evaluations } => {
                             format!("({}: search, {evaluations} steps)", job.id)
                         }
+                        EngineEvent::Warning(warning) => {
+                            bar.println(format!("warning: job {}: {warning}", job.id));
+                            return;
+                        }
+                        EngineEvent::Progress(_) => return,
                     })
                 },
                 &|| None,

@@ -10,10 +10,9 @@ use icedit_adapters::{manifest_of, AppliedAdapter};
 use icedit_flux::{parse_dtype, StepCacheConfig};
 use icedit_hub::{HubOptions, ModelSource};
 use icedit_image::resize::{resize_rgb, Filter};
-use icedit_judge::{Judge, JudgeSpec};
+use icedit_judge::JudgeSpec;
 use icedit_pipeline::edit::{
-    templated_prompt, JobOptions, DEFAULT_CONTEXT, DEFAULT_FEATHER, DIPTYCH_TEMPLATE,
-    ICEDIT_GUIDANCE,
+    JobOptions, DEFAULT_CONTEXT, DEFAULT_FEATHER, DIPTYCH_TEMPLATE, ICEDIT_GUIDANCE,
 };
 use icedit_pipeline::image_io::{
     aspect_warning, load_mask, load_rgb, save_png, write_file_atomically,
@@ -24,7 +23,7 @@ use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::search::{
     EarlyFilter, SearchOutcome, SearchSettings, Selection, MAX_CANDIDATES,
 };
-use icedit_pipeline::{EditJob, EditOutput, EditSettings, EditText, InitialNoise, PipelineKind};
+use icedit_pipeline::{EditJob, EditOutput, EditSettings, PipelineKind};
 use serde_json::json;
 
 use crate::adapters::{
@@ -36,6 +35,9 @@ use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
 use crate::{device, device_name, ModelArgs, OpenedPipeline};
+use icedit_server::engine::{
+    EditRequest, Engine, EngineConfig, EngineError, EngineEvent, Produced, SearchRequest,
+};
 
 #[derive(clap::Args)]
 pub struct EditArgs {
@@ -234,8 +236,8 @@ pub fn run(args: EditArgs) -> Result<()> {
     };
     // The guidance's default depends on the model, known once it is opened; the numbers given
     // are checked now.
-    let mut settings = EditSettings {
-        steps: steps,
+    let settings = EditSettings {
+        steps,
         guidance: args.guidance.unwrap_or(ICEDIT_GUIDANCE),
         max_sequence_length: args.model.max_seq_len,
     };
@@ -334,9 +336,6 @@ pub fn run(args: EditArgs) -> Result<()> {
     let pipeline = args.model.open(&hub, dtype, &device)?;
     let kind = pipeline.kind();
     check_flags_for(kind, &args)?;
-    settings.guidance = args
-        .guidance
-        .unwrap_or(EditSettings::for_kind(kind).guidance);
     // The adapters' manifests (built in or local, no download) say which prompt template they
     // were trained with and on which model.
     let adapter_specs = adapter_specs(&args.adapters, kind, args.fast);
@@ -350,27 +349,74 @@ pub fn run(args: EditArgs) -> Result<()> {
             reporter.warn(&warning);
         }
     }
-    let prompt = match (&args.instruction, &args.prompt) {
+    // A whole --prompt goes to the model as it is; an instruction into the adapters' template.
+    let (instruction, template) = match (&args.instruction, &args.prompt) {
         (Some(instruction), _) => {
             let default = match kind {
                 PipelineKind::Fill => DIPTYCH_TEMPLATE,
                 PipelineKind::Kontext => "{instruction}",
             };
-            templated_prompt(manifest_template(&manifests, default)?, instruction)?
+            (instruction.clone(), manifest_template(&manifests, default)?)
         }
-        (None, Some(p)) => p.clone(),
+        (None, Some(p)) => (p.clone(), "{instruction}"),
         (None, None) => unreachable!("checked above"),
     };
-    let options = JobOptions {
-        width: args.width,
-        height: args.height,
-        max_area: args.max_area,
-        auto_resize: !args.no_auto_resize,
-        context,
-        feather: args.feather.unwrap_or(DEFAULT_FEATHER),
+    let negative = match (&args.negative_prompt, args.true_cfg) {
+        (Some(negative), Some(scale)) => {
+            if !scale.is_finite() || scale <= 1.0 {
+                bail!("--true-cfg {scale}: true CFG takes a scale above 1 (1 turns it off)");
+            }
+            if negative.trim().is_empty() {
+                bail!("--negative-prompt is empty; say what the edit should avoid");
+            }
+            Some((negative.clone(), scale))
+        }
+        _ => None,
     };
-    let job = EditJob::new(kind, &source.rgb, mask.as_ref(), &options)
+    // The request, as the server, its workers and `batch` build it, checked in the same place.
+    let request = EditRequest {
+        photo: source.rgb.clone(),
+        mask,
+        instruction,
+        seeds: seeds.clone(),
+        steps: Some(steps),
+        guidance: args.guidance,
+        options: JobOptions {
+            width: args.width,
+            height: args.height,
+            max_area: args.max_area,
+            auto_resize: !args.no_auto_resize,
+            context,
+            feather: args.feather.unwrap_or(DEFAULT_FEATHER),
+        },
+        negative,
+        search: judge_specs.as_ref().map(|_| SearchRequest {
+            early_steps: search.early_steps,
+            early_filter: search.filter,
+            selection: search.selection,
+        }),
+        adapters: None,
+    };
+    let mut config = EngineConfig {
+        template: template.to_string(),
+        recipe: Recipe::default(),
+        max_sequence_length: args.model.max_seq_len,
+        judge: judge_specs.as_ref().map(|specs| {
+            let names: Vec<String> = specs.iter().map(|s| s.name()).collect();
+            names.join(", then ")
+        }),
+        adapters: Vec::new(),
+        base_template: template.to_string(),
+        max_images: usize::MAX,
+    };
+    let mut edit = request
+        .prepare(kind, &config)
         .with_context(|| format!("--image {}", args.image.display()))?;
+    if let Some(search) = edit.search.as_mut() {
+        search.batch = args.batch_candidates;
+    }
+    let (job, prompt, settings) = (&edit.job, edit.prompt.clone(), edit.settings.clone());
+    let negative = edit.request.negative.clone();
     if kind == PipelineKind::Fill {
         let (w, h) = job.generated_size();
         if let Some(warning) = aspect_warning(w / 2, h, "the edit") {
@@ -403,18 +449,6 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         None => None,
     };
-    let negative = match (&args.negative_prompt, args.true_cfg) {
-        (Some(negative), Some(scale)) => {
-            if !scale.is_finite() || scale <= 1.0 {
-                bail!("--true-cfg {scale}: true CFG takes a scale above 1 (1 turns it off)");
-            }
-            if negative.trim().is_empty() {
-                bail!("--negative-prompt is empty; say what the edit should avoid");
-            }
-            Some((negative.clone(), scale))
-        }
-        _ => None,
-    };
     let passes_per_step = 1 + negative.is_some() as usize;
     let adapters = load_adapters(&args.adapters, &adapter_specs, args.fast, &hub, &reporter)?;
     // Adapters named by manifests are known only now: their files are inputs too.
@@ -432,8 +466,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     } = args.model.fetch_weights(pipeline, &hub)?;
     let judge = match &judge_specs {
         Some(specs) => {
-            let names: Vec<String> = specs.iter().map(|s| s.name()).collect();
-            reporter.note(&format!("judge: {}", names.join(", then ")));
+            reporter.note(&format!("judge: {}", config.judge.as_deref().unwrap_or("")));
             Some(args.judging.build(specs, &hub, &device, dtype)?)
         }
         None => None,
@@ -443,7 +476,7 @@ pub fn run(args: EditArgs) -> Result<()> {
     pipeline.set_adapters(adapters.into_iter().map(|(_, c)| c).collect(), mode)?;
     pipeline.set_step_cache(step_cache.clone());
 
-    let what = match &job {
+    let what = match job {
         EditJob::Diptych(_) => "diptych".to_string(),
         EditJob::Masked(m) => format!(
             "masked edit of a {}x{} window at {},{} of the {}x{} photo, diptych",
@@ -476,139 +509,137 @@ pub fn run(args: EditArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(",")
     ));
-    let mut callback = reporter.callback();
-    // Both prompts are encoded before the text encoders are released.
-    pipeline = pipeline.keep_text_encoders(negative.is_some());
-    let encoded = pipeline.encode_prompt(&prompt, args.model.max_seq_len, &mut callback)?;
-    for dropped in encoded.truncation_warnings() {
-        reporter.warn(&dropped);
-    }
-    let negative_encoded = match &negative {
-        Some((negative, scale)) => {
-            let encoded =
-                pipeline.encode_prompt(negative, args.model.max_seq_len, &mut callback)?;
-            for dropped in encoded.truncation_warnings() {
-                reporter.warn(&format!("--negative-prompt: {dropped}"));
-            }
-            Some((encoded, *scale))
-        }
-        None => None,
+    config.recipe = Recipe {
+        task: "edit".into(),
+        prompt: prompt.clone(),
+        instruction: args.instruction.clone(),
+        seed: 0,
+        latents: args.latents.as_ref().map(|p| p.display().to_string()),
+        steps,
+        guidance: settings.guidance,
+        max_sequence_length: args.model.max_seq_len,
+        pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
+        negative_prompt: negative.as_ref().map(|(n, _)| n.clone()),
+        true_cfg_scale: negative.as_ref().map(|(_, s)| *s),
+        mask: args.mask.as_ref().map(|p| p.display().to_string()),
+        cache: args.cache.clone(),
+        width: 0,
+        height: 0,
+        expand: None,
+        model: model_name.clone(),
+        transformer: transformer.clone(),
+        text_encoder_2: text_encoder_2.clone(),
+        weights: weights.clone(),
+        adapters: adapter_uses.clone(),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
     };
-    pipeline = pipeline.keep_text_encoders(false);
-    pipeline.release_text_encoders();
-    let text = EditText {
-        prompt: &prompt,
-        encoded: &encoded,
-        true_cfg: negative_encoded.as_ref().map(|(e, s)| (e, *s)),
-    };
-    // Loads the transformer and applies the adapters: a mismatched adapter fails here.
-    pipeline.load_transformer(&mut callback)?;
-    for applied in pipeline.applied_adapters() {
-        reporter.note(&describe_applied(applied));
-    }
-
     // Each result is written as soon as it is ready; an error later names what was written.
     let writer = ResultWriter {
         args: &args,
         source_size: source.rgb.dimensions(),
-        recipe: Recipe {
-            task: "edit".into(),
-            prompt: prompt.clone(),
-            instruction: args.instruction.clone(),
-            seed: 0,
-            latents: args.latents.as_ref().map(|p| p.display().to_string()),
-            steps: steps,
-            guidance: settings.guidance,
-            max_sequence_length: args.model.max_seq_len,
-            pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
-            negative_prompt: negative.as_ref().map(|(n, _)| n.clone()),
-            true_cfg_scale: negative.as_ref().map(|(_, s)| *s),
-            mask: args.mask.as_ref().map(|p| p.display().to_string()),
-            cache: args.cache.clone(),
-            width: 0,
-            height: 0,
-            expand: None,
-            model: model_name.clone(),
-            transformer: transformer.clone(),
-            text_encoder_2: text_encoder_2.clone(),
-            weights: weights.clone(),
-            adapters: adapter_uses.clone(),
-            dtype: format!("{dtype:?}").to_lowercase(),
-            software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
-        },
+        recipe: config.recipe.clone(),
     };
-    let mut results = Vec::new();
-    let mut search_summary = None;
-    if let Some(mut judge) = judge {
-        let started = Instant::now();
-        let instruction = args.instruction.clone().unwrap_or_else(|| prompt.clone());
-        let outcome = pipeline.edit_search(
-            &job,
-            &text,
-            &instruction,
-            &settings,
-            &search,
-            &mut judge,
-            &mut callback,
-        )?;
-        for call in &outcome.calls {
-            for warning in &call.warnings {
-                reporter.warn(warning);
-            }
-        }
-        reporter.note(&format!(
-            "seed {} won over {} candidates: {} transformer evaluations ({} for one edit)",
-            outcome.winner_seed,
-            seeds.len(),
-            outcome.evaluations,
-            steps * passes_per_step
-        ));
-        let summary = search_json(&outcome, &search, &judge.name(), steps, passes_per_step);
-        let paths = output_paths(&args.out, &[outcome.winner_seed])?.remove(0);
-        let written = writer.write(outcome.winner_seed, &outcome.result, &paths, started)?;
-        reporter.done(&format!("wrote {}", paths.edit.display()));
-        results.push(written);
-        if let Some(dir) = &args.save_candidates {
-            save_candidates(dir, &outcome, &summary)?;
-            reporter.done(&format!("wrote the candidates to {}", dir.display()));
-        }
-        search_summary = Some(summary);
-    } else {
-        let mut written: Vec<String> = Vec::new();
-        for (seed, paths) in seeds.iter().zip(&outputs) {
-            let started = Instant::now();
-            let noise = match &latents {
-                Some(latents) => InitialNoise::Latents {
-                    latents: latents.clone(),
-                    seed: *seed,
-                },
-                None => InitialNoise::Seed(*seed),
-            };
-            let result = pipeline
-                .edit(&job, &text, &settings, noise, &mut callback)
-                .map_err(anyhow::Error::from)
-                .and_then(|output| writer.write(*seed, &output, paths, started));
-            match result {
-                Ok(summary) => {
-                    reporter.done(&format!("wrote {}", paths.edit.display()));
-                    written.push(paths.edit.display().to_string());
-                    results.push(summary);
-                }
-                Err(err) if written.is_empty() => return Err(err),
-                Err(err) => {
-                    return Err(err.context(format!(
-                        "seed {seed} failed; written before it: {}",
-                        written.join(", ")
-                    )))
-                }
-            }
-        }
-        if written.len() > 1 {
-            reporter.done(&format!("wrote {} edits", written.len()));
-        }
+    let mut engine = Engine::for_one_run(pipeline, config);
+    if let Some(judge) = judge {
+        engine = engine.with_judge(Box::new(judge));
+    }
+    let mut callback = reporter.callback();
+    let mut events = |event: EngineEvent| match event {
+        EngineEvent::Progress(p) => callback(p),
+        EngineEvent::Warning(w) => reporter.warn(&w),
+        EngineEvent::Step { .. } | EngineEvent::SearchStep { .. } => {}
+    };
+    // The prompts are encoded and the text encoders freed before the transformer loads.
+    let encoded = engine.encode(&edit, &mut events)?;
+    // Loads the transformer and applies the adapters: a mismatched adapter fails here.
+    engine.load_transformer(&mut |p| events(EngineEvent::Progress(p)))?;
+    for applied in engine.pipeline().applied_adapters() {
+        reporter.note(&describe_applied(applied));
     }
 
-    let applied = pipeline.applied_adapters();
+    let judge_name = engine.config().judge.clone().unwrap_or_default();
+    let mut results = Vec::new();
+    let mut search_summary = None;
+    let mut written: Vec<String> = Vec::new();
+    let mut write_error = None;
+    let mut since = Instant::now();
+    let ran = engine.run_encoded(
+        &edit,
+        &encoded,
+        latents.as_ref(),
+        &mut events,
+        &|| None,
+        &mut |produced| {
+            let wrote = match produced {
+                Produced::Edit { seed, output } => {
+                    let index = seeds
+                        .iter()
+                        .position(|s| *s == seed)
+                        .expect("a seed asked for");
+                    let paths = &outputs[index];
+                    writer.write(seed, output, paths, since).map(|summary| {
+                        reporter.done(&format!("wrote {}", paths.edit.display()));
+                        written.push(paths.edit.display().to_string());
+                        results.push(summary);
+                    })
+                }
+                Produced::Search(outcome) => (|| {
+                    for call in &outcome.calls {
+                        for warning in &call.warnings {
+                            reporter.warn(warning);
+                        }
+                    }
+                    reporter.note(&format!(
+                        "seed {} won over {} candidates: {} transformer evaluations ({} for one \
+                         edit)",
+                        outcome.winner_seed,
+                        seeds.len(),
+                        outcome.evaluations,
+                        steps * passes_per_step
+                    ));
+                    let search = edit.search.as_ref().expect("a search");
+                    let summary = search_json(outcome, search, &judge_name, steps, passes_per_step);
+                    let paths = output_paths(&args.out, &[outcome.winner_seed])?.remove(0);
+                    let written_now =
+                        writer.write(outcome.winner_seed, &outcome.result, &paths, since)?;
+                    reporter.done(&format!("wrote {}", paths.edit.display()));
+                    written.push(paths.edit.display().to_string());
+                    results.push(written_now);
+                    if let Some(dir) = &args.save_candidates {
+                        save_candidates(dir, outcome, &summary)?;
+                        reporter.done(&format!("wrote the candidates to {}", dir.display()));
+                    }
+                    search_summary = Some(summary);
+                    Ok(())
+                })(),
+            };
+            since = Instant::now();
+            wrote.map_err(|e| {
+                write_error = Some(e);
+                EngineError::Stopped("a result could not be written")
+            })
+        },
+    );
+    if let Err(err) = ran {
+        let err = match (write_error, err) {
+            (Some(written_error), _) => written_error,
+            (None, EngineError::Pipeline(e)) => anyhow::Error::from(e),
+            (None, other) => anyhow::Error::from(other),
+        };
+        if written.is_empty() {
+            return Err(err);
+        }
+        return Err(err.context(format!(
+            "an edit failed; written before it: {}",
+            written.join(", ")
+        )));
+    }
+    if written.len() > 1 {
+        reporter.done(&format!("wrote {} edits", written.len()));
+    }
+
+    let applied = engine.pipeline().applied_adapters();
     if args.verbose {
         for adapter in applied.iter().filter(|a| a.moe_layers > 0) {
             for line in routing_lines(adapter) {
@@ -652,8 +683,8 @@ pub fn run(args: EditArgs) -> Result<()> {
             "cache": args.cache,
             "generated": [generated_width, generated_height],
             "diptych": (kind == PipelineKind::Fill).then_some([generated_width, generated_height]),
-            "transformer_image_tokens": job.transformer_tokens(),
-            "masked": match &job {
+            "transformer_image_tokens": edit.job.transformer_tokens(),
+            "masked": match &edit.job {
                 EditJob::Masked(m) => json!({
                     "window": [m.window.x, m.window.y, m.window.width, m.window.height],
                     "photo": [source.rgb.width(), source.rgb.height()],
@@ -661,7 +692,7 @@ pub fn run(args: EditArgs) -> Result<()> {
                 }),
                 _ => serde_json::Value::Null,
             },
-            "kontext": match &job {
+            "kontext": match &edit.job {
                 EditJob::Kontext(k) => json!({
                     "photo": [k.photo.width(), k.photo.height()],
                     "masked": k.mask.is_some(),

@@ -13,7 +13,7 @@ use icedit_pipeline::edit::{DIPTYCH_TEMPLATE, MAX_SEQUENCE_LENGTH};
 use icedit_pipeline::image_io::MAX_PIXELS;
 use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::PipelineKind;
-use icedit_server::engine::ServedAdapter;
+use icedit_server::engine::{ServedAdapter, MAX_SEEDS};
 use icedit_server::{router, AppState, Engine, EngineConfig, Jobs, RedisQueue, ServerConfig};
 
 use crate::adapters::{
@@ -161,6 +161,7 @@ impl EngineSetup {
                     judge: judge_name,
                     adapters: served,
                     base_template: base_template.to_string(),
+                    max_images: MAX_SEEDS,
                 },
                 engine: None,
                 device,
@@ -200,6 +201,7 @@ impl EngineSetup {
                 judge: None,
                 adapters: served,
                 base_template: base_template.to_string(),
+                max_images: MAX_SEEDS,
             },
         );
         if let Some(specs) = &judge_specs {

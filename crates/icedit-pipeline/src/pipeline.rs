@@ -194,6 +194,11 @@ impl FluxPipeline {
         self
     }
 
+    /// [`FluxPipeline::keep_text_encoders`] on a pipeline in place.
+    pub fn set_keep_text_encoders(&mut self, keep: bool) {
+        self.keep_text_encoders = keep;
+    }
+
     /// A step cache (lossy, opt-in) for the runs started from now on; `None` computes every step
     /// in full.
     pub fn set_step_cache(&mut self, cache: Option<StepCacheConfig>) {

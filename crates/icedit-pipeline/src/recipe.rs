@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// PNG text keyword holding the recipe as JSON.
 pub const RECIPE_KEY: &str = "icedit";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
     /// "fill", "outpaint", "edit".
     pub task: String,

@@ -1,15 +1,18 @@
 //! The edit engine the server keeps loaded: one pipeline (transformer, adapters, VAE and text
 //! encoders), run on its own thread, one job at a time, exactly as `icedit edit` runs an edit.
 
+use candle_core::Tensor;
 use icedit_judge::Judge;
 use icedit_pipeline::edit::{adapters_template, templated_prompt, JobOptions};
 use icedit_pipeline::image_io::png_bytes;
 use icedit_pipeline::recipe::Recipe;
+use icedit_pipeline::search::SearchOutcome;
 use icedit_pipeline::search::{EarlyFilter, SearchSettings, Selection, MAX_CANDIDATES};
 use icedit_pipeline::{
-    EditJob, EditSettings, EditText, FluxPipeline, InitialNoise, PipelineError, PipelineKind,
-    Progress,
+    EditJob, EditOutput, EditSettings, EditText, FluxPipeline, InitialNoise, PipelineError,
+    PipelineKind, Progress,
 };
+use icedit_text::TextConditioning;
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +32,8 @@ pub struct EngineConfig {
     /// The template when the chosen adapters name none (`{instruction}`, or ICEdit's diptych
     /// prompt on Fill).
     pub base_template: String,
+    /// Most images one request may ask for ([`MAX_SEEDS`] on a server).
+    pub max_images: usize,
 }
 
 /// An adapter a server has loaded.
@@ -148,7 +153,7 @@ impl EditRequest {
         let most = if self.search.is_some() {
             MAX_CANDIDATES
         } else {
-            MAX_SEEDS
+            config.max_images
         };
         if self.seeds.is_empty() || self.seeds.len() > most {
             return bad(format!(
@@ -245,7 +250,7 @@ pub struct VerdictSummary {
 }
 
 /// What the engine reports while it works.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum EngineEvent {
     /// Denoising step `step` of `total` of the `index`-th seed finished.
     Step {
@@ -256,12 +261,16 @@ pub enum EngineEvent {
     },
     /// A search computed its `evaluations`-th denoising step (candidates and the finish).
     SearchStep { evaluations: usize },
+    /// The pipeline's own progress (loading, each step, decoding), for a progress bar.
+    Progress(Progress),
+    /// Something the user should know (a prompt cut to the T5 length).
+    Warning(String),
 }
 
 /// Why a run stopped before its end.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{0}")]
+    #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error("stopped: {0}")]
     Stopped(&'static str),
@@ -271,15 +280,27 @@ pub struct Engine {
     pipeline: FluxPipeline,
     config: EngineConfig,
     judge: Option<Box<dyn Judge>>,
+    /// A server keeps its text encoders for the next requests; one run frees them.
+    keep_text_encoders: bool,
 }
 
 impl Engine {
     /// An engine over a loaded pipeline (adapters applied); its text encoders stay loaded.
     pub fn new(pipeline: FluxPipeline, config: EngineConfig) -> Self {
         Self {
-            pipeline: pipeline.keep_text_encoders(true),
+            pipeline,
             config,
             judge: None,
+            keep_text_encoders: true,
+        }
+    }
+
+    /// An engine for one run (`icedit edit`): the text encoders are freed as soon as its
+    /// prompts are encoded, before the transformer's turn.
+    pub fn for_one_run(pipeline: FluxPipeline, config: EngineConfig) -> Self {
+        Self {
+            keep_text_encoders: false,
+            ..Self::new(pipeline, config)
         }
     }
 
@@ -298,31 +319,115 @@ impl Engine {
         &self.config
     }
 
+    /// Loads the transformer and applies the adapters now (otherwise the first step does).
+    pub fn load_transformer(
+        &mut self,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(), EngineError> {
+        Ok(self.pipeline.load_transformer(progress)?)
+    }
+
+    /// The pipeline, for what it reports after a run (adapters applied, routing).
+    pub fn pipeline(&self) -> &FluxPipeline {
+        &self.pipeline
+    }
+
     /// Runs one prepared edit, seed after seed: the same images `icedit edit` makes with these
-    /// settings. `stop` is asked between steps (cancel, time limit).
+    /// settings, as PNGs with their recipes. `stop` is asked between steps (cancel, time
+    /// limit).
     pub fn run(
         &mut self,
         edit: &PreparedEdit,
         events: &mut dyn FnMut(EngineEvent),
         stop: &dyn Fn() -> Option<&'static str>,
     ) -> Result<Vec<EditResult>, EngineError> {
+        let config = self.config.clone();
+        let mut results = Vec::new();
+        self.run_each(edit, None, events, stop, &mut |produced| {
+            results.push(match produced {
+                Produced::Edit { seed, output } => png_result(&config, edit, seed, &output.edited)?,
+                Produced::Search(outcome) => {
+                    let mut result =
+                        png_result(&config, edit, outcome.winner_seed, &outcome.result.edited)?;
+                    result.search = Some(SearchSummary::of(outcome, edit));
+                    result
+                }
+            });
+            Ok(())
+        })?;
+        Ok(results)
+    }
+
+    /// Runs one prepared edit and hands over each result as soon as it is ready: every seed's
+    /// edit, or a search's outcome. `latents` replace each seed's noise (`icedit edit
+    /// --latents`). The one runner of `icedit edit`, the server, its workers and `batch`.
+    pub fn run_each(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: Option<&Tensor>,
+        events: &mut dyn FnMut(EngineEvent),
+        stop: &dyn Fn() -> Option<&'static str>,
+        produced: &mut dyn FnMut(Produced) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let encoded = self.encode(edit, events)?;
+        self.run_encoded(edit, &encoded, latents, events, stop, produced)
+    }
+
+    /// The first half of [`Engine::run_each`]: the request's adapters chosen and its prompts
+    /// encoded (for one run, the text encoders then freed).
+    pub fn encode(
+        &mut self,
+        edit: &PreparedEdit,
+        events: &mut dyn FnMut(EngineEvent),
+    ) -> Result<EncodedPrompts, EngineError> {
         self.pipeline
             .use_adapters(edit.request.adapters.as_deref())?;
         let max_len = edit.settings.max_sequence_length;
-        let encoded = self
+        let negative = edit.request.negative.as_ref();
+        // One run frees the text encoders once its prompts (both, with true CFG) are encoded.
+        self.pipeline
+            .set_keep_text_encoders(self.keep_text_encoders || negative.is_some());
+        let mut progress = |p: Progress| events(EngineEvent::Progress(p));
+        let prompt = self
             .pipeline
-            .encode_prompt(&edit.prompt, max_len, &mut |_| {})?;
-        let negative = match &edit.request.negative {
-            Some((text, scale)) => Some((
-                self.pipeline.encode_prompt(text, max_len, &mut |_| {})?,
-                *scale,
-            )),
+            .encode_prompt(&edit.prompt, max_len, &mut progress)?;
+        for dropped in prompt.truncation_warnings() {
+            events(EngineEvent::Warning(dropped));
+        }
+        let negative = match negative {
+            Some((text, scale)) => {
+                let mut progress = |p: Progress| events(EngineEvent::Progress(p));
+                let encoded = self.pipeline.encode_prompt(text, max_len, &mut progress)?;
+                for dropped in encoded.truncation_warnings() {
+                    events(EngineEvent::Warning(format!(
+                        "the negative prompt: {dropped}"
+                    )));
+                }
+                Some((encoded, *scale))
+            }
             None => None,
         };
+        if !self.keep_text_encoders {
+            self.pipeline.set_keep_text_encoders(false);
+            self.pipeline.release_text_encoders();
+        }
+        Ok(EncodedPrompts { prompt, negative })
+    }
+
+    /// The second half of [`Engine::run_each`]: the denoising of every seed (or the search).
+    pub fn run_encoded(
+        &mut self,
+        edit: &PreparedEdit,
+        encoded: &EncodedPrompts,
+        latents: Option<&Tensor>,
+        events: &mut dyn FnMut(EngineEvent),
+        stop: &dyn Fn() -> Option<&'static str>,
+        produced: &mut dyn FnMut(Produced) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
         let text = EditText {
             prompt: &edit.prompt,
-            encoded: &encoded,
-            true_cfg: negative.as_ref().map(|(n, s)| (n, *s)),
+            encoded: &encoded.prompt,
+            true_cfg: encoded.negative.as_ref().map(|(n, s)| (n, *s)),
         };
         if let Some(search) = &edit.search {
             if let Some(reason) = stop() {
@@ -331,7 +436,7 @@ impl Engine {
             let judge = self
                 .judge
                 .as_mut()
-                .ok_or_else(|| PipelineError::Input("this server has no judge".into()))?;
+                .ok_or_else(|| PipelineError::Input("no judge is loaded for a search".into()))?;
             let mut evaluations = 0;
             let outcome = self.pipeline.edit_search(
                 &edit.job,
@@ -345,38 +450,24 @@ impl Engine {
                         evaluations += 1;
                         events(EngineEvent::SearchStep { evaluations });
                     }
+                    events(EngineEvent::Progress(p));
                 },
             )?;
-            let mut result = self.result(edit, outcome.winner_seed, &outcome.result.edited)?;
-            result.search = Some(SearchSummary {
-                candidates: search.seeds.clone(),
-                winner: outcome.winner_seed,
-                verdicts: outcome
-                    .calls
-                    .iter()
-                    .map(|c| VerdictSummary {
-                        first_seed: c.first_seed,
-                        second_seed: c.second_seed,
-                        winner_seed: c.winner_seed,
-                        at_step: c.at_step,
-                        judge: c.judge.clone(),
-                        answer: c.answer.clone(),
-                        seconds: c.latency.as_secs_f64(),
-                    })
-                    .collect(),
-                transformer_evaluations: outcome.evaluations,
-            });
-            return Ok(vec![result]);
+            return produced(Produced::Search(&outcome));
         }
-        let mut results = Vec::with_capacity(edit.request.seeds.len());
         for (index, &seed) in edit.request.seeds.iter().enumerate() {
-            let mut state = self.pipeline.start_edit(
-                &edit.job,
-                &text,
-                &edit.settings,
-                InitialNoise::Seed(seed),
-                &mut |_| {},
-            )?;
+            let noise = match latents {
+                Some(latents) => InitialNoise::Latents {
+                    latents: latents.clone(),
+                    seed,
+                },
+                None => InitialNoise::Seed(seed),
+            };
+            let mut state =
+                self.pipeline
+                    .start_edit(&edit.job, &text, &edit.settings, noise, &mut |p| {
+                        events(EngineEvent::Progress(p))
+                    })?;
             let total = state.total_steps();
             while !state.is_done() {
                 if let Some(reason) = stop() {
@@ -392,51 +483,94 @@ impl Engine {
                             total,
                         });
                     }
+                    events(EngineEvent::Progress(p));
                 })?;
             }
+            events(EngineEvent::Progress(Progress::Decoding));
             let output = self.pipeline.finish(&edit.job, &state)?;
-            results.push(self.result(edit, seed, &output.edited)?);
+            produced(Produced::Edit {
+                seed,
+                output: &output,
+            })?;
         }
-        Ok(results)
+        Ok(())
     }
+}
 
-    /// One image as the PNG a client gets, its recipe inside.
-    fn result(
-        &self,
-        edit: &PreparedEdit,
-        seed: u64,
-        edited: &RgbImage,
-    ) -> Result<EditResult, EngineError> {
-        let recipe = Recipe {
-            task: "edit".into(),
-            prompt: edit.prompt.clone(),
-            instruction: Some(edit.request.instruction.clone()),
-            seed,
-            steps: edit.settings.steps,
-            guidance: edit.settings.guidance,
-            max_sequence_length: edit.settings.max_sequence_length,
-            negative_prompt: edit.request.negative.as_ref().map(|(n, _)| n.clone()),
-            true_cfg_scale: edit.request.negative.as_ref().map(|(_, s)| *s),
-            width: edited.width(),
-            height: edited.height(),
-            adapters: match &edit.request.adapters {
-                Some(names) => (self.config.recipe.adapters.iter())
-                    .filter(|a| names.contains(&a.name))
-                    .cloned()
-                    .collect(),
-                None => self.config.recipe.adapters.clone(),
-            },
-            ..self.config.recipe.clone()
-        };
-        let png = png_bytes(edited, &recipe.png_metadata())
-            .map_err(|m| PipelineError::Input(format!("cannot encode the PNG: {m}")))?;
-        Ok(EditResult {
-            seed,
-            png,
-            recipe,
-            search: None,
-        })
+/// A request's prompts, encoded.
+pub struct EncodedPrompts {
+    pub prompt: TextConditioning,
+    /// True CFG's negative prompt and scale.
+    pub negative: Option<(TextConditioning, f32)>,
+}
+
+/// What [`Engine::run_each`] hands over.
+pub enum Produced<'a> {
+    /// One seed's edit.
+    Edit { seed: u64, output: &'a EditOutput },
+    /// A search's outcome: the winner's edit, the candidates and the verdicts.
+    Search(&'a SearchOutcome),
+}
+
+impl SearchSummary {
+    fn of(outcome: &SearchOutcome, edit: &PreparedEdit) -> Self {
+        Self {
+            candidates: edit.request.seeds.clone(),
+            winner: outcome.winner_seed,
+            verdicts: outcome
+                .calls
+                .iter()
+                .map(|c| VerdictSummary {
+                    first_seed: c.first_seed,
+                    second_seed: c.second_seed,
+                    winner_seed: c.winner_seed,
+                    at_step: c.at_step,
+                    judge: c.judge.clone(),
+                    answer: c.answer.clone(),
+                    seconds: c.latency.as_secs_f64(),
+                })
+                .collect(),
+            transformer_evaluations: outcome.evaluations,
+        }
     }
+}
+
+/// One image as the PNG a client gets, its recipe inside.
+fn png_result(
+    config: &EngineConfig,
+    edit: &PreparedEdit,
+    seed: u64,
+    edited: &RgbImage,
+) -> Result<EditResult, EngineError> {
+    let recipe = Recipe {
+        task: "edit".into(),
+        prompt: edit.prompt.clone(),
+        instruction: Some(edit.request.instruction.clone()),
+        seed,
+        steps: edit.settings.steps,
+        guidance: edit.settings.guidance,
+        max_sequence_length: edit.settings.max_sequence_length,
+        negative_prompt: edit.request.negative.as_ref().map(|(n, _)| n.clone()),
+        true_cfg_scale: edit.request.negative.as_ref().map(|(_, s)| *s),
+        width: edited.width(),
+        height: edited.height(),
+        adapters: match &edit.request.adapters {
+            Some(names) => (config.recipe.adapters.iter())
+                .filter(|a| names.contains(&a.name))
+                .cloned()
+                .collect(),
+            None => config.recipe.adapters.clone(),
+        },
+        ..config.recipe.clone()
+    };
+    let png = png_bytes(edited, &recipe.png_metadata())
+        .map_err(|m| PipelineError::Input(format!("cannot encode the PNG: {m}")))?;
+    Ok(EditResult {
+        seed,
+        png,
+        recipe,
+        search: None,
+    })
 }
 
 /// An RGB image as base64 PNG in JSON: lossless, so a worker edits exactly the uploaded pixels.

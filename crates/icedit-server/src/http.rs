@@ -22,7 +22,7 @@ use icedit_pipeline::PipelineKind;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::engine::{EditRequest, EngineConfig, SearchRequest, MAX_SEEDS};
+use crate::engine::{EditRequest, EngineConfig, SearchRequest};
 use crate::jobs::{Job, JobEvent, JobState, Jobs, SubmitError};
 
 /// The server's limits and keys.
@@ -281,7 +281,7 @@ async fn prepare(
                 let most = if fields.search.is_some() {
                     MAX_CANDIDATES
                 } else {
-                    MAX_SEEDS
+                    state.engine.max_images
                 };
                 if n == 0 || n > most {
                     return Err(ApiError::bad(format!("n must be 1 to {most}")).param("n"));

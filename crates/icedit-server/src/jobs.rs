@@ -73,21 +73,23 @@ pub enum JobEvent {
     Cancelled,
 }
 
-impl From<EngineEvent> for JobEvent {
-    fn from(event: EngineEvent) -> Self {
+impl JobEvent {
+    /// What a job's subscribers hear of the engine's event (steps; not its progress bar).
+    pub fn of_engine(event: EngineEvent) -> Option<Self> {
         match event {
             EngineEvent::Step {
                 index,
                 seed,
                 step,
                 total,
-            } => Self::Step {
+            } => Some(Self::Step {
                 index,
                 seed,
                 step,
                 total,
-            },
-            EngineEvent::SearchStep { evaluations } => Self::SearchStep { evaluations },
+            }),
+            EngineEvent::SearchStep { evaluations } => Some(Self::SearchStep { evaluations }),
+            EngineEvent::Progress(_) | EngineEvent::Warning(_) => None,
         }
     }
 }
@@ -377,6 +379,9 @@ impl Jobs {
         let result = engine.run(
             &job.edit,
             &mut |event| {
+                let Some(event) = JobEvent::of_engine(event) else {
+                    return;
+                };
                 let now = Instant::now();
                 self.counters.steps.fetch_add(1, Ordering::Relaxed);
                 self.counters.step_micros.fetch_add(
@@ -384,7 +389,7 @@ impl Jobs {
                     Ordering::Relaxed,
                 );
                 last_step = now;
-                job.update(event.into(), |_| {});
+                job.update(event, |_| {});
             },
             &stop,
         );

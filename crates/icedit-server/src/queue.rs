@@ -538,7 +538,9 @@ impl Worker<'_> {
             }
         };
         let mut events = |event: EngineEvent| {
-            let event = JobEvent::from(event);
+            let Some(event) = JobEvent::of_engine(event) else {
+                return;
+            };
             let mut con = con.borrow_mut();
             if let Err(e) = self.send_event(&mut con, id, &event) {
                 redis_error.borrow_mut().replace(e);

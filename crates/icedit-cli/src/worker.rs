@@ -30,8 +30,8 @@ pub struct WorkerArgs {
     /// per worker.
     #[arg(long)]
     name: Option<String>,
-    /// Seconds a job may go without a sign of life from its worker (sent between steps)
-    /// before another worker takes it over. Longer than one denoising step.
+    /// Seconds a job may go without a sign of life from its worker (sent every third of it
+    /// while the job runs) before another worker takes it over.
     #[arg(long, default_value_t = 300)]
     visibility_timeout: u64,
     /// Tries before a failing job goes to the dead-letter stream `icedit:dead`.

@@ -378,3 +378,70 @@ fn batch_through_the_queue_equals_a_local_batch() {
         assert_eq!(attempts, 1, "{key} ran once");
     }
 }
+
+/// A job longer than the visibility timeout stays with its worker: the claim is renewed while
+/// it runs, even through a search, which has no steps between which to say so.
+#[test]
+fn a_long_search_keeps_its_worker() {
+    use icedit_judge::fake_server::{serve, Reply};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let (judge, received) = serve(vec![Reply::Answer("Image 2")]);
+    let judged = |name: &str| {
+        Server::start_command(
+            "worker",
+            &[
+                "--model",
+                &model(),
+                "--no-lora",
+                "--queue",
+                &redis.url(),
+                "--name",
+                name,
+                "--visibility-timeout",
+                "1",
+                "--judge",
+                &format!("openai:{judge}#judge-model"),
+            ],
+            "taking jobs from ",
+        )
+    };
+    let _first = judged("w1");
+    let _second = judged("w2");
+    let server = Server::start(&[
+        "--model",
+        &model(),
+        "--no-lora",
+        "--queue",
+        &redis.url(),
+        "--judge",
+        &format!("openai:{judge}#judge-model"),
+    ]);
+    let body = format!(
+        r#"{{"image": "{}", "instruction": "make it night", "seeds": [1, 2], "steps": 600, "size": "64x48", "search": {{"early_steps": 300}}}}"#,
+        photo_b64()
+    );
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/edits")),
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(status, 202, "{json}");
+    let id = json["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let job = wait_final(&server, &id, Duration::from_secs(240));
+    let took = started.elapsed();
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["results"][0]["seed"], 2);
+    assert!(
+        took > Duration::from_secs(3),
+        "the job must outlast the 1 s visibility timeout to test anything ({took:?})"
+    );
+    let attempts: u32 = con.hget(format!("icedit:job:{id}"), "attempts").unwrap();
+    assert_eq!(attempts, 1, "no other worker took the job over");
+    assert_eq!(received.lock().unwrap().len(), 1, "one judge call");
+}

@@ -503,23 +503,9 @@ impl Worker<'_> {
             .map_err(JobError::Redis)?;
         let con = std::cell::RefCell::new(con);
         let redis_error = std::cell::RefCell::new(None);
-        let renewed = std::cell::Cell::new(Instant::now());
-        let renew_every = self.config.visibility_timeout / 3;
         let stop = || -> Option<&'static str> {
             let mut con = con.borrow_mut();
             let checked = (|| -> RedisResult<Option<&'static str>> {
-                if renewed.get().elapsed() >= renew_every {
-                    // Resets the entry's idle time: no other worker takes it over.
-                    redis::cmd("XCLAIM")
-                        .arg(q.jobs_key())
-                        .arg(GROUP)
-                        .arg(&self.config.name)
-                        .arg(0)
-                        .arg(&entry.id)
-                        .arg("JUSTID")
-                        .query::<Value>(&mut **con)?;
-                    renewed.set(Instant::now());
-                }
                 let cancel: Option<String> = con.hget(q.job_key(id), "cancel")?;
                 Ok(if cancel.is_some() {
                     Some("cancelled")
@@ -546,11 +532,53 @@ impl Worker<'_> {
                 redis_error.borrow_mut().replace(e);
             }
         };
-        let result = engine.run(&edit, &mut events, &stop);
+        // While the job runs (encoding, steps, a search's judge calls, decoding), its claim is
+        // renewed from a thread of its own, so that no other worker takes it over.
+        let running = AtomicBool::new(true);
+        let result = std::thread::scope(|scope| {
+            scope.spawn(|| self.renew_claim(&entry.id, &running));
+            let result = engine.run(&edit, &mut events, &stop);
+            running.store(false, Ordering::SeqCst);
+            result
+        });
         if let Some(e) = redis_error.into_inner() {
             return Err(JobError::Redis(e));
         }
         result.map_err(JobError::Engine)
+    }
+
+    /// Every third of the visibility timeout until `running` turns false: `XCLAIM` to itself,
+    /// which resets the entry's idle time. A failure is retried at the next turn (the job
+    /// itself notices a lost Redis).
+    fn renew_claim(&self, entry_id: &str, running: &AtomicBool) {
+        let every = self.config.visibility_timeout / 3;
+        let mut con = None;
+        let mut last = Instant::now();
+        while running.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50).min(every));
+            if last.elapsed() < every {
+                continue;
+            }
+            last = Instant::now();
+            let connection = match con.as_mut() {
+                Some(c) => c,
+                None => match self.queue.connect() {
+                    Ok(c) => con.insert(c),
+                    Err(_) => continue,
+                },
+            };
+            let renewed: RedisResult<Value> = redis::cmd("XCLAIM")
+                .arg(self.queue.jobs_key())
+                .arg(GROUP)
+                .arg(&self.config.name)
+                .arg(0)
+                .arg(entry_id)
+                .arg("JUSTID")
+                .query(connection);
+            if renewed.is_err() {
+                con = None;
+            }
+        }
     }
 
     fn send_event(&self, con: &mut Connection, id: &str, event: &JobEvent) -> RedisResult<()> {

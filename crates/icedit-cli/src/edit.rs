@@ -34,7 +34,7 @@ use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_l
 use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, device_name, ModelArgs, OpenedPipeline};
+use crate::{device, device_name, ModelArgs};
 use icedit_server::engine::{
     EditRequest, Engine, EngineConfig, EngineError, EngineEvent, Produced, SearchRequest,
 };
@@ -457,13 +457,9 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     planned.check(&inputs)?;
 
-    let OpenedPipeline {
-        mut pipeline,
-        model_name,
-        transformer,
-        text_encoder_2,
-        weights,
-    } = args.model.fetch_weights(pipeline, &hub)?;
+    let opened = args.model.fetch_weights(pipeline, &hub)?;
+    let model_recipe = opened.recipe(dtype, args.model.max_seq_len);
+    let mut pipeline = opened.pipeline;
     let judge = match &judge_specs {
         Some(specs) => {
             reporter.note(&format!("judge: {}", config.judge.as_deref().unwrap_or("")));
@@ -513,26 +509,15 @@ pub fn run(args: EditArgs) -> Result<()> {
         task: "edit".into(),
         prompt: prompt.clone(),
         instruction: args.instruction.clone(),
-        seed: 0,
         latents: args.latents.as_ref().map(|p| p.display().to_string()),
         steps,
         guidance: settings.guidance,
-        max_sequence_length: args.model.max_seq_len,
-        pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
         negative_prompt: negative.as_ref().map(|(n, _)| n.clone()),
         true_cfg_scale: negative.as_ref().map(|(_, s)| *s),
         mask: args.mask.as_ref().map(|p| p.display().to_string()),
         cache: args.cache.clone(),
-        width: 0,
-        height: 0,
-        expand: None,
-        model: model_name.clone(),
-        transformer: transformer.clone(),
-        text_encoder_2: text_encoder_2.clone(),
-        weights: weights.clone(),
         adapters: adapter_uses.clone(),
-        dtype: format!("{dtype:?}").to_lowercase(),
-        software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+        ..model_recipe.clone()
     };
     // Each result is written as soon as it is ready; an error later names what was written.
     let writer = ResultWriter {
@@ -670,10 +655,10 @@ pub fn run(args: EditArgs) -> Result<()> {
             "task": "edit",
             "instruction": args.instruction,
             "prompt": prompt,
-            "model": model_name,
-            "transformer": transformer,
-            "text_encoder_2": text_encoder_2,
-            "weights": weights,
+            "model": model_recipe.model,
+            "transformer": model_recipe.transformer,
+            "text_encoder_2": model_recipe.text_encoder_2,
+            "weights": model_recipe.weights,
             "adapters": adapters,
             "steps": steps,
             "guidance": settings.guidance,

@@ -14,7 +14,7 @@ use icedit_pipeline::{EditSettings, FillRequest, InitialNoise};
 use crate::inputs::{add_model_inputs, check_png_name, random_seed, read_latents};
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, device_name, ModelArgs, OpenedPipeline};
+use crate::{device, device_name, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct FillArgs {
@@ -149,13 +149,9 @@ pub fn run(args: FillArgs) -> Result<()> {
             pipeline.kind().name()
         );
     }
-    let OpenedPipeline {
-        mut pipeline,
-        model_name,
-        transformer,
-        text_encoder_2,
-        weights,
-    } = args.model.fetch_weights(pipeline, &hub)?;
+    let opened = args.model.fetch_weights(pipeline, &hub)?;
+    let model_recipe = opened.recipe(dtype, args.model.max_seq_len);
+    let mut pipeline = opened.pipeline;
     let request = FillRequest {
         image: &image,
         mask: &mask,
@@ -186,27 +182,15 @@ pub fn run(args: FillArgs) -> Result<()> {
         }
         .into(),
         prompt: args.prompt.clone(),
-        instruction: None,
         seed,
         latents: args.latents.as_ref().map(|p| p.display().to_string()),
         steps: args.steps,
         guidance: args.guidance,
-        max_sequence_length: args.model.max_seq_len,
-        pipeline: None,
-        negative_prompt: None,
-        true_cfg_scale: None,
         mask: args.mask.as_ref().map(|p| p.display().to_string()),
-        cache: None,
         width: image.width(),
         height: image.height(),
         expand: margins.map(|m| [m.left, m.top, m.right, m.bottom]),
-        model: model_name,
-        transformer,
-        text_encoder_2,
-        weights,
-        adapters: vec![],
-        dtype: format!("{dtype:?}").to_lowercase(),
-        software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+        ..model_recipe
     };
     save_png(&args.out, &output.image, &recipe.png_metadata())?;
     reporter.done(&format!("wrote {}", args.out.display()));

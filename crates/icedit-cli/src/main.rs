@@ -11,6 +11,7 @@ use icedit_flux::{parse_dtype, Checkpoint, FluxConfig, FluxInput, FluxTransforme
 use icedit_pipeline::edit::MAX_SEQUENCE_LENGTH;
 use icedit_pipeline::image_io;
 use icedit_pipeline::latents::{image_ids, text_ids, PIXELS_PER_TOKEN};
+use icedit_pipeline::recipe::Recipe;
 use icedit_pipeline::PipelineKind;
 
 mod adapters;
@@ -121,6 +122,24 @@ pub(crate) struct OpenedPipeline {
     pub text_encoder_2: Option<String>,
     /// What the transformer's weights are stored as (`diffusers safetensors`, `GGUF Q4_K x30`).
     pub weights: String,
+}
+
+impl OpenedPipeline {
+    /// The recipe's fields that come from the model, its weights and the run's precision; each
+    /// command fills in the rest.
+    pub fn recipe(&self, dtype: DType, max_sequence_length: usize) -> Recipe {
+        Recipe {
+            model: self.model_name.clone(),
+            transformer: self.transformer.clone(),
+            text_encoder_2: self.text_encoder_2.clone(),
+            weights: self.weights.clone(),
+            pipeline: (self.pipeline.kind() == PipelineKind::Kontext).then(|| "kontext".into()),
+            max_sequence_length,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+            ..Recipe::default()
+        }
+    }
 }
 
 impl ModelArgs {

@@ -22,7 +22,7 @@ use crate::adapters::{
 };
 use crate::judge::JudgeArgs;
 use crate::progress::Reporter;
-use crate::{device, device_name, ModelArgs, OpenedPipeline};
+use crate::{device, device_name, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -125,30 +125,15 @@ impl EngineSetup {
             PipelineKind::Kontext => "{instruction}",
         };
         let template = manifest_template(&manifests, base_template)?.to_string();
+        // Without the weights (a queue's front end), what the model's name and kind say.
         let mut recipe = Recipe {
             task: "edit".into(),
-            prompt: String::new(),
-            instruction: None,
-            seed: 0,
-            latents: None,
-            steps: 0,
-            guidance: 0.0,
-            max_sequence_length: model.max_seq_len,
-            pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
-            negative_prompt: None,
-            true_cfg_scale: None,
-            mask: None,
-            cache: None,
-            width: 0,
-            height: 0,
-            expand: None,
             model: pipeline.repo().describe(),
-            transformer: None,
-            text_encoder_2: None,
-            weights: String::new(),
-            adapters: Vec::new(),
+            pipeline: (kind == PipelineKind::Kontext).then(|| "kontext".to_string()),
+            max_sequence_length: model.max_seq_len,
             dtype: format!("{dtype:?}").to_lowercase(),
             software: concat!("icedit ", env!("CARGO_PKG_VERSION")).into(),
+            ..Recipe::default()
         };
         if !load {
             return Ok(Self {
@@ -168,13 +153,13 @@ impl EngineSetup {
             });
         }
         let adapters = load_adapters(adapter_args, &specs, false, &hub, reporter)?;
-        let OpenedPipeline {
-            mut pipeline,
-            model_name,
-            transformer,
-            text_encoder_2,
-            weights,
-        } = model.fetch_weights(pipeline, &hub)?;
+        let opened = model.fetch_weights(pipeline, &hub)?;
+        let model_name = opened.model_name.clone();
+        recipe = Recipe {
+            task: "edit".into(),
+            ..opened.recipe(dtype, model.max_seq_len)
+        };
+        let mut pipeline = opened.pipeline;
         recipe.adapters = adapter_uses(&adapters);
         pipeline.set_adapters(
             adapters.into_iter().map(|(_, c)| c).collect(),
@@ -188,10 +173,6 @@ impl EngineSetup {
                 adapter.can_leave_out = Some(applied.merged_layers == 0);
             }
         }
-        recipe.model = model_name.clone();
-        recipe.transformer = transformer;
-        recipe.text_encoder_2 = text_encoder_2;
-        recipe.weights = weights;
         let mut engine = Engine::new(
             pipeline,
             EngineConfig {

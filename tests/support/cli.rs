@@ -9,6 +9,26 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A refused run: exit status 1 and every expected part in its message.
+pub fn assert_refused(what: &str, run: &Output, expected: &[&str]) {
+    let err = stderr(run);
+    assert_eq!(run.status.code(), Some(1), "{what}: {err}");
+    for part in expected {
+        assert!(err.contains(part), "{what}: expected {part:?} in:\n{err}");
+    }
+}
+
+/// Nothing a refused run might have written is left in `dir`: no file `is_output` names, and
+/// no temporary file.
+pub fn assert_nothing_written(what: &str, dir: &Path, is_output: impl Fn(&str) -> bool) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| is_output(n) || n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{what}: left {left:?}");
+}
+
 pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }

@@ -344,18 +344,8 @@ fn bad_inputs_exit_1_with_a_reason_and_leave_nothing() {
     ];
     for (what, args, expected) in cases {
         let run = icedit(&args, home.path());
-        let err = stderr(&run);
-        assert_eq!(run.status.code(), Some(1), "{what}: {err}");
-        assert!(
-            err.contains(expected),
-            "{what}: expected {expected:?} in:\n{err}"
-        );
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".png") || n.contains(".tmp"))
-            .collect();
-        assert!(left.is_empty(), "{what}: left {left:?}");
+        assert_refused(what, &run, &[expected]);
+        assert_nothing_written(what, dir.path(), |n| n.ends_with(".png"));
     }
 }
 
@@ -641,12 +631,7 @@ fn seed_search_with_a_judge_server() {
     ] {
         let out = dir.path().join("bad.png");
         let run = icedit(&with(base_args(&out), &extra), home.path());
-        assert_eq!(run.status.code(), Some(1), "{extra:?}");
-        assert!(
-            stderr(&run).contains(expected),
-            "{extra:?}: {}",
-            stderr(&run)
-        );
+        assert_refused(&format!("{extra:?}"), &run, &[expected]);
         assert!(!out.exists());
     }
 }
@@ -748,12 +733,7 @@ fn masked_edits_keep_the_photo_outside_the_mask() {
     let refused = |extra: &[&str], expected: &str| {
         let out = dir.path().join("refused.png");
         let run = icedit(&args(&out, extra), home.path());
-        assert_eq!(run.status.code(), Some(1), "{extra:?}: {}", stderr(&run));
-        assert!(
-            stderr(&run).contains(expected),
-            "{extra:?}: {}",
-            stderr(&run)
-        );
+        assert_refused(&format!("{extra:?}"), &run, &[expected]);
         assert!(!out.exists());
     };
     refused(&[], "--context and --feather shape a masked edit");

@@ -273,11 +273,7 @@ fn bad_transformers_exit_1_with_a_reason_and_leave_nothing() {
     for (mut args, expected) in cases {
         args.push("--no-lora".into());
         let result = icedit("edit", &args, home.path());
-        let message = stderr(&result);
-        assert_eq!(result.status.code(), Some(1), "{args:?}: {message}");
-        for part in expected {
-            assert!(message.contains(part), "{args:?}: {message}");
-        }
+        assert_refused(&format!("{args:?}"), &result, &expected);
         assert!(!out.exists());
     }
 
@@ -446,9 +442,7 @@ fn quantize_refuses_bad_requests_and_writes_nothing() {
     ];
     for (args, expected) in cases {
         let result = icedit("quantize", &strings(&args), home.path());
-        let message = stderr(&result);
-        assert_eq!(result.status.code(), Some(1), "{args:?}: {message}");
-        assert!(message.contains(expected), "{args:?}: {message}");
+        assert_refused(&format!("{args:?}"), &result, &[expected]);
     }
     assert_eq!(std::fs::read(&copy).unwrap(), before);
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -323,18 +323,8 @@ fn the_other_models_flags_and_adapters_are_refused() {
     ];
     for (what, command, args, expected) in cases {
         let run = icedit(command, &args, home.path());
-        let err = stderr(&run);
-        assert_eq!(run.status.code(), Some(1), "{what}: {err}");
-        assert!(
-            err.contains(expected),
-            "{what}: expected {expected:?} in:\n{err}"
-        );
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with("out") || n.contains(".tmp"))
-            .collect();
-        assert!(left.is_empty(), "{what}: left {left:?}");
+        assert_refused(what, &run, &[expected]);
+        assert_nothing_written(what, dir.path(), |n| n.starts_with("out"));
     }
 }
 

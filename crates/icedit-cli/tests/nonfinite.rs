@@ -9,6 +9,10 @@ use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 
+#[path = "../../../tests/support/cli.rs"]
+mod cli_support;
+use cli_support::{assert_nothing_written, assert_refused};
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -80,18 +84,9 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Exit 1, every expected part in the message, and no PNG (or temp file) left in `dir`.
-fn assert_refused(what: &str, run: &Output, dir: &Path, expected: &[&str]) {
-    let err = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "{what}: {err}");
-    for part in expected {
-        assert!(err.contains(part), "{what}: expected {part:?} in:\n{err}");
-    }
-    let left: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".png") || n.contains(".tmp"))
-        .collect();
-    assert!(left.is_empty(), "{what}: left {left:?}");
+fn assert_refused_leaving_nothing(what: &str, run: &Output, dir: &Path, expected: &[&str]) {
+    assert_refused(what, run, expected);
+    assert_nothing_written(what, dir, |n| n.ends_with(".png"));
 }
 
 #[test]
@@ -115,7 +110,7 @@ fn a_lora_holding_a_nan_is_refused_naming_the_tensor() {
         ),
         home.path(),
     );
-    assert_refused(
+    assert_refused_leaving_nothing(
         "NaN LoRA",
         &run,
         dir.path(),
@@ -138,7 +133,7 @@ fn an_overflowing_lora_scale_is_refused_naming_the_layer_or_step() {
         ),
         home.path(),
     );
-    assert_refused(
+    assert_refused_leaving_nothing(
         "scale 1e30",
         &run,
         dir.path(),
@@ -153,7 +148,7 @@ fn an_overflowing_lora_scale_is_refused_naming_the_layer_or_step() {
         ),
         home.path(),
     );
-    assert_refused(
+    assert_refused_leaving_nothing(
         "scale 1e39",
         &run,
         dir.path(),
@@ -174,7 +169,7 @@ fn an_infinite_transformer_weight_is_refused_naming_the_tensor() {
         &args(model.to_str().unwrap(), &out, &["--no-lora"]),
         home.path(),
     );
-    assert_refused(
+    assert_refused_leaving_nothing(
         "Inf transformer weight",
         &run,
         dir.path(),

@@ -267,7 +267,16 @@ fn poison_events_and_cancel_through_the_queue() {
         .unwrap();
     assert!(metrics.contains("icedit_redis_queue_length 0"), "{metrics}");
 
-    // Cancel reaches the worker running the job.
+    // Another server on the same queue (or this one after a restart) finds the job in Redis.
+    let other = Server::start(&["--model", &model(), "--no-lora", "--queue", &redis.url()]);
+    let (status, job) = send(ureq::get(&other.url(&format!("/v1/jobs/{id}"))), None);
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["results"][0]["seed"], 3);
+    let (status, _) = send(ureq::get(&other.url("/v1/jobs/job-unknown")), None);
+    assert_eq!(status, 404);
+
+    // Cancel reaches the worker running the job, sent through the other server.
     let id = submit(&server, 4, 400);
     let start = Instant::now();
     loop {
@@ -278,10 +287,12 @@ fn poison_events_and_cancel_through_the_queue() {
         assert!(start.elapsed() < Duration::from_secs(60), "never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (status, json) = send(ureq::delete(&server.url(&format!("/v1/jobs/{id}"))), None);
+    let (status, json) = send(ureq::delete(&other.url(&format!("/v1/jobs/{id}"))), None);
     assert_eq!(status, 200, "{json}");
     let job = wait_final(&server, &id, Duration::from_secs(60));
     assert_eq!(job["state"], "cancelled", "{job}");
+    let seen_there = wait_final(&other, &id, Duration::from_secs(60));
+    assert_eq!(seen_there["state"], "cancelled", "{seen_there}");
     assert!(job["progress"]["step"].as_u64().unwrap() < 400);
 }
 

@@ -598,24 +598,35 @@ async fn submit_edit(
     ))
 }
 
-fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
-    state
-        .jobs
-        .get(id)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id:?}")))
+/// The job, known here or (with a queue) found in Redis.
+async fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
+    if let Some(job) = state.jobs.get(id) {
+        return Ok(job);
+    }
+    let (jobs, key) = (Arc::clone(&state.jobs), id.to_string());
+    let adopted = tokio::task::spawn_blocking(move || jobs.adopt(&key))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the job queue is unavailable: {e}"),
+            )
+        })?;
+    adopted.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job {id:?}")))
 }
 
 async fn job_status(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &id).await?;
     let status = job.status();
     Ok(Json(json!({
         "id": job.id,
         "state": status.state,
         "progress": status.progress,
-        "seeds": job.edit.request.seeds,
+        "seeds": job.seeds,
         "results": status.results,
         "error": status.error,
         "seconds": job.created.elapsed().as_secs_f64(),
@@ -626,7 +637,7 @@ async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &id).await?;
     if !job.cancel() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -643,7 +654,7 @@ async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = find(&state, &id).await?;
     let (status, receiver) = job.subscribe();
     // What happened before the subscription, then what comes.
     let mut past = vec![JobEvent::Queued];

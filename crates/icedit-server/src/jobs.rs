@@ -106,7 +106,11 @@ pub struct JobStatus {
 
 pub struct Job {
     pub id: String,
-    pub edit: PreparedEdit,
+    /// `None` for a job this server found in the queue (submitted elsewhere or before a
+    /// restart): it only follows it.
+    pub edit: Option<PreparedEdit>,
+    /// The seeds asked for (unknown, so empty, for a job found in the queue).
+    pub seeds: Vec<u64>,
     pub created: Instant,
     pub deadline: Option<Instant>,
     cancel: AtomicBool,
@@ -268,7 +272,8 @@ impl Jobs {
         let created = Instant::now();
         let job = Arc::new(Job {
             id: id.clone(),
-            edit,
+            seeds: edit.request.seeds.clone(),
+            edit: Some(edit),
             created,
             deadline: self.timeout.map(|t| created + t),
             cancel: AtomicBool::new(false),
@@ -300,7 +305,8 @@ impl Jobs {
                 forward,
             } => {
                 let deadline = self.timeout.map(|t| SystemTime::now() + t);
-                match queue.submit(&id, &job.edit.request, deadline, *capacity) {
+                let request = &job.edit.as_ref().expect("a submitted job's edit").request;
+                match queue.submit(&id, request, deadline, *capacity) {
                     Ok(()) => forward
                         .send(Arc::clone(&job))
                         .map_err(|_| SubmitError::ShuttingDown),
@@ -322,6 +328,74 @@ impl Jobs {
                 Err(err)
             }
         }
+    }
+
+    /// A job this server does not know but its Redis queue does (submitted by another server,
+    /// or before this one restarted): its stored result or end, or followed from now on like
+    /// the server's own. `Ok(None)` without a queue or where the queue has no such job.
+    pub fn adopt(&self, id: &str) -> Result<Option<Arc<Job>>, QueueError> {
+        let (queue, forward) = match self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(Backend::Redis { queue, forward, .. }) => (Arc::clone(queue), forward.clone()),
+            _ => return Ok(None),
+        };
+        if id.len() > 200 {
+            return Ok(None);
+        }
+        let fields = queue.job_fields(id)?;
+        let results = queue.result(id)?;
+        if fields.is_empty() && results.is_none() {
+            return Ok(None);
+        }
+        let (events, _) = broadcast::channel(256);
+        let job = Arc::new(Job {
+            id: id.to_string(),
+            edit: None,
+            seeds: results.iter().flatten().map(|r| r.seed).collect(),
+            created: Instant::now(),
+            deadline: None,
+            cancel: AtomicBool::new(false),
+            status: Mutex::new(JobStatus {
+                state: JobState::Queued,
+                progress: None,
+                results: Vec::new(),
+                error: None,
+            }),
+            events,
+        });
+        {
+            // Two requests may adopt the same job at once: the first one's stays.
+            let mut known = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(existing) = known.get(id) {
+                return Ok(Some(Arc::clone(existing)));
+            }
+            known.insert(id.to_string(), Arc::clone(&job));
+        }
+        let state = fields.get("state").map(String::as_str);
+        match (results, state) {
+            (Some(results), _) => self.finish(&job, JobEvent::Done, |s| {
+                s.state = JobState::Done;
+                s.results = results;
+            }),
+            (None, Some("cancelled")) => {
+                self.finish(&job, JobEvent::Cancelled, |s| s.state = JobState::Cancelled)
+            }
+            (None, Some("dead" | "failed")) => {
+                let error = fields.get("error").cloned().unwrap_or_default();
+                self.fail(&job, error)
+            }
+            // Waiting or running: its events, from the first, come through the relay.
+            _ => {
+                if forward.send(Arc::clone(&job)).is_err() {
+                    self.fail(&job, "the server is shutting down".into());
+                }
+            }
+        }
+        Ok(Some(job))
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
@@ -362,6 +436,9 @@ impl Jobs {
     }
 
     fn run(&self, engine: &mut Engine, job: &Job) {
+        let Some(edit) = &job.edit else {
+            return self.fail(job, "the job has no edit to run".into());
+        };
         if job.cancel.load(Ordering::SeqCst) {
             return self.finish(job, JobEvent::Cancelled, |s| s.state = JobState::Cancelled);
         }
@@ -377,7 +454,7 @@ impl Jobs {
             }
         };
         let result = engine.run(
-            &job.edit,
+            edit,
             &mut |event| {
                 let Some(event) = JobEvent::of_engine(event) else {
                     return;

@@ -32,7 +32,11 @@ use crate::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct BatchArgs {
-    /// The jobs: a JSON Lines file, one edit a line (see `icedit batch --help`'s top).
+    /// The jobs: a JSON Lines file, one edit a line, e.g. `{"id": "cat", "image": "cat.jpg",
+    /// "instruction": "make it night", "seed": 7}`; also `mask`, `seeds`, `steps`, `guidance`,
+    /// `width`, `height`, `negative_prompt` with `true_cfg_scale`, `search`
+    /// (`{"early_steps": 10}`, with --judge) and `adapters`. Paths are relative to the file;
+    /// `id` (default `line-N`) names the outputs.
     #[arg(value_name = "JOBS.jsonl")]
     jobs: PathBuf,
     /// The folder the images and each job's summary go to (created when missing).

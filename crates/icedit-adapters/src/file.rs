@@ -4,9 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
+use icedit_flux::{FluxError, Stored, TensorFiles};
 use serde_json::Value;
 
 use crate::error::{AdapterError, Result};
@@ -104,36 +103,50 @@ impl AdapterFile {
             path: path.to_path_buf(),
             reason,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: read-only map of a file we do not write; the tensors are copied out below.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| corrupt(e.to_string()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        let st =
-            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| corrupt(e.to_string()))?;
-
+        // The one reader of weight files (safetensors and GGUF), as the models use.
+        let files = TensorFiles::open(&[path.to_path_buf()]).map_err(|e| match e {
+            FluxError::Io { source, .. } => io(source),
+            FluxError::Safetensors { message, .. } | FluxError::Gguf { message, .. } => {
+                corrupt(message)
+            }
+            other => corrupt(other.to_string()),
+        })?;
+        let metadata = files.safetensors_metadata().cloned().unwrap_or_default();
+        let mut names: Vec<&str> = files.names().collect();
+        names.sort_unstable();
         let mut tensors = Vec::new();
-        for (name, view) in st.tensors() {
-            if !icedit_flux::shape_fits(view.shape()) {
-                return Err(corrupt(format!(
-                    "tensor {name} has the impossible shape {:?}",
-                    view.shape()
-                )));
+        let mut non_finite = Vec::new();
+        for name in names {
+            let dtype = match files.stored(name) {
+                Some(Stored::Dense(dtype @ (DType::F32 | DType::BF16 | DType::F16))) => dtype,
+                other => {
+                    let stored = match other {
+                        Some(Stored::Dense(d)) => format!("{d:?}"),
+                        Some(Stored::Quantized(q)) => format!("{q:?}"),
+                        Some(Stored::Unsupported(d)) => d.to_string(),
+                        None => "missing".into(),
+                    };
+                    return Err(AdapterError::Invalid {
+                        path: path.to_path_buf(),
+                        problems: vec![format!(
+                            "tensor {name} is {stored}; adapters must be float32, bfloat16 or \
+                             float16"
+                        )],
+                    });
+                }
+            };
+            match files.read(name, None, dtype, &Device::Cpu) {
+                Ok(tensor) => tensors.push((name.to_string(), tensor)),
+                // Every such tensor is named at once, below.
+                Err(FluxError::NonFiniteWeight { .. }) => non_finite.push(name.to_string()),
+                Err(e) => return Err(corrupt(format!("tensor {name}: {e}"))),
             }
-            let tensor = view
-                .load(&Device::Cpu)
-                .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
-            if !matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-                return Err(AdapterError::Invalid {
-                    path: path.to_path_buf(),
-                    problems: vec![format!(
-                        "tensor {name} is {:?}; adapters must be float32, bfloat16 or float16",
-                        tensor.dtype()
-                    )],
-                });
-            }
-            tensors.push((name, tensor));
+        }
+        if !non_finite.is_empty() {
+            return Err(AdapterError::NonFiniteTensors {
+                path: path.to_path_buf(),
+                keys: non_finite,
+            });
         }
         Self::from_tensors(path, tensors, metadata)
     }

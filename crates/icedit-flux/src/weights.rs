@@ -61,6 +61,8 @@ pub struct TensorFiles {
     tensors: HashMap<String, TensorEntry>,
     /// Each GGUF file's metadata (`general.architecture`, ...), by file.
     gguf_metadata: Vec<Option<BTreeMap<String, GgufValue>>>,
+    /// Each safetensors file's `__metadata__` (an adapter's rank, alpha, top-k), by file.
+    safetensors_metadata: Vec<Option<HashMap<String, String>>>,
 }
 
 impl TensorFiles {
@@ -71,6 +73,7 @@ impl TensorFiles {
         let mut maps = Vec::with_capacity(paths.len());
         let mut tensors = HashMap::new();
         let mut gguf_metadata = Vec::with_capacity(paths.len());
+        let mut safetensors_metadata = Vec::with_capacity(paths.len());
         for (file, path) in paths.iter().enumerate() {
             let io_err = |source| FluxError::Io {
                 path: path.clone(),
@@ -80,7 +83,7 @@ impl TensorFiles {
             // SAFETY: the file is opened read-only; as with every mmap, it must not be truncated
             // while the model loads.
             let mmap = unsafe { Mmap::map(&handle) }.map_err(io_err)?;
-            let (entries, metadata) = if mmap.starts_with(b"GGUF") {
+            let (entries, metadata, st_metadata) = if mmap.starts_with(b"GGUF") {
                 let header = crate::gguf::parse(&mmap).map_err(|e| FluxError::Gguf {
                     path: path.clone(),
                     message: e.0,
@@ -104,9 +107,10 @@ impl TensorFiles {
                         (t.name, entry)
                     })
                     .collect();
-                (entries, Some(header.metadata))
+                (entries, Some(header.metadata), None)
             } else {
-                (safetensors_entries(path, &mmap, file)?, None)
+                let (entries, st_metadata) = safetensors_entries(path, &mmap, file)?;
+                (entries, None, st_metadata)
             };
             for (name, entry) in entries {
                 if let Some(previous) = tensors.insert(name.clone(), entry) {
@@ -121,12 +125,14 @@ impl TensorFiles {
             }
             maps.push(mmap);
             gguf_metadata.push(metadata);
+            safetensors_metadata.push(st_metadata);
         }
         Ok(Self {
             paths: paths.to_vec(),
             maps,
             tensors,
             gguf_metadata,
+            safetensors_metadata,
         })
     }
 
@@ -170,6 +176,11 @@ impl TensorFiles {
         };
         let types: Vec<String> = counts.iter().map(|(t, n)| format!("{t} x{n}")).collect();
         format!("{format} {}", types.join(", "))
+    }
+
+    /// The `__metadata__` of the first safetensors file among them that has one.
+    pub fn safetensors_metadata(&self) -> Option<&HashMap<String, String>> {
+        self.safetensors_metadata.iter().flatten().next()
     }
 
     /// The metadata of the first GGUF file among them, if any.
@@ -346,11 +357,13 @@ impl TensorFiles {
 }
 
 /// The tensor directory of a safetensors file, checked against the file's length.
+/// The tensors of a safetensors file, and its `__metadata__`.
+#[allow(clippy::type_complexity)]
 fn safetensors_entries(
     path: &Path,
     mmap: &[u8],
     file: usize,
-) -> Result<Vec<(String, TensorEntry)>> {
+) -> Result<(Vec<(String, TensorEntry)>, Option<HashMap<String, String>>)> {
     let (header_len, metadata) =
         safetensors::SafeTensors::read_metadata(mmap).map_err(|e| FluxError::Safetensors {
             path: path.to_path_buf(),
@@ -384,7 +397,7 @@ fn safetensors_entries(
         }
         entries.push((name, entry));
     }
-    Ok(entries)
+    Ok((entries, metadata.metadata().clone()))
 }
 
 fn stored_safetensors(dtype: safetensors::Dtype) -> Stored {

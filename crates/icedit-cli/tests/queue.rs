@@ -456,3 +456,31 @@ fn a_long_search_keeps_its_worker() {
     assert_eq!(attempts, 1, "no other worker took the job over");
     assert_eq!(received.lock().unwrap().len(), 1, "one judge call");
 }
+
+/// SIGTERM stops a worker after the job in hand: the job finishes, the worker exits 0.
+#[test]
+fn sigterm_lets_the_worker_finish_its_job() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let server = Server::start(&["--model", &model(), "--no-lora", "--queue", &redis.url()]);
+    let mut worker = worker(&redis, "w1");
+    let id = submit(&server, 5, 300);
+    let start = Instant::now();
+    loop {
+        let (_, json) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+        if json["progress"]["step"].as_u64().is_some_and(|s| s >= 1) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe {
+        libc::kill(worker.child.id() as i32, libc::SIGTERM);
+    }
+    let job = wait_final(&server, &id, Duration::from_secs(120));
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["progress"]["step"], 300);
+    let status = worker.child.wait().unwrap();
+    assert!(status.success(), "the worker exits cleanly: {status:?}");
+}

@@ -11,7 +11,7 @@ use icedit_flux::files::{
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::Linear;
+use icedit_flux::Linear;
 use serde::Deserialize;
 
 use crate::error::{read_json, Result, TextError};

@@ -1,12 +1,15 @@
 //! Building blocks shared by the two encoders, written to round where PyTorch rounds.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, Module};
+use candle_nn::Module;
+use icedit_flux::Linear;
 
 use crate::error::{Result, TextError};
 use crate::weights::ModelWeights;
 
-/// Reads `{prefix}.weight` (`[out, in]`) and, with `bias`, `{prefix}.bias` as a linear layer.
+/// Reads `{prefix}.weight` (`[out, in]`) and, with `bias`, `{prefix}.bias` as a linear layer:
+/// the transformer's one `Linear`, so a weight stored quantized (a GGUF T5) stays quantized in
+/// memory and is dequantized for each product.
 pub(crate) fn linear(
     weights: &ModelWeights,
     prefix: &str,
@@ -15,17 +18,16 @@ pub(crate) fn linear(
     dtype: DType,
     device: &Device,
 ) -> Result<Linear> {
-    let weight = weights.tensor(
-        &format!("{prefix}.weight"),
-        &[out_dim, in_dim],
-        dtype,
-        device,
-    )?;
+    let name = format!("{prefix}.weight");
     let bias = if bias {
         Some(weights.tensor(&format!("{prefix}.bias"), &[out_dim], dtype, device)?)
     } else {
         None
     };
+    if let Some(blocks) = weights.quantized(&name, &[out_dim, in_dim], device)? {
+        return Ok(Linear::quantized(blocks, bias, dtype)?);
+    }
+    let weight = weights.tensor(&name, &[out_dim, in_dim], dtype, device)?;
     Ok(Linear::new(weight, bias))
 }
 

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Linear;
+use icedit_flux::Linear;
 use serde::Deserialize;
 
 use crate::error::{read_json, Result, TextError};
@@ -369,11 +369,11 @@ impl T5Encoder {
             FeedForward::Gated { wi_0, wi_1, wo } => {
                 let gate = self.activation.forward(&apply(wi_0, &normed)?)?;
                 let hidden = (gate * apply(wi_1, &normed)?)?;
-                apply(wo, &hidden.to_dtype(wo.weight().dtype())?)?
+                apply(wo, &hidden.to_dtype(wo.dtype())?)?
             }
             FeedForward::Plain { wi, wo } => {
                 let hidden = self.activation.forward(&apply(wi, &normed)?)?;
-                apply(wo, &hidden.to_dtype(wo.weight().dtype())?)?
+                apply(wo, &hidden.to_dtype(wo.dtype())?)?
             }
         };
         clamp_f16(&add_promoted(&xs, &ff)?)

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use icedit_flux::TensorFiles;
 
@@ -130,6 +131,24 @@ impl ModelWeights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let stored = self.checked(name, shape)?;
+        Ok(self.files.read(&stored, None, dtype, device)?)
+    }
+
+    /// The tensor's blocks as stored, when the file holds it quantized (a GGUF T5); `None`
+    /// when it is stored dense.
+    pub(crate) fn quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<QTensor>> {
+        let stored = self.checked(name, shape)?;
+        Ok(self.files.read_quantized(&stored, None, device)?)
+    }
+
+    /// The tensor's name in the file, once it is found there with `shape`.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<String> {
         let stored = self.stored_name(name);
         let name = stored.as_str();
         let Some(found) = self.files.shape(name) else {
@@ -157,6 +176,6 @@ impl ModelWeights {
                 found: found.to_vec(),
             });
         }
-        Ok(self.files.read(name, None, dtype, device)?)
+        Ok(stored)
     }
 }

@@ -257,6 +257,50 @@ fn search_per_request() {
     assert_eq!(png_pixels(&png), png_pixels(&plain));
     assert_eq!(received.lock().unwrap().len(), 4);
 
+    // A search is cancelled between its steps, before the judge is asked.
+    let body = format!(
+        r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [1, 2], "steps": 600, "size": "64x48", "search": {{"early_steps": 300}}}}"#
+    );
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/edits")),
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(status, 202, "{json}");
+    let id = json["id"].as_str().unwrap();
+    loop {
+        let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+        if job["progress"]["evaluations"]
+            .as_u64()
+            .is_some_and(|e| e >= 5)
+        {
+            break;
+        }
+        assert!(
+            job["state"] != "done",
+            "finished before it could be cancelled: {job}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, _) = send(ureq::delete(&server.url(&format!("/v1/jobs/{id}"))), None);
+    assert_eq!(status, 200);
+    let job = loop {
+        let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
+        if job["state"] != "queued" && job["state"] != "running" {
+            break job;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(
+        job["progress"]["evaluations"].as_u64().unwrap() < 300,
+        "{job}"
+    );
+    assert_eq!(
+        received.lock().unwrap().len(),
+        4,
+        "no judge call after the cancel"
+    );
+
     // Bad search settings: 400 with the reason.
     for (search, expected) in [
         (r#"{"early_steps": 4}"#, "early-steps"),

@@ -28,6 +28,9 @@ pub enum PipelineError {
     Adapter(#[from] icedit_adapters::AdapterError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A run asked to stop (a cancel, a time limit) before its end.
+    #[error("stopped: {0}")]
+    Stopped(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, PipelineError>;

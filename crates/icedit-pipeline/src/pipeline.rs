@@ -615,10 +615,23 @@ impl FluxPipeline {
     /// rounding (the matrix products change shape).
     pub fn advance_batch(
         &mut self,
+        states: Vec<&mut Denoising>,
+        until: usize,
+        batch: usize,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        self.advance_batch_until(states, until, batch, progress, &|| None)
+    }
+
+    /// [`FluxPipeline::advance_batch`], asking `stop` before every step: `Some(reason)` ends
+    /// it with [`PipelineError::Stopped`], the runs left where they stand.
+    pub fn advance_batch_until(
+        &mut self,
         mut states: Vec<&mut Denoising>,
         until: usize,
         batch: usize,
         progress: &mut dyn FnMut(Progress),
+        stop: &dyn Fn() -> Option<&'static str>,
     ) -> Result<()> {
         let dtype = self.dtype;
         let transformer = self.transformer(progress)?;
@@ -655,6 +668,9 @@ impl FluxPipeline {
             let total = first.total_steps();
             let noise_tokens = first.latents.dim(1)?;
             while group[0].step < until.min(total) {
+                if let Some(reason) = stop() {
+                    return Err(PipelineError::Stopped(reason));
+                }
                 let step = group[0].step;
                 // A step cache's state goes with the one run it belongs to (checked above).
                 let mut caches = group[0].step_caches.take();

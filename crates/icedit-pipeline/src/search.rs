@@ -111,6 +111,33 @@ impl FluxPipeline {
         judge: &mut dyn Judge,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<SearchOutcome> {
+        self.edit_search_until(
+            job,
+            text,
+            instruction,
+            settings,
+            search,
+            judge,
+            progress,
+            &|| None,
+        )
+    }
+
+    /// [`FluxPipeline::edit_search`], asking `stop` before every step and judge call (a
+    /// server's cancel or time limit): `Some(reason)` ends the search with
+    /// [`PipelineError::Stopped`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn edit_search_until(
+        &mut self,
+        job: &EditJob,
+        text: &EditText,
+        instruction: &str,
+        settings: &EditSettings,
+        search: &SearchSettings,
+        judge: &mut dyn Judge,
+        progress: &mut dyn FnMut(Progress),
+        stop: &dyn Fn() -> Option<&'static str>,
+    ) -> Result<SearchOutcome> {
         search.validate(settings)?;
         let original = job.original();
         let start =
@@ -137,6 +164,9 @@ impl FluxPipeline {
                               b: usize,
                               calls: &mut Vec<JudgeCall>|
          -> Result<usize> {
+            if let Some(reason) = stop() {
+                return Err(PipelineError::Stopped(reason));
+            }
             let (step, first) = candidates[a].previews.last().expect("previewed");
             let (_, second) = candidates[b].previews.last().expect("previewed");
             let verdict = judge
@@ -170,11 +200,12 @@ impl FluxPipeline {
                 for c in &candidates {
                     shorts.push(start(self, c.seed, search.early_steps, progress)?);
                 }
-                self.advance_batch(
+                self.advance_batch_until(
                     shorts.iter_mut().collect(),
                     usize::MAX,
                     search.batch,
                     progress,
+                    stop,
                 )?;
                 for (c, short) in candidates.iter_mut().zip(&shorts) {
                     let preview = job.judged(&self.decode(short)?);
@@ -184,7 +215,7 @@ impl FluxPipeline {
                 }
                 let winner = tournament(&candidates, &mut calls, &mut judge_pair)?;
                 let mut run = start(self, candidates[winner].seed, settings.steps, progress)?;
-                self.advance(&mut run, usize::MAX, progress)?;
+                self.advance_batch_until(vec![&mut run], usize::MAX, 1, progress, stop)?;
                 candidates[winner].evaluations += run.evaluations();
                 candidates[winner].full_evaluations += run.full_evaluations();
                 (winner, self.finish(job, &run)?)
@@ -207,7 +238,8 @@ impl FluxPipeline {
                 let winner = match search.selection {
                     Selection::Tournament => {
                         let all = states.iter_mut().collect();
-                        self.advance_batch(all, search.early_steps, search.batch, progress)?;
+                        let until = search.early_steps;
+                        self.advance_batch_until(all, until, search.batch, progress, stop)?;
                         for i in 0..candidates.len() {
                             preview_at(self, &states, &mut candidates, i)?;
                         }
@@ -223,7 +255,7 @@ impl FluxPipeline {
                                 .filter(|(i, _)| alive.contains(i))
                                 .map(|(_, s)| s)
                                 .collect();
-                            self.advance_batch(group, steps, search.batch, progress)?;
+                            self.advance_batch_until(group, steps, search.batch, progress, stop)?;
                             for &i in &alive {
                                 preview_at(self, &states, &mut candidates, i)?;
                             }
@@ -242,7 +274,7 @@ impl FluxPipeline {
                     }
                 };
                 let state = &mut states[winner];
-                self.advance(state, usize::MAX, progress)?;
+                self.advance_batch_until(vec![state], usize::MAX, 1, progress, stop)?;
                 for (c, s) in candidates.iter_mut().zip(&states) {
                     c.evaluations = s.evaluations();
                     c.full_evaluations = s.full_evaluations();

@@ -430,29 +430,33 @@ impl Engine {
             true_cfg: encoded.negative.as_ref().map(|(n, s)| (n, *s)),
         };
         if let Some(search) = &edit.search {
-            if let Some(reason) = stop() {
-                return Err(EngineError::Stopped(reason));
-            }
             let judge = self
                 .judge
                 .as_mut()
                 .ok_or_else(|| PipelineError::Input("no judge is loaded for a search".into()))?;
             let mut evaluations = 0;
-            let outcome = self.pipeline.edit_search(
-                &edit.job,
-                &text,
-                &edit.request.instruction,
-                &edit.settings,
-                search,
-                judge.as_mut(),
-                &mut |p| {
-                    if let Progress::Step { .. } = p {
-                        evaluations += 1;
-                        events(EngineEvent::SearchStep { evaluations });
-                    }
-                    events(EngineEvent::Progress(p));
-                },
-            )?;
+            let outcome = self
+                .pipeline
+                .edit_search_until(
+                    &edit.job,
+                    &text,
+                    &edit.request.instruction,
+                    &edit.settings,
+                    search,
+                    judge.as_mut(),
+                    &mut |p| {
+                        if let Progress::Step { .. } = p {
+                            evaluations += 1;
+                            events(EngineEvent::SearchStep { evaluations });
+                        }
+                        events(EngineEvent::Progress(p));
+                    },
+                    stop,
+                )
+                .map_err(|e| match e {
+                    PipelineError::Stopped(reason) => EngineError::Stopped(reason),
+                    other => other.into(),
+                })?;
             return produced(Produced::Search(&outcome));
         }
         for (index, &seed) in edit.request.seeds.iter().enumerate() {

@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A running `icedit serve`, stopped (SIGTERM, then waited for) when dropped.
 pub struct Server {
@@ -52,6 +53,56 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
+    }
+
+    /// `POST /v1/edits` with a JSON body: 202 and the job's id.
+    pub fn post_job(&self, body: &str) -> String {
+        let (status, json) = send(
+            ureq::post(&self.url("/v1/edits")),
+            Some(("application/json", body.as_bytes())),
+        );
+        assert_eq!(status, 202, "{json}");
+        json["id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls `GET /v1/jobs/{id}` (every 20 ms, for at most `limit`) until `ready` says yes;
+    /// the job's JSON then.
+    pub fn wait_job(
+        &self,
+        id: &str,
+        limit: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let (status, json) = send(ureq::get(&self.url(&format!("/v1/jobs/{id}"))), None);
+            assert_eq!(status, 200, "{json}");
+            if ready(&json) {
+                return json;
+            }
+            assert!(start.elapsed() < limit, "job {id}: still {json}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The job once done, failed or cancelled.
+    pub fn wait_final(&self, id: &str, limit: Duration) -> serde_json::Value {
+        self.wait_job(id, limit, |job| {
+            ["done", "failed", "cancelled"].contains(&job["state"].as_str().unwrap_or(""))
+        })
+    }
+
+    /// The job once its progress `field` (`step`, a search's `evaluations`) reaches `at_least`.
+    pub fn wait_progress(&self, id: &str, field: &str, at_least: u64) -> serde_json::Value {
+        self.wait_job(id, Duration::from_secs(60), |job| {
+            assert!(
+                job["state"] != "done",
+                "finished before it was watched: {job}"
+            );
+            job["progress"][field]
+                .as_u64()
+                .is_some_and(|v| v >= at_least)
+        })
     }
 }
 

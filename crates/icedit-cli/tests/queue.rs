@@ -33,50 +33,34 @@ fn photo_b64() -> String {
 }
 
 fn worker(redis: &RedisServer, name: &str) -> Server {
-    Server::start_command(
-        "worker",
-        &[
-            "--model",
-            &model(),
-            "--no-lora",
-            "--queue",
-            &redis.url(),
-            "--name",
-            name,
-            "--visibility-timeout",
-            "2",
-            "--max-attempts",
-            "3",
-        ],
-        "taking jobs from ",
+    worker_with(
+        redis,
+        name,
+        &["--visibility-timeout", "2", "--max-attempts", "3"],
     )
 }
 
-fn submit(server: &Server, seed: u64, steps: usize) -> String {
-    let body = format!(
-        r#"{{"image": "{}", "instruction": "make it night", "seeds": [{seed}], "steps": {steps}, "size": "64x48"}}"#,
-        photo_b64()
-    );
-    let (status, json) = send(
-        ureq::post(&server.url("/v1/edits")),
-        Some(("application/json", body.as_bytes())),
-    );
-    assert_eq!(status, 202, "{json}");
-    json["id"].as_str().unwrap().to_string()
+/// `icedit worker` on the tiny pipeline, named `name`, with `extra` flags.
+fn worker_with(redis: &RedisServer, name: &str, extra: &[&str]) -> Server {
+    let (model, url) = (model(), redis.url());
+    let mut args = vec![
+        "--model",
+        &model,
+        "--no-lora",
+        "--queue",
+        &url,
+        "--name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    Server::start_command("worker", &args, "taking jobs from ")
 }
 
-/// Polls the job until it reaches a final state (or the time runs out).
-fn wait_final(server: &Server, id: &str, limit: Duration) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let (status, json) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-        assert_eq!(status, 200, "{json}");
-        if ["done", "failed", "cancelled"].contains(&json["state"].as_str().unwrap()) {
-            return json;
-        }
-        assert!(start.elapsed() < limit, "job {id} still {}", json["state"]);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn submit(server: &Server, seed: u64, steps: usize) -> String {
+    server.post_job(&format!(
+        r#"{{"image": "{}", "instruction": "make it night", "seeds": [{seed}], "steps": {steps}, "size": "64x48"}}"#,
+        photo_b64()
+    ))
 }
 
 #[test]
@@ -133,7 +117,7 @@ fn jobs_survive_a_killed_worker() {
     // Every job completes, the killed one on w2 after the visibility timeout.
     let finished: Vec<serde_json::Value> = ids
         .iter()
-        .map(|id| wait_final(&server, id, Duration::from_secs(240)))
+        .map(|id| server.wait_final(id, Duration::from_secs(240)))
         .collect();
     for (job, seed) in finished.iter().zip(&seeds) {
         assert_eq!(job["state"], "done", "{job}");
@@ -278,20 +262,12 @@ fn poison_events_and_cancel_through_the_queue() {
 
     // Cancel reaches the worker running the job, sent through the other server.
     let id = submit(&server, 4, 400);
-    let start = Instant::now();
-    loop {
-        let (_, json) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-        if json["progress"]["step"].as_u64().is_some_and(|s| s >= 1) {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_progress(&id, "step", 1);
     let (status, json) = send(ureq::delete(&other.url(&format!("/v1/jobs/{id}"))), None);
     assert_eq!(status, 200, "{json}");
-    let job = wait_final(&server, &id, Duration::from_secs(60));
+    let job = server.wait_final(&id, Duration::from_secs(60));
     assert_eq!(job["state"], "cancelled", "{job}");
-    let seen_there = wait_final(&other, &id, Duration::from_secs(60));
+    let seen_there = other.wait_final(&id, Duration::from_secs(60));
     assert_eq!(seen_there["state"], "cancelled", "{seen_there}");
     assert!(job["progress"]["step"].as_u64().unwrap() < 400);
 }
@@ -403,23 +379,12 @@ fn a_long_search_keeps_its_worker() {
         .get_connection()
         .unwrap();
     let (judge, received) = serve(vec![Reply::Answer("Image 2")]);
+    let judge_spec = format!("openai:{judge}#judge-model");
     let judged = |name: &str| {
-        Server::start_command(
-            "worker",
-            &[
-                "--model",
-                &model(),
-                "--no-lora",
-                "--queue",
-                &redis.url(),
-                "--name",
-                name,
-                "--visibility-timeout",
-                "1",
-                "--judge",
-                &format!("openai:{judge}#judge-model"),
-            ],
-            "taking jobs from ",
+        worker_with(
+            &redis,
+            name,
+            &["--visibility-timeout", "1", "--judge", &judge_spec],
         )
     };
     let _first = judged("w1");
@@ -444,7 +409,7 @@ fn a_long_search_keeps_its_worker() {
     assert_eq!(status, 202, "{json}");
     let id = json["id"].as_str().unwrap().to_string();
     let started = Instant::now();
-    let job = wait_final(&server, &id, Duration::from_secs(240));
+    let job = server.wait_final(&id, Duration::from_secs(240));
     let took = started.elapsed();
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(job["results"][0]["seed"], 2);
@@ -466,19 +431,11 @@ fn sigterm_lets_the_worker_finish_its_job() {
     let server = Server::start(&["--model", &model(), "--no-lora", "--queue", &redis.url()]);
     let mut worker = worker(&redis, "w1");
     let id = submit(&server, 5, 300);
-    let start = Instant::now();
-    loop {
-        let (_, json) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-        if json["progress"]["step"].as_u64().is_some_and(|s| s >= 1) {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_progress(&id, "step", 1);
     unsafe {
         libc::kill(worker.child.id() as i32, libc::SIGTERM);
     }
-    let job = wait_final(&server, &id, Duration::from_secs(120));
+    let job = server.wait_final(&id, Duration::from_secs(120));
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(job["progress"]["step"], 300);
     let status = worker.child.wait().unwrap();

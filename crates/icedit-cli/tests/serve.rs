@@ -112,19 +112,8 @@ fn adapters_per_request() {
         let body = format!(
             r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [9], "steps": 3, "size": "64x48"{adapters}}}"#
         );
-        let (status, json) = send(
-            ureq::post(&server.url("/v1/edits")),
-            Some(("application/json", body.as_bytes())),
-        );
-        assert_eq!(status, 202, "{json}");
-        let id = json["id"].as_str().unwrap();
-        let job = loop {
-            let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-            if job["state"] != "queued" && job["state"] != "running" {
-                break job;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
+        let id = server.post_job(&body);
+        let job = server.wait_final(&id, std::time::Duration::from_secs(60));
         assert_eq!(job["state"], "done", "{adapters}: {job}");
         let png = base64::engine::general_purpose::STANDARD
             .decode(job["results"][0]["png_b64"].as_str().unwrap())
@@ -200,19 +189,8 @@ fn search_per_request() {
     let body = format!(
         r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [5, 6, 7], "steps": 4, "size": "64x48", "search": {{"early_steps": 2}}}}"#
     );
-    let (status, json) = send(
-        ureq::post(&server.url("/v1/edits")),
-        Some(("application/json", body.as_bytes())),
-    );
-    assert_eq!(status, 202, "{json}");
-    let id = json["id"].as_str().unwrap();
-    let job = loop {
-        let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-        if job["state"] != "queued" && job["state"] != "running" {
-            break job;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let id = server.post_job(&body);
+    let job = server.wait_final(&id, std::time::Duration::from_secs(60));
     assert_eq!(job["state"], "done", "{job}");
     let results = job["results"].as_array().unwrap();
     assert_eq!(results.len(), 1, "the winner only");
@@ -261,35 +239,11 @@ fn search_per_request() {
     let body = format!(
         r#"{{"image": "{photo}", "instruction": "make it night", "seeds": [1, 2], "steps": 600, "size": "64x48", "search": {{"early_steps": 300}}}}"#
     );
-    let (status, json) = send(
-        ureq::post(&server.url("/v1/edits")),
-        Some(("application/json", body.as_bytes())),
-    );
-    assert_eq!(status, 202, "{json}");
-    let id = json["id"].as_str().unwrap();
-    loop {
-        let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-        if job["progress"]["evaluations"]
-            .as_u64()
-            .is_some_and(|e| e >= 5)
-        {
-            break;
-        }
-        assert!(
-            job["state"] != "done",
-            "finished before it could be cancelled: {job}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let id = server.post_job(&body);
+    server.wait_progress(&id, "evaluations", 5);
     let (status, _) = send(ureq::delete(&server.url(&format!("/v1/jobs/{id}"))), None);
     assert_eq!(status, 200);
-    let job = loop {
-        let (_, job) = send(ureq::get(&server.url(&format!("/v1/jobs/{id}"))), None);
-        if job["state"] != "queued" && job["state"] != "running" {
-            break job;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let job = server.wait_final(&id, std::time::Duration::from_secs(60));
     assert_eq!(job["state"], "cancelled", "{job}");
     assert!(
         job["progress"]["evaluations"].as_u64().unwrap() < 300,

@@ -119,6 +119,31 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job in the queued state, its time limit (if any) counted from now.
+    fn queued(
+        id: String,
+        edit: Option<PreparedEdit>,
+        seeds: Vec<u64>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        let created = Instant::now();
+        Self {
+            id,
+            edit,
+            seeds,
+            created,
+            deadline: timeout.map(|t| created + t),
+            cancel: AtomicBool::new(false),
+            status: Mutex::new(JobStatus {
+                state: JobState::Queued,
+                progress: None,
+                results: Vec::new(),
+                error: None,
+            }),
+            events: broadcast::channel(256).0,
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         self.status
             .lock()
@@ -268,23 +293,8 @@ impl Jobs {
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0)
         );
-        let (events, _) = broadcast::channel(256);
-        let created = Instant::now();
-        let job = Arc::new(Job {
-            id: id.clone(),
-            seeds: edit.request.seeds.clone(),
-            edit: Some(edit),
-            created,
-            deadline: self.timeout.map(|t| created + t),
-            cancel: AtomicBool::new(false),
-            status: Mutex::new(JobStatus {
-                state: JobState::Queued,
-                progress: None,
-                results: Vec::new(),
-                error: None,
-            }),
-            events,
-        });
+        let seeds = edit.request.seeds.clone();
+        let job = Arc::new(Job::queued(id.clone(), Some(edit), seeds, self.timeout));
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let Some(backend) = queue.as_ref() else {
             return Err(SubmitError::ShuttingDown);
@@ -351,22 +361,8 @@ impl Jobs {
         if fields.is_empty() && results.is_none() {
             return Ok(None);
         }
-        let (events, _) = broadcast::channel(256);
-        let job = Arc::new(Job {
-            id: id.to_string(),
-            edit: None,
-            seeds: results.iter().flatten().map(|r| r.seed).collect(),
-            created: Instant::now(),
-            deadline: None,
-            cancel: AtomicBool::new(false),
-            status: Mutex::new(JobStatus {
-                state: JobState::Queued,
-                progress: None,
-                results: Vec::new(),
-                error: None,
-            }),
-            events,
-        });
+        let seeds = results.iter().flatten().map(|r| r.seed).collect();
+        let job = Arc::new(Job::queued(id.to_string(), None, seeds, None));
         {
             // Two requests may adopt the same job at once: the first one's stays.
             let mut known = self.jobs.lock().unwrap_or_else(|e| e.into_inner());

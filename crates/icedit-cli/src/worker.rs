@@ -50,6 +50,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     if args.visibility_timeout == 0 || args.max_attempts == 0 || args.result_ttl == 0 {
         bail!("--visibility-timeout, --max-attempts and --result-ttl must be above 0");
     }
+    const DAY: u64 = 24 * 3600;
+    if args.visibility_timeout > DAY || args.max_attempts > 100 || args.result_ttl > 365 * DAY {
+        bail!(
+            "--visibility-timeout is at most a day ({DAY} s), --max-attempts 100 and \
+             --result-ttl a year"
+        );
+    }
     let name = match args.name.clone() {
         Some(name) if name.trim().is_empty() => bail!("--name must not be empty"),
         Some(name) => name,

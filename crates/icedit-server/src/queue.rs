@@ -36,12 +36,13 @@ const EVENTS_KEPT: usize = 2000;
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error(
-        "cannot reach Redis at {url}: {source}. Start one (`docker run -d -p 6379:6379 redis:7` \
+        "cannot reach Redis at {url}: {error}. Start one (`docker run -d -p 6379:6379 redis:7` \
          or `apt install redis-server`) and pass its address as --queue redis://HOST:PORT"
     )]
     Unreachable {
         url: String,
-        source: redis::RedisError,
+        // Not `source`: the message already says it, once.
+        error: redis::RedisError,
     },
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -71,9 +72,9 @@ impl RedisQueue {
     /// Connects (`redis://HOST:PORT[/DB]`), checks the server answers and creates the stream
     /// and its consumer group when they do not exist yet.
     pub fn open(url: &str, prefix: &str) -> Result<Self, QueueError> {
-        let unreachable = |source| QueueError::Unreachable {
+        let unreachable = |error| QueueError::Unreachable {
             url: url.to_string(),
-            source,
+            error,
         };
         let client = redis::Client::open(url).map_err(unreachable)?;
         let queue = Self {

@@ -178,27 +178,37 @@ pub fn png_pixels(bytes: &[u8]) -> image::RgbImage {
     image::load_from_memory(bytes).unwrap().to_rgb8()
 }
 
-/// A `redis-server` of its own on a free port, without persistence, stopped when dropped;
-/// `None` (said loudly) where no redis-server is installed: `.ci/run` installs it.
+/// A `redis-server` of its own, without persistence, stopped when dropped; `None` (said
+/// loudly) where no redis-server is installed: `.ci/run` installs it.
+///
+/// It listens on a Unix socket in its own folder, not on a TCP port: a port found free and
+/// then handed to redis-server can be taken in between by another test's server, and two
+/// tests would then share (and kill) one Redis.
 pub struct RedisServer {
     child: Child,
-    pub port: u16,
-    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let socket = dir.path().join("redis.sock");
         let child = match Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
             .stdout(Stdio::null())
             .spawn()
         {
@@ -211,27 +221,52 @@ impl RedisServer {
                 return None;
             }
         };
-        let server = Self {
-            child,
-            port,
-            _dir: dir,
-        };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let mut server = Self { child, socket, dir };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("redis-server exited ({status}); its log:\n{}", server.log());
+            }
+            if server.answers_ping() {
                 return Some(server);
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("redis-server did not start on port {port}");
+        panic!(
+            "redis-server did not answer within 20 s; its log:\n{}",
+            server.log()
+        );
+    }
+
+    fn answers_ping(&self) -> bool {
+        use std::io::Write;
+        let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis+unix://{}", self.socket.display())
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        let exited = self.child.try_wait().ok().flatten();
+        if std::thread::panicking() || exited.is_some() {
+            eprintln!(
+                "redis-server ({exited:?} before the end of its test); its log:\n{}",
+                self.log()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -49,7 +49,7 @@ pub struct BatchArgs {
     /// The judge of jobs with a `search` (best of their seeds).
     #[command(flatten)]
     judging: JudgeArgs,
-    /// Submit the jobs to this Redis queue (`redis://HOST:PORT[/DB]`) and collect what the
+    /// Submit the jobs to this Redis queue (`redis://HOST:PORT[/DB]`, or `redis+unix:///PATH` for a Unix socket) and collect what the
     /// workers make, instead of running them here. The model flags then only validate.
     #[arg(long, value_name = "URL")]
     queue: Option<String>,

@@ -54,7 +54,7 @@ pub struct ServeArgs {
     /// Seconds a request may take, queue included.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
-    /// Send jobs to this Redis queue (`redis://HOST:PORT[/DB]`) instead of running them here:
+    /// Send jobs to this Redis queue (`redis://HOST:PORT[/DB]`, or `redis+unix:///PATH` for a Unix socket) instead of running them here:
     /// `icedit worker`s with the same model flags run them. The model is then not loaded.
     #[arg(long, value_name = "URL")]
     queue: Option<String>,

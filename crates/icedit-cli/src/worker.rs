@@ -23,7 +23,7 @@ pub struct WorkerArgs {
     /// The judge of jobs that ask for a best-of-N search.
     #[command(flatten)]
     judging: JudgeArgs,
-    /// The Redis queue to take jobs from: `redis://HOST:PORT[/DB]`.
+    /// The Redis queue to take jobs from: `redis://HOST:PORT[/DB]`, or `redis+unix:///PATH` for a Unix socket.
     #[arg(long, value_name = "URL")]
     queue: String,
     /// This worker's name in the consumer group (default: host name and process id); unique

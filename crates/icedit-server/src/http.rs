@@ -61,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health))
         .merge(api)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_declared_oversize,
+        ))
         .with_state(state)
 }
 
@@ -122,6 +126,34 @@ impl From<icedit_pipeline::PipelineError> for ApiError {
     fn from(err: icedit_pipeline::PipelineError) -> Self {
         Self::bad(err.to_string())
     }
+}
+
+/// A body whose declared length is over the limit is refused with 413 after it is read and
+/// dropped (up to 4x the limit): a server that answers while the client is still sending closes
+/// a connection holding unread data, which resets it, and the client sees a transport error
+/// instead of the 413. Bodies without a length are cut off by `DefaultBodyLimit`.
+async fn refuse_declared_oversize(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let limit = state.config.max_body_bytes as u64;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|&n| n > limit) else {
+        return Ok(next.run(request).await);
+    };
+    if declared <= limit.saturating_mul(4) {
+        let mut body = request.into_body().into_data_stream();
+        while let Some(Ok(_)) = body.next().await {}
+    }
+    Err(ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request is larger than this server takes ({declared} bytes; at most {limit})"),
+    ))
 }
 
 async fn authorize(

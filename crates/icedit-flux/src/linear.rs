@@ -5,8 +5,8 @@ use std::ops::Range;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 
 use crate::weights::WeightSource;
 
@@ -72,6 +72,10 @@ pub struct Linear {
     in_features: usize,
     bias: Option<Tensor>,
     adapters: Vec<Attached>,
+    /// Where the layer computes when its weight and bias are kept elsewhere (offloaded to host
+    /// memory): they are copied there for each product, unless a copy of the layer already
+    /// placed there ([`Linear::to_device`]) computes instead. Adapters live here.
+    compute: Option<Device>,
 }
 
 impl Linear {
@@ -84,6 +88,7 @@ impl Linear {
             in_features,
             bias,
             adapters: Vec::new(),
+            compute: None,
         }
     }
 
@@ -100,11 +105,13 @@ impl Linear {
             in_features,
             bias,
             adapters: Vec::new(),
+            compute: None,
         })
     }
 
     /// Loads `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]`; a weight the checkpoint
-    /// stores quantized stays quantized.
+    /// stores quantized stays quantized, and one the source is asked to quantize at load is
+    /// quantized as `icedit quantize` would write it.
     pub fn load<'a>(
         in_features: usize,
         out_features: usize,
@@ -114,11 +121,36 @@ impl Linear {
         let bias = source.get(out_features, "bias")?;
         match source.quantized_weight(out_features, in_features)? {
             Some(blocks) => Self::quantized(blocks, Some(bias), source.dtype()),
-            None => {
-                let weight = source.get((out_features, in_features), "weight")?;
-                Ok(Self::new(weight, Some(bias)))
-            }
+            None => Ok(Self::new(
+                source.dense_weight(out_features, in_features)?,
+                Some(bias),
+            )),
         }
+    }
+
+    /// This layer with its weight and bias on `device`, where it then computes; adapters are
+    /// shared, not copied (they live where the layer computes).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        self.kept_on(device, device)
+    }
+
+    /// This layer with its weight and bias kept on `home` (host memory, say), computing on
+    /// `compute`: [`Linear::to_device`] places a copy there when it is needed (or, called in
+    /// place, the weight comes over for each product).
+    pub fn kept_on(&self, home: &Device, compute: &Device) -> Result<Self> {
+        let weight = match &self.weight {
+            Weight::Dense(w) => Weight::Dense(w.to_device(home)?),
+            Weight::Quantized { blocks, extra } => Weight::Quantized {
+                blocks: move_blocks(blocks, home)?,
+                extra: extra.as_ref().map(|e| e.to_device(home)).transpose()?,
+            },
+        };
+        Ok(Self {
+            weight,
+            bias: self.bias.as_ref().map(|b| b.to_device(home)).transpose()?,
+            compute: (!compute.same_device(home)).then(|| compute.clone()),
+            ..self.clone()
+        })
     }
 
     /// The ggml type of a quantized weight (`None`: dense).
@@ -129,13 +161,15 @@ impl Linear {
         }
     }
 
-    /// `[out_features, in_features]` in the layer's dtype (dequantized if stored quantized).
+    /// `[out_features, in_features]` in the layer's dtype (dequantized if stored quantized), on
+    /// the device the layer computes on.
     pub fn weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(w) if self.extra_rows() == 0 => Ok(w.clone()),
-            Weight::Dense(w) => w.narrow(0, 0, self.out_features),
-            Weight::Quantized { blocks, .. } => self.dequantize(blocks),
-        }
+        let weight = match &self.weight {
+            Weight::Dense(w) if self.extra_rows() == 0 => w.clone(),
+            Weight::Dense(w) => w.narrow(0, 0, self.out_features)?,
+            Weight::Quantized { blocks, .. } => self.dequantize(blocks)?,
+        };
+        weight.to_device(&self.device())
     }
 
     fn dequantize(&self, blocks: &QTensor) -> Result<Tensor> {
@@ -146,11 +180,29 @@ impl Linear {
         self.dtype
     }
 
-    pub fn device(&self) -> candle_core::Device {
+    /// The device the layer computes on (its adapters' device).
+    pub fn device(&self) -> Device {
+        self.compute.clone().unwrap_or_else(|| self.weight_device())
+    }
+
+    /// Where the weight is kept (host memory when offloaded).
+    fn weight_device(&self) -> Device {
         match &self.weight {
             Weight::Dense(w) => w.device().clone(),
             Weight::Quantized { blocks, .. } => blocks.device(),
         }
+    }
+
+    /// Bytes the weight, bias and adapters' extra rows take where they are kept.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let weight = match &self.weight {
+            Weight::Dense(w) => dense(w),
+            Weight::Quantized { blocks, extra } => {
+                blocks.storage_size_in_bytes() + extra.as_ref().map_or(0, dense)
+            }
+        };
+        weight + self.bias.as_ref().map_or(0, dense)
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -186,6 +238,7 @@ impl Linear {
             );
         }
         let extra = self.extra_rows();
+        let weight = weight.to_device(&self.weight_device())?;
         match &mut self.weight {
             Weight::Dense(w) => {
                 *w = match extra {
@@ -222,7 +275,9 @@ impl Linear {
                     self.in_features
                 );
             }
-            let rows = rows.to_device(&self.device())?.to_dtype(self.dtype)?;
+            let rows = rows
+                .to_device(&self.weight_device())?
+                .to_dtype(self.dtype)?;
             let start = self.extra_rows();
             match &mut self.weight {
                 Weight::Dense(w) => *w = Tensor::cat(&[&*w, &rows], 0)?,
@@ -285,6 +340,11 @@ impl Linear {
         let in_features = dims[dims.len() - 1];
         let x2 = x.reshape(((), in_features))?;
         let (mut w, mut b) = (self.matmul_weight()?, self.bias.clone());
+        if let Some(device) = &self.compute {
+            // Offloaded and called in place: the weight comes over for this product only.
+            w = w.to_device(device)?;
+            b = b.map(|b| b.to_device(device)).transpose()?;
+        }
         // candle widens bf16 matmuls to f32 on the CPU anyway; adding the bias before narrowing
         // rounds once, as PyTorch's fused addmm does.
         let widen = x.device().is_cpu() && x.dtype() == DType::BF16;
@@ -327,6 +387,15 @@ impl Module for Linear {
         }
         Ok(y)
     }
+}
+
+/// Quantized blocks copied to `device` as they are (no re-quantization).
+fn move_blocks(blocks: &Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
+    if blocks.device().same_device(device) {
+        return Ok(blocks.clone());
+    }
+    let storage = QStorage::from_data(blocks.data()?, device, blocks.dtype())?;
+    Ok(Arc::new(QTensor::new(storage, blocks.shape().clone())?))
 }
 
 /// Walks every linear layer of a model with its module path in diffusers naming

@@ -2,6 +2,7 @@
 //! `FluxTransformer2DModel` computes. Tensor and module names are diffusers'; every projection
 //! is a [`Linear`], the single place adapters hook in.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::TensorId;
@@ -217,6 +218,13 @@ impl QkvProjection {
         Ok((q, k, self.v.forward(x)?))
     }
 
+    fn norms_to(&mut self, device: &Device) -> CResult<()> {
+        for norm in [&mut self.norm_q, &mut self.norm_k] {
+            norm.weight = norm.weight.to_device(device)?;
+        }
+        Ok(())
+    }
+
     fn visit_linears(
         &mut self,
         prefix: &str,
@@ -368,6 +376,15 @@ impl DoubleStreamBlock {
     }
 }
 
+impl DoubleStreamBlock {
+    /// The norms (not the linears) on `norm`'s device.
+    fn norms_to(&mut self, norm: &PlainLayerNorm) -> CResult<()> {
+        self.norm = norm.clone();
+        self.img.qkv.norms_to(norm.ones.device())?;
+        self.txt.qkv.norms_to(norm.ones.device())
+    }
+}
+
 impl VisitLinears for DoubleStreamBlock {
     fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
         let attn = join(prefix, "attn");
@@ -479,6 +496,14 @@ impl SingleStreamBlock {
     }
 }
 
+impl SingleStreamBlock {
+    /// The norms (not the linears) on `norm`'s device.
+    fn norms_to(&mut self, norm: &PlainLayerNorm) -> CResult<()> {
+        self.norm = norm.clone();
+        self.qkv.norms_to(norm.ones.device())
+    }
+}
+
 impl VisitLinears for SingleStreamBlock {
     fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
         f(&join(prefix, "norm.linear"), &mut self.modulation);
@@ -548,6 +573,9 @@ pub struct FluxTransformer {
     /// run pass the same ids, so the tables are built once per run (and per candidate of a
     /// search), not at every step.
     rope_cache: Arc<Mutex<Vec<(RopeKey, Rope)>>>,
+    /// The blocks' weights are kept in host memory, each block copied to the device as its turn
+    /// comes ([`FluxTransformer::placed`]).
+    blocks_offloaded: bool,
 }
 
 /// The identity of a (text ids, image ids) pair.
@@ -596,6 +624,110 @@ impl FluxTransformer {
             proj_out: Linear::load(hidden, config.out_channels(), vb.pp("proj_out"))?,
             config: config.clone(),
             rope_cache: Arc::default(),
+            blocks_offloaded: false,
+        })
+    }
+
+    /// This transformer computing on `device`. With `offload_blocks`, the blocks' weights stay
+    /// in host memory and each block is copied to the device when its turn comes, the next one
+    /// while the current one computes: the device holds two blocks' weights instead of all
+    /// (diffusers' group offloading by block). The rest (embedders, norms, final layer,
+    /// adapters) lives on the device.
+    pub fn placed(&self, device: &Device, offload_blocks: bool) -> Result<Self> {
+        let host = Device::Cpu;
+        let offload_blocks = offload_blocks && !device.same_device(&host);
+        let mut model = self.clone();
+        model.norm = PlainLayerNorm {
+            ones: self.norm.ones.to_device(device)?,
+            zeros: self.norm.zeros.to_device(device)?,
+        };
+        let mut failed = None;
+        model.visit_linears(&mut |path, linear| {
+            let in_block = path.starts_with("transformer_blocks.")
+                || path.starts_with("single_transformer_blocks.");
+            let placed = if in_block && offload_blocks {
+                linear.kept_on(&host, device)
+            } else {
+                linear.to_device(device)
+            };
+            match placed {
+                Ok(placed) => *linear = placed,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        let norm = model.norm.clone();
+        for block in &mut model.transformer_blocks {
+            block.norms_to(&norm)?;
+        }
+        for block in &mut model.single_transformer_blocks {
+            block.norms_to(&norm)?;
+        }
+        model.rope_cache = Arc::default();
+        model.blocks_offloaded = offload_blocks;
+        Ok(model)
+    }
+
+    /// Whether the blocks' weights are kept in host memory ([`FluxTransformer::placed`]).
+    pub fn blocks_offloaded(&self) -> bool {
+        self.blocks_offloaded
+    }
+
+    /// Bytes of the linear layers' weights: (on the device for the whole run, kept in host
+    /// memory and copied block by block).
+    pub fn weight_bytes(&mut self) -> (usize, usize) {
+        let (mut resident, mut offloaded) = (0, 0);
+        let blocks = self.blocks_offloaded;
+        self.visit_linears(&mut |path, linear| {
+            let in_block = path.starts_with("transformer_blocks.")
+                || path.starts_with("single_transformer_blocks.");
+            if in_block && blocks {
+                offloaded += linear.weight_bytes();
+            } else {
+                resident += linear.weight_bytes();
+            }
+        });
+        (resident, offloaded)
+    }
+
+    /// `blocks` as they compute, in order: themselves, or when offloaded, a copy of each placed
+    /// on the device by a thread of its own, which copies the next block while the current one
+    /// computes (and waits for it to be taken: at most two blocks are on the device).
+    fn resident<'a, B, R>(
+        &self,
+        blocks: &'a [B],
+        run: impl FnOnce(&mut dyn Iterator<Item = CResult<Cow<'a, B>>>) -> R,
+    ) -> R
+    where
+        B: Clone + VisitLinears + Send + Sync,
+    {
+        if !self.blocks_offloaded {
+            return run(&mut blocks.iter().map(|b| Ok(Cow::Borrowed(b))));
+        }
+        let device = self.device();
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(0);
+            scope.spawn(move || {
+                for block in blocks {
+                    let mut copy = block.clone();
+                    let mut failed = None;
+                    copy.visit_linears("", &mut |_, linear| match linear.to_device(device) {
+                        Ok(placed) => *linear = placed,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    });
+                    let placed = failed.map_or(Ok(Cow::Owned(copy)), Err);
+                    if sender.send(placed).is_err() {
+                        break; // the forward stopped early
+                    }
+                }
+            });
+            run(&mut receiver.into_iter())
         })
     }
 
@@ -686,32 +818,44 @@ impl FluxTransformer {
             }
             None => {}
         }
-        let mut blocks = self.transformer_blocks.iter().enumerate();
         let mut head = None;
-        if let Some(fbc) = first_block.as_deref_mut() {
-            // First Block Cache: the first block always runs; its image residual decides.
-            let (_, block) = blocks.next().expect("FLUX has double blocks");
-            let (img1, txt1) = block.forward(&img, &txt, &temb_act, &rope, None)?;
-            let residual = (&img1 - &img)?;
-            if !fbc.should_compute(&residual)? {
-                let (tail_img, _) = fbc.tail_residuals.as_ref().expect("set when computed");
-                return self.final_layer(&(tail_img + &img1)?, &temb_act);
-            }
-            head = Some((residual, img1.clone(), txt1.clone()));
-            (img, txt) = (img1, txt1);
-        }
-        for (i, block) in blocks {
-            let slot = TaylorSlot::of(&mut taylor, i);
-            (img, txt) = block.forward(&img, &txt, &temb_act, &rope, slot)?;
+        let skipped = self.resident(
+            &self.transformer_blocks,
+            |blocks| -> Result<Option<Tensor>> {
+                let mut blocks = blocks.enumerate();
+                if let Some(fbc) = first_block.as_deref_mut() {
+                    // First Block Cache: the first block always runs; its image residual decides.
+                    let (_, block) = blocks.next().expect("FLUX has double blocks");
+                    let (img1, txt1) = block?.forward(&img, &txt, &temb_act, &rope, None)?;
+                    let residual = (&img1 - &img)?;
+                    if !fbc.should_compute(&residual)? {
+                        let (tail_img, _) = fbc.tail_residuals.as_ref().expect("set when computed");
+                        return Ok(Some((tail_img + &img1)?));
+                    }
+                    head = Some((residual, img1.clone(), txt1.clone()));
+                    (img, txt) = (img1, txt1);
+                }
+                for (i, block) in blocks {
+                    let slot = TaylorSlot::of(&mut taylor, i);
+                    (img, txt) = block?.forward(&img, &txt, &temb_act, &rope, slot)?;
+                }
+                Ok(None)
+            },
+        )?;
+        if let Some(img) = skipped {
+            return self.final_layer(&img, &temb_act);
         }
         // Single-stream blocks see one joint sequence; diffusers splits and re-joins it around
         // each block, which changes nothing.
         let mut joint = Tensor::cat(&[txt, img], 1)?;
         let doubles = self.transformer_blocks.len();
-        for (i, block) in self.single_transformer_blocks.iter().enumerate() {
-            let slot = TaylorSlot::of(&mut taylor, doubles + i);
-            joint = block.forward(&joint, &temb_act, &rope, slot)?;
-        }
+        self.resident(&self.single_transformer_blocks, |blocks| -> CResult<()> {
+            for (i, block) in blocks.enumerate() {
+                let slot = TaylorSlot::of(&mut taylor, doubles + i);
+                joint = block?.forward(&joint, &temb_act, &rope, slot)?;
+            }
+            Ok(())
+        })?;
         let img = joint.narrow(1, n_txt, n_img)?;
         if let (Some(fbc), Some((residual, img1, txt1))) = (first_block, head) {
             let txt = joint.narrow(1, 0, n_txt)?;

@@ -101,7 +101,7 @@ pub struct QuantizeSummary {
 
 /// The type a BFL tensor gets: 1-D tensors F32; the kept modules F16; the rest `dtype` when
 /// their rows are whole blocks of it, else Q8_0 when they are of that, else F16.
-fn tensor_type(name: &str, shape: &[usize], dtype: GgmlDType) -> GgmlDType {
+pub(crate) fn tensor_type(name: &str, shape: &[usize], dtype: GgmlDType) -> GgmlDType {
     if shape.len() < 2 {
         return GgmlDType::F32;
     }

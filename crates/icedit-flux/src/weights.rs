@@ -1345,6 +1345,8 @@ pub fn check_model_dtype(dtype: DType) -> Result<()> {
 pub struct WeightSource<'a> {
     vb: VarBuilder<'a>,
     checkpoint: Option<&'a Checkpoint>,
+    /// Dense linear weights of the checkpoint quantized to this type as they load.
+    quantize: Option<GgmlDType>,
 }
 
 impl<'a> From<VarBuilder<'a>> for WeightSource<'a> {
@@ -1352,6 +1354,7 @@ impl<'a> From<VarBuilder<'a>> for WeightSource<'a> {
         Self {
             vb,
             checkpoint: None,
+            quantize: None,
         }
     }
 }
@@ -1362,13 +1365,24 @@ impl<'a> WeightSource<'a> {
         Self {
             vb: checkpoint.var_builder(dtype, device),
             checkpoint: Some(checkpoint),
+            quantize: None,
         }
+    }
+
+    /// The checkpoint's dense linear weights quantized to `dtype` as they load, each to the
+    /// type `icedit quantize --type` gives it (the input embedders and final layer F16, widths
+    /// that are not whole blocks Q8_0 or F16), so that the layers equal those of the GGUF file
+    /// `icedit quantize` writes. Weights the checkpoint stores quantized stay as they are.
+    pub fn quantized_at_load(mut self, dtype: Option<GgmlDType>) -> Self {
+        self.quantize = dtype;
+        self
     }
 
     pub fn pp(&self, name: impl ToString) -> Self {
         Self {
             vb: self.vb.pp(name),
             checkpoint: self.checkpoint,
+            quantize: self.quantize,
         }
     }
 
@@ -1393,13 +1407,68 @@ impl<'a> WeightSource<'a> {
         let Some(checkpoint) = self.checkpoint else {
             return Ok(None);
         };
-        let name = crate::linear::join(&self.vb.prefix(), "weight");
-        checkpoint
-            .read_quantized(
-                &name,
-                &Shape::from((out_features, in_features)),
-                self.device(),
-            )
-            .map_err(FluxError::into_candle)
+        let module = self.vb.prefix();
+        let name = crate::linear::join(&module, "weight");
+        let shape = Shape::from((out_features, in_features));
+        let stored = checkpoint
+            .read_quantized(&name, &shape, self.device())
+            .map_err(FluxError::into_candle)?;
+        let Some(dtype) = self
+            .type_at_load(out_features, in_features)
+            .filter(|_| stored.is_none())
+        else {
+            return Ok(stored);
+        };
+        if float_of(dtype).is_some() {
+            return Ok(None); // read dense by `dense_weight`, rounded there
+        }
+        let weight = checkpoint
+            .var_builder(DType::F32, &Device::Cpu)
+            .pp(self.vb.prefix())
+            .get(shape, "weight")?;
+        QTensor::quantize_onto(&weight, dtype, self.device()).map(Some)
+    }
+
+    /// A dense linear `weight` `[out, in]`, rounded through the type it is quantized to at load
+    /// when that is a float type (F16 for the embedders and final layer, as in the GGUF file).
+    pub(crate) fn dense_weight(
+        &self,
+        out_features: usize,
+        in_features: usize,
+    ) -> candle_core::Result<Tensor> {
+        let weight = self.get((out_features, in_features), "weight")?;
+        match self
+            .type_at_load(out_features, in_features)
+            .and_then(float_of)
+        {
+            Some(float) if float != weight.dtype() && float != DType::F32 => {
+                weight.to_dtype(float)?.to_dtype(weight.dtype())
+            }
+            _ => Ok(weight),
+        }
+    }
+
+    /// The type `icedit quantize` gives the BFL tensor this module is (part of), when the
+    /// source quantizes at load. Rows are quantized independently, so a part of a fused BFL
+    /// tensor quantizes alike.
+    fn type_at_load(&self, out_features: usize, in_features: usize) -> Option<GgmlDType> {
+        let (asked, checkpoint) = (self.quantize?, self.checkpoint?);
+        let module = self.vb.prefix();
+        let bfl = bfl_linear(&module, checkpoint.config()).map_or(module, |(bfl, _)| bfl);
+        Some(crate::quantize::tensor_type(
+            &format!("{bfl}.weight"),
+            &[out_features, in_features],
+            asked,
+        ))
+    }
+}
+
+/// The candle dtype of a float ggml type.
+fn float_of(dtype: GgmlDType) -> Option<DType> {
+    match dtype {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
     }
 }

@@ -8,6 +8,7 @@ pub mod image_io;
 pub mod kontext;
 pub mod latents;
 pub mod masked;
+pub mod memory;
 pub mod pipeline;
 pub mod recipe;
 pub mod scheduler;
@@ -18,6 +19,7 @@ pub use edit::{Diptych, EditJob, EditOutput, EditSettings, EditText};
 pub use error::{PipelineError, Result};
 pub use kontext::{KontextJob, KontextOptions};
 pub use masked::{ContextMargin, MaskedEdit, Window};
+pub use memory::{MemoryOptions, MemoryPlan, Offload};
 pub use pipeline::{
     Denoising, FillOutput, FillRequest, FluxPipeline, InitialNoise, PipelineKind, Progress,
 };

@@ -10,11 +10,12 @@
 
 use std::path::PathBuf;
 
+use crate::memory::{MemoryOptions, Offload};
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
 use icedit_flux::{
     AutoencoderKl, Checkpoint, FluxConfig, FluxInput, FluxTransformer, Posterior, StepCache,
-    StepCacheConfig,
+    StepCacheConfig, WeightSource,
 };
 use icedit_hub::ModelRepo;
 use icedit_text::{TextConditioning, TextEncoders};
@@ -129,6 +130,11 @@ pub struct FluxPipeline {
     keep_text_encoders: bool,
     text: Option<TextEncoders>,
     transformer: Option<FluxTransformer>,
+    /// With `--offload model`: the transformer as loaded, in host memory; `transformer` is its
+    /// copy on the device while denoising, dropped while the VAE works.
+    transformer_host: Option<FluxTransformer>,
+    /// Offload and quantization at load (`--offload`, `--quantize`, or a `--max-memory` plan).
+    memory: MemoryOptions,
     /// A transformer file used instead of the pipeline's own weights (`--transformer`).
     transformer_file: Option<PathBuf>,
     /// A T5 encoder file used instead of `text_encoder_2/`'s weights (`--text-encoder-2`).
@@ -176,6 +182,8 @@ impl FluxPipeline {
             keep_text_encoders: false,
             text: None,
             transformer: None,
+            transformer_host: None,
+            memory: MemoryOptions::default(),
             transformer_file: None,
             text_encoder_2_file: None,
             vae: None,
@@ -209,6 +217,22 @@ impl FluxPipeline {
     /// is on, e.g. to encode a negative prompt too).
     pub fn release_text_encoders(&mut self) {
         self.text = None;
+    }
+
+    /// Where the weights live and whether a dense transformer is quantized as it loads. Must be
+    /// set before the transformer loads.
+    pub fn set_memory(&mut self, memory: MemoryOptions) -> Result<()> {
+        if self.transformer.is_some() || self.transformer_host.is_some() {
+            return Err(PipelineError::Input(
+                "offload and quantization must be set before the transformer loads".into(),
+            ));
+        }
+        self.memory = memory;
+        Ok(())
+    }
+
+    pub fn memory(&self) -> MemoryOptions {
+        self.memory
     }
 
     /// Loads the transformer from `file` (a GGUF or a single `.safetensors`, in BFL or diffusers
@@ -359,7 +383,16 @@ impl FluxPipeline {
     }
 
     fn transformer(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<&FluxTransformer> {
+        if self.memory.offload != Offload::None {
+            // Offloaded: the VAE is on the device only while it encodes or decodes.
+            self.vae = None;
+        }
         if self.transformer.is_none() {
+            if let Some(host) = &self.transformer_host {
+                // `--offload model`: back on the device after the VAE's turn.
+                self.transformer = Some(host.placed(&self.device, false)?);
+                return Ok(self.transformer.as_ref().expect("placed above"));
+            }
             progress(Progress::Loading("transformer"));
             let checkpoint = match &self.transformer_file {
                 Some(file) => match self.repo.exists("transformer/config.json")? {
@@ -378,7 +411,18 @@ impl FluxPipeline {
                     Checkpoint::open(folder_of(&config))?
                 }
             };
-            let mut transformer = FluxTransformer::load(&checkpoint, self.dtype, &self.device)?;
+            // Offloaded weights load into host memory; the device gets its copy below.
+            let offloaded = self.memory.offload != Offload::None && !self.device.is_cpu();
+            let load_on = if offloaded {
+                Device::Cpu
+            } else {
+                self.device.clone()
+            };
+            let mut transformer = FluxTransformer::new(
+                checkpoint.config(),
+                WeightSource::checkpoint(&checkpoint, self.dtype, &load_on)
+                    .quantized_at_load(self.memory.quantize),
+            )?;
             drop(checkpoint);
             let channels = transformer.config().in_channels;
             if channels != self.kind.in_channels() {
@@ -393,18 +437,33 @@ impl FluxPipeline {
                     self.kind.in_channels()
                 )));
             }
+            // Offloaded: the blocks stay in host memory, the rest (adapters too) on the device.
+            if offloaded {
+                transformer = transformer.placed(&self.device, true)?;
+            }
             let adapters = std::mem::take(&mut self.pending_adapters);
             if !adapters.is_empty() {
                 progress(Progress::Loading("adapters"));
                 self.applied_adapters =
                     apply_adapters(&mut transformer, adapters, self.adapter_mode)?;
             }
-            self.transformer = Some(transformer);
+            if offloaded && self.memory.offload == Offload::Model {
+                // The whole transformer on the device while denoising; its blocks kept in host
+                // memory for the next time.
+                self.transformer = Some(transformer.placed(&self.device, false)?);
+                self.transformer_host = Some(transformer);
+            } else {
+                self.transformer = Some(transformer);
+            }
         }
         Ok(self.transformer.as_ref().expect("loaded above"))
     }
 
     fn vae(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<&AutoencoderKl> {
+        if self.transformer_host.is_some() {
+            // `--offload model`: the transformer leaves the device while the VAE works.
+            self.transformer = None;
+        }
         if self.vae.is_none() {
             progress(Progress::Loading("VAE"));
             let config = self.repo.file("vae/config.json")?;

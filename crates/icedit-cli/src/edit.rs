@@ -34,7 +34,8 @@ use crate::inputs::{add_adapter_inputs, add_model_inputs, check_png_name, read_l
 use crate::judge::JudgeArgs;
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
-use crate::{device, device_name, ModelArgs};
+use crate::{device, device_name, memory_json, ModelArgs, RunSize};
+use icedit_pipeline::memory::DeviceMemoryWatch;
 use icedit_server::engine::{
     EditRequest, Engine, EngineConfig, EngineError, EngineEvent, Produced, SearchRequest,
 };
@@ -185,6 +186,8 @@ pub fn run(args: EditArgs) -> Result<()> {
     let started = Instant::now();
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = device(args.model.device)?;
+    args.model.memory_budget()?;
+    let device_memory = DeviceMemoryWatch::start(&device);
     match (&args.instruction, &args.prompt) {
         (Some(i), _) if i.trim().is_empty() => {
             bail!("the instruction is empty; say what to change, e.g. \"make it night\"")
@@ -457,8 +460,18 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     planned.check(&inputs)?;
 
-    let opened = args.model.fetch_weights(pipeline, &hub)?;
+    let mut opened = args.model.fetch_weights(pipeline, &hub)?;
+    let memory_plan = args.model.apply_memory(
+        &mut opened,
+        RunSize {
+            image_tokens: job.transformer_tokens() as u64,
+            text_tokens: args.model.max_seq_len as u64,
+            pixels: generated_width as u64 * generated_height as u64,
+        },
+        &reporter,
+    )?;
     let model_recipe = opened.recipe(dtype, args.model.max_seq_len);
+    let memory_options = opened.pipeline.memory();
     let mut pipeline = opened.pipeline;
     let judge = match &judge_specs {
         Some(specs) => {
@@ -687,6 +700,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             },
             "dtype": format!("{dtype:?}").to_lowercase(),
             "device": device_name(&device),
+            "memory": memory_json(memory_options, memory_plan.as_ref(), device_memory.as_ref()),
             "outputs": results,
             "search": search_summary,
             "seconds": started.elapsed().as_secs_f64(),

@@ -68,6 +68,7 @@ pub fn run(args: FillArgs) -> Result<()> {
     .validate()?;
     let dtype = parse_dtype(&args.model.dtype)?;
     let device = device(args.model.device)?;
+    args.model.memory_budget()?;
     let margins = args.expand.as_deref().map(Margins::parse).transpose()?;
 
     // Where the result goes, checked against every input before anything is read or loaded.
@@ -149,7 +150,17 @@ pub fn run(args: FillArgs) -> Result<()> {
             pipeline.kind().name()
         );
     }
-    let opened = args.model.fetch_weights(pipeline, &hub)?;
+    let mut opened = args.model.fetch_weights(pipeline, &hub)?;
+    let pixels = image.width() as u64 * image.height() as u64;
+    args.model.apply_memory(
+        &mut opened,
+        crate::RunSize {
+            image_tokens: pixels / 256,
+            text_tokens: args.model.max_seq_len as u64,
+            pixels,
+        },
+        &reporter,
+    )?;
     let model_recipe = opened.recipe(dtype, args.model.max_seq_len);
     let mut pipeline = opened.pipeline;
     let request = FillRequest {

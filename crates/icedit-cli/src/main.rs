@@ -102,6 +102,28 @@ pub(crate) struct ModelArgs {
     /// channels (Kontext and FLUX.1 dev look alike).
     #[arg(long, value_enum, default_value = "auto")]
     pub pipeline: PipelineArg,
+    /// Where the transformer's weights live on a GPU: none (on the device throughout), model
+    /// (it leaves the device while the VAE works), blocks (its blocks stay in host memory and
+    /// come to the device one at a time, the next while the current one computes). With model
+    /// or blocks the VAE is on the device only to encode and decode. On the CPU all compute
+    /// alike.
+    #[arg(long, value_enum, default_value = "none")]
+    pub offload: OffloadArg,
+    /// Quantize a dense transformer to this ggml type as it loads (q8_0, q6_k, q5_k, q4_k,
+    /// q4_0, ...), each layer as `icedit quantize --type` writes it; a GGUF stays as stored.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
+    /// Fit the run into this much device memory (24G, 12GiB, 8000M): chooses --quantize and
+    /// --offload, and prints the plan and its predicted peak before loading.
+    #[arg(long, value_name = "SIZE", conflicts_with_all = ["offload", "quantize"])]
+    pub max_memory: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OffloadArg {
+    None,
+    Model,
+    Blocks,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -209,6 +231,105 @@ impl ModelArgs {
             weights,
         })
     }
+}
+
+/// The size of one run, for a memory plan.
+pub(crate) struct RunSize {
+    pub image_tokens: u64,
+    pub text_tokens: u64,
+    pub pixels: u64,
+}
+
+impl ModelArgs {
+    /// `--quantize`'s type, checked before anything loads.
+    fn quantize_type(&self) -> Result<Option<candle_core::quantized::GgmlDType>> {
+        self.quantize
+            .as_deref()
+            .map(|name| {
+                icedit_flux::quantize::parse_quant_type(name).with_context(|| {
+                    format!(
+                        "--quantize {name}: not a type icedit quantizes to; use one of q8_0, \
+                         q6_k, q5_k, q5_0, q5_1, q4_k, q4_0, q4_1, q3_k, q2_k, f16, bf16"
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// `--max-memory`, checked before anything loads.
+    pub fn memory_budget(&self) -> Result<Option<u64>> {
+        self.quantize_type()?;
+        self.max_memory
+            .as_deref()
+            .map(|text| {
+                icedit_pipeline::memory::parse_size(text).with_context(|| {
+                    format!("--max-memory {text}: not a size; write it as 24G, 12GiB or 8000M")
+                })
+            })
+            .transpose()
+    }
+
+    /// Sets the pipeline's offload and quantization: `--offload` and `--quantize` as given,
+    /// or the plan `--max-memory` makes for a run of `size` (printed, and returned for
+    /// `--json`). Call before the transformer loads.
+    pub fn apply_memory(
+        &self,
+        opened: &mut OpenedPipeline,
+        size: RunSize,
+        reporter: &progress::Reporter,
+    ) -> Result<Option<icedit_pipeline::MemoryPlan>> {
+        use icedit_pipeline::{MemoryOptions, Offload};
+        let plan = match self.memory_budget()? {
+            Some(budget) => {
+                let inputs = opened.pipeline.plan_inputs(
+                    size.image_tokens,
+                    size.text_tokens,
+                    size.pixels,
+                )?;
+                let plan = icedit_pipeline::memory::plan(&inputs, budget).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--max-memory {}: {e}",
+                        self.max_memory.as_deref().unwrap_or_default()
+                    )
+                })?;
+                reporter.note(&plan.describe());
+                Some(plan)
+            }
+            None => None,
+        };
+        let options = match &plan {
+            Some(plan) => plan.options,
+            None => MemoryOptions {
+                offload: match self.offload {
+                    OffloadArg::None => Offload::None,
+                    OffloadArg::Model => Offload::Model,
+                    OffloadArg::Blocks => Offload::Blocks,
+                },
+                quantize: self.quantize_type()?,
+            },
+        };
+        opened.pipeline.set_memory(options)?;
+        if let Some(t) = options.quantize {
+            // Weights the file stores quantized stay so; the dense ones are quantized.
+            opened.weights = format!("{}, dense ones quantized to {t:?} at load", opened.weights);
+        }
+        Ok(plan)
+    }
+}
+
+/// What `--json` says of memory: the options, the plan if any, and the peaks measured.
+pub(crate) fn memory_json(
+    options: icedit_pipeline::MemoryOptions,
+    plan: Option<&icedit_pipeline::MemoryPlan>,
+    device_peak: Option<&icedit_pipeline::memory::DeviceMemoryWatch>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "offload": options.offload.name(),
+        "quantize": options.quantize.map(|t| format!("{t:?}")),
+        "plan": plan.map(|p| p.to_json()),
+        "peak_rss_bytes": icedit_pipeline::memory::peak_rss_bytes(),
+        "peak_device_bytes": device_peak.map(|w| w.peak_bytes()),
+    })
 }
 
 fn file_spec(flag: &str, spec: Option<&str>) -> Result<Option<icedit_hub::FileSpec>> {

@@ -95,6 +95,7 @@ impl EngineSetup {
         });
         let dtype = parse_dtype(&model.dtype)?;
         let device = device(model.device)?;
+        model.memory_budget()?;
         let hub = HubOptions::from_env();
         if model.max_seq_len == 0 || model.max_seq_len > MAX_SEQUENCE_LENGTH {
             bail!("--max-seq-len must be 1 to {MAX_SEQUENCE_LENGTH}");
@@ -153,7 +154,27 @@ impl EngineSetup {
             });
         }
         let adapters = load_adapters(adapter_args, &specs, false, &hub, reporter)?;
-        let opened = model.fetch_weights(pipeline, &hub)?;
+        let mut opened = model.fetch_weights(pipeline, &hub)?;
+        // A server plans for the usual size of its model's runs: ICEdit's 1024x512 diptych,
+        // or Kontext's megapixel output beside a megapixel photo.
+        let (image_tokens, pixels) = match kind {
+            PipelineKind::Fill => (2048, 1024 * 512),
+            PipelineKind::Kontext => (8192, 1024 * 1024),
+        };
+        if model.max_memory.is_some() {
+            reporter.note(&format!(
+                "planning memory for a run of {image_tokens} image tokens ({pixels} pixels)"
+            ));
+        }
+        model.apply_memory(
+            &mut opened,
+            crate::RunSize {
+                image_tokens,
+                text_tokens: model.max_seq_len as u64,
+                pixels,
+            },
+            reporter,
+        )?;
         let model_name = opened.model_name.clone();
         recipe = Recipe {
             task: "edit".into(),

@@ -280,3 +280,36 @@ fn fp8_checkpoints_match_torch_upcast() {
         assert!(summary.contains("F8E4M3 x1"), "{summary}");
     }
 }
+
+/// Blocks kept in host memory and streamed to the device one at a time (`--offload blocks`)
+/// compute exactly what resident blocks compute: on the CPU the copies are the blocks
+/// themselves, but the streaming thread, its order and its hand-over all run.
+#[test]
+fn streamed_blocks_compute_what_resident_blocks_compute() {
+    let io = forward_inputs();
+    let input = FluxInput::from_named(&io).unwrap();
+    let checkpoint = Checkpoint::open(&fixture("flux_q4_k.gguf")).unwrap();
+    let mut resident = FluxTransformer::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();
+    let mut streamed = resident.placed(&Device::Cpu, true).unwrap();
+    assert!(streamed.blocks_offloaded() && !resident.blocks_offloaded());
+    let (on_device, offloaded) = streamed.weight_bytes();
+    let (all, none) = resident.weight_bytes();
+    assert_eq!((on_device + offloaded, none), (all, 0));
+    assert!(offloaded > on_device, "{offloaded} vs {on_device}");
+    let expected = resident.forward(&input).unwrap();
+    assert_eq!(max_abs_diff(&streamed.forward(&input).unwrap(), &expected), 0.0);
+    // Back to resident, and streamed again from a streamed model.
+    let back = streamed.placed(&Device::Cpu, false).unwrap();
+    assert!(!back.blocks_offloaded());
+    assert_eq!(max_abs_diff(&back.forward(&input).unwrap(), &expected), 0.0);
+    // A forward that stops after the first block (First Block Cache skipping the rest) hands
+    // back the streaming thread cleanly, and the next one streams from the start.
+    let config = icedit_flux::StepCacheConfig::parse("first-block:1e9").unwrap();
+    let mut plain_cache = config.new_state();
+    let mut streamed_cache = config.new_state();
+    for _ in 0..3 {
+        let a = resident.forward_cached(&input, Some(&mut plain_cache)).unwrap();
+        let b = streamed.forward_cached(&input, Some(&mut streamed_cache)).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+    }
+}

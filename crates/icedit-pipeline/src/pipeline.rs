@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 
-use crate::memory::{MemoryOptions, Offload};
+use crate::memory::{MemoryOptions, Offload, PlanInputs};
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
 use icedit_flux::{
@@ -382,6 +382,93 @@ impl FluxPipeline {
         Ok(conditioning)
     }
 
+    /// The transformer's checkpoint (`--transformer`'s file, or the pipeline's folder), opened
+    /// without reading its weights.
+    fn transformer_checkpoint(&self) -> Result<Checkpoint> {
+        Ok(match &self.transformer_file {
+            Some(file) => match self.repo.exists("transformer/config.json")? {
+                true => {
+                    let config = self.repo.file("transformer/config.json")?;
+                    Checkpoint::open_with_config(file, FluxConfig::from_json_file(&config)?)?
+                }
+                false => Checkpoint::open(file)?,
+            },
+            None => {
+                // The folder (local, or the Hub cache's snapshot) holds config, index and
+                // shards.
+                let config = self.repo.file("transformer/config.json")?;
+                self.repo
+                    .safetensors_set("transformer", "diffusion_pytorch_model")?;
+                Checkpoint::open(folder_of(&config))?
+            }
+        })
+    }
+
+    /// What a memory plan needs to know of this pipeline, from its config files and file sizes
+    /// (no weights are read), for a run over `image_tokens` and `pixels`.
+    pub fn plan_inputs(
+        &self,
+        image_tokens: u64,
+        text_tokens: u64,
+        pixels: u64,
+    ) -> Result<PlanInputs> {
+        let checkpoint = self.transformer_checkpoint()?;
+        let gguf_bytes = |file: &Option<PathBuf>| {
+            file.as_ref()
+                .filter(|f| {
+                    f.extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+                })
+                .and_then(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+        };
+        let json = |path: &str| -> Result<serde_json::Value> {
+            let file = self.repo.file(path)?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| PipelineError::Input(format!("{}: {e}", file.display())))?;
+            serde_json::from_str(&text)
+                .map_err(|e| PipelineError::Input(format!("{}: {e}", file.display())))
+        };
+        let (t5, clip, vae) = (
+            json("text_encoder_2/config.json")?,
+            json("text_encoder/config.json")?,
+            json("vae/config.json")?,
+        );
+        let n = |v: &serde_json::Value, key: &str, default: u64| v[key].as_u64().unwrap_or(default);
+        // T5 v1.1 (gated MLP): embedding, then per layer attention (4 projections of
+        // heads x d_kv) and three MLP matrices.
+        let (d, ff, kv) = (
+            n(&t5, "d_model", 4096),
+            n(&t5, "d_ff", 10240),
+            n(&t5, "d_kv", 64),
+        );
+        let t5_parameters = n(&t5, "vocab_size", 32128) * d
+            + n(&t5, "num_layers", 24) * (4 * d * n(&t5, "num_heads", 64) * kv + 3 * d * ff);
+        let h = n(&clip, "hidden_size", 768);
+        let clip_parameters =
+            (n(&clip, "vocab_size", 49408) + n(&clip, "max_position_embeddings", 77)) * h
+                + n(&clip, "num_hidden_layers", 12)
+                    * (4 * h * h + 2 * h * n(&clip, "intermediate_size", 3072));
+        // FLUX's VAE has 83.8M parameters at 512 channels; they grow with the channels squared.
+        let widest = vae["block_out_channels"]
+            .as_array()
+            .and_then(|c| c.iter().filter_map(|c| c.as_u64()).max())
+            .unwrap_or(512);
+        let vae_parameters = 83_800_000 * widest * widest / (512 * 512);
+        Ok(PlanInputs {
+            transformer: checkpoint.config().clone(),
+            transformer_file_bytes: gguf_bytes(&self.transformer_file),
+            text_encoder_parameters: t5_parameters + clip_parameters,
+            text_encoder_2_file_bytes: gguf_bytes(&self.text_encoder_2_file),
+            vae_parameters,
+            image_tokens,
+            text_tokens,
+            pixels,
+            dtype: self.dtype,
+            device_is_cpu: self.device.is_cpu(),
+        })
+    }
+
     fn transformer(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<&FluxTransformer> {
         if self.memory.offload != Offload::None {
             // Offloaded: the VAE is on the device only while it encodes or decodes.
@@ -394,23 +481,7 @@ impl FluxPipeline {
                 return Ok(self.transformer.as_ref().expect("placed above"));
             }
             progress(Progress::Loading("transformer"));
-            let checkpoint = match &self.transformer_file {
-                Some(file) => match self.repo.exists("transformer/config.json")? {
-                    true => {
-                        let config = self.repo.file("transformer/config.json")?;
-                        Checkpoint::open_with_config(file, FluxConfig::from_json_file(&config)?)?
-                    }
-                    false => Checkpoint::open(file)?,
-                },
-                None => {
-                    // The folder (local, or the Hub cache's snapshot) holds config, index and
-                    // shards.
-                    let config = self.repo.file("transformer/config.json")?;
-                    self.repo
-                        .safetensors_set("transformer", "diffusion_pytorch_model")?;
-                    Checkpoint::open(folder_of(&config))?
-                }
-            };
+            let checkpoint = self.transformer_checkpoint()?;
             // Offloaded weights load into host memory; the device gets its copy below.
             let offloaded = self.memory.offload != Offload::None && !self.device.is_cpu();
             let load_on = if offloaded {

@@ -297,7 +297,10 @@ fn streamed_blocks_compute_what_resident_blocks_compute() {
     assert_eq!((on_device + offloaded, none), (all, 0));
     assert!(offloaded > on_device, "{offloaded} vs {on_device}");
     let expected = resident.forward(&input).unwrap();
-    assert_eq!(max_abs_diff(&streamed.forward(&input).unwrap(), &expected), 0.0);
+    assert_eq!(
+        max_abs_diff(&streamed.forward(&input).unwrap(), &expected),
+        0.0
+    );
     // Back to resident, and streamed again from a streamed model.
     let back = streamed.placed(&Device::Cpu, false).unwrap();
     assert!(!back.blocks_offloaded());
@@ -308,8 +311,12 @@ fn streamed_blocks_compute_what_resident_blocks_compute() {
     let mut plain_cache = config.new_state();
     let mut streamed_cache = config.new_state();
     for _ in 0..3 {
-        let a = resident.forward_cached(&input, Some(&mut plain_cache)).unwrap();
-        let b = streamed.forward_cached(&input, Some(&mut streamed_cache)).unwrap();
+        let a = resident
+            .forward_cached(&input, Some(&mut plain_cache))
+            .unwrap();
+        let b = streamed
+            .forward_cached(&input, Some(&mut streamed_cache))
+            .unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
     }
 }

@@ -294,9 +294,17 @@ pub fn plan(inputs: &PlanInputs, budget_bytes: u64) -> Result<MemoryPlan, String
          Q4 GGUF)"
     };
     Err(format!(
-        "no plan fits {}: even with {} the {} phase needs about {}; allow more memory, or {fix}",
+        "no plan fits {}: even with {}, the {} phase needs about {}; allow more memory, or {fix}",
         gib(budget_bytes),
-        smallest.describe().lines().next().unwrap_or_default(),
+        smallest
+            .describe()
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(": "))
+            .map_or("", |(_, choice)| choice
+                .split("; ")
+                .next()
+                .unwrap_or(choice)),
         over.join(" and "),
         gib(smallest.predicted_peak())
     ))
@@ -438,6 +446,24 @@ mod tests {
         };
         let p = plan(&gguf, gib(12)).unwrap();
         assert_eq!(p.options, opts(None, Offload::None));
+    }
+
+    /// The plans the README lists (`cargo test -p icedit-pipeline plans_for_the_readme --
+    /// --nocapture`).
+    #[test]
+    fn plans_for_the_readme() {
+        let inputs = fill_at(1024, 512, DType::BF16);
+        for budget in [48u64, 24, 16, 12, 8] {
+            match plan(&inputs, budget << 30) {
+                Ok(p) => println!("{}", p.describe()),
+                Err(e) => println!("{e}"),
+            }
+        }
+        let with_gguf_t5 = PlanInputs {
+            text_encoder_2_file_bytes: Some(5_060_000_000),
+            ..inputs
+        };
+        println!("{}", plan(&with_gguf_t5, 8 << 30).unwrap().describe());
     }
 
     #[test]

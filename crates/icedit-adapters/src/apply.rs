@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use icedit_flux::{bfl_linear, BflPart, FluxTransformer, Linear, LinearAdapter};
+use icedit_flux::{bfl_linear, BflPart, FluxConfig, FluxTransformer, Linear, LinearAdapter};
 
 use crate::error::{AdapterError, Result};
 use crate::file::{AdapterFile, ModuleTensors};
@@ -130,6 +130,53 @@ pub fn apply_adapters(
         Some(e) => Err(e),
         None => Ok(reports),
     }
+}
+
+/// The plain LoRA layers of `adapters`, by the diffusers module each one changes, matched and
+/// checked as [`apply_adapters`] does, against a model that is not loaded (`icedit quantize
+/// --lora` merges them into the weights it reads one tensor at a time). A mixture of LoRA
+/// experts routes each token and a LoRA bias adds to the bias: neither can be merged into a
+/// weight, so both are refused.
+pub fn lora_deltas(
+    config: &FluxConfig,
+    adapters: Vec<AdapterChoice>,
+) -> Result<Vec<(String, LoraDelta)>> {
+    let mut model =
+        FluxTransformer::shapes_only(config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let layers = ModelLayers::of(&mut model);
+    let mut deltas = Vec::new();
+    for adapter in adapters {
+        let path = adapter.file.path().to_path_buf();
+        let bound = bind(&layers, adapter)?;
+        for (module, layer) in bound.layers {
+            match layer {
+                BoundLayer::Lora(delta) if delta.up_bias.is_none() => {
+                    deltas.push((module, delta));
+                }
+                BoundLayer::Lora(_) => {
+                    return Err(AdapterError::Invalid {
+                        path,
+                        problems: vec![format!(
+                            "the LoRA on `{module}` has a bias (PEFT's lora_bias), which a \
+                             merge into the weights cannot hold; apply it at run time with \
+                             --lora instead"
+                        )],
+                    })
+                }
+                BoundLayer::Moe(_) => {
+                    return Err(AdapterError::Invalid {
+                        path,
+                        problems: vec![format!(
+                            "`{module}` is a mixture of LoRA experts, which routes each token \
+                             to its experts and cannot be merged into the weights; apply it at \
+                             run time with --lora instead"
+                        )],
+                    })
+                }
+            }
+        }
+    }
+    Ok(deltas)
 }
 
 fn install(

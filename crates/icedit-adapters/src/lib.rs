@@ -27,7 +27,7 @@ mod file;
 mod layers;
 mod source;
 
-pub use apply::{apply_adapters, AdapterChoice, AppliedAdapter, ApplyMode};
+pub use apply::{apply_adapters, lora_deltas, AdapterChoice, AppliedAdapter, ApplyMode};
 pub use error::{AdapterError, Result};
 pub use file::AdapterFile;
 pub use layers::{LoraDelta, MoeLoraLayer, RoutingStats};

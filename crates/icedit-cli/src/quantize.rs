@@ -4,10 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use icedit_flux::quantize::{parse_quant_type, write_gguf};
+use icedit_adapters::lora_deltas;
+use icedit_flux::quantize::{parse_quant_type, write_gguf, WeightDelta};
 use icedit_flux::{Checkpoint, FluxConfig};
+use icedit_hub::HubOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::adapters::{load_adapters, AdapterArgs, LoraMode};
 use crate::outputs::{Inputs, Outputs};
 use crate::progress::Reporter;
 
@@ -25,6 +28,14 @@ pub struct QuantizeArgs {
     /// and the final layer stay F16, and 1-D tensors F32, as the community's files keep them.
     #[arg(long = "type", value_name = "TYPE")]
     quant_type: String,
+    /// A LoRA merged into the weights before they are quantized (as mflux's save does): a known
+    /// name, `hf:OWNER/REPO[/FILE]`, or a local file, folder or manifest. Repeat to merge
+    /// several, in order. A mixture of LoRA experts cannot be merged (it routes each token).
+    #[arg(long = "lora", value_name = "SPEC")]
+    loras: Vec<String>,
+    /// Strength of each --lora, in order (default: the manifest's, else 1).
+    #[arg(long = "lora-scale", value_name = "X")]
+    lora_scales: Vec<f64>,
     /// The GGUF file to write (`.gguf`); it appears only once complete.
     #[arg(long)]
     out: PathBuf,
@@ -61,6 +72,24 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     if let Some(config) = &args.config {
         inputs.file("--config", config);
     }
+    // The adapters, read and checked before anything is written.
+    let adapter_args = AdapterArgs {
+        loras: args.loras.clone(),
+        lora_scales: args.lora_scales.clone(),
+        no_lora: false,
+        top_k: None,
+        lora_mode: LoraMode::Merge,
+    };
+    let adapters = load_adapters(
+        &adapter_args,
+        &args.loras,
+        false,
+        &HubOptions::from_env(),
+        &reporter,
+    )?;
+    for (resolved, _) in &adapters {
+        inputs.file("--lora", &resolved.path);
+    }
     let mut outputs = Outputs::default();
     outputs.file("--out", &args.out);
     outputs.check(&inputs)?;
@@ -76,6 +105,25 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         checkpoint.files().format_summary(),
         checkpoint.layout()
     ));
+    let names: Vec<String> = adapters.iter().map(|(_, c)| c.name.clone()).collect();
+    let lora_layers = lora_deltas(
+        checkpoint.config(),
+        adapters.into_iter().map(|(_, choice)| choice).collect(),
+    )?;
+    if !names.is_empty() {
+        reporter.note(&format!(
+            "merging {} LoRA layer(s) of {} before quantizing",
+            lora_layers.len(),
+            names.join(", ")
+        ));
+    }
+    let deltas: Vec<WeightDelta> = lora_layers
+        .iter()
+        .map(|(module, lora)| WeightDelta {
+            module: module.clone(),
+            delta: Box::new(move || lora.weight_delta()),
+        })
+        .collect();
     let bar = (!args.quiet).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -85,12 +133,18 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
         bar
     });
-    let summary = write_gguf(&checkpoint, dtype, &args.out, &mut |done, total| {
-        if let Some(bar) = &bar {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        }
-    })
+    let summary = write_gguf(
+        &checkpoint,
+        dtype,
+        &deltas,
+        &args.out,
+        &mut |done, total| {
+            if let Some(bar) = &bar {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            }
+        },
+    )
     .with_context(|| format!("cannot write {}", args.out.display()))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();

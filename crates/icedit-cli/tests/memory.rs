@@ -29,7 +29,8 @@ fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
         .expect("run icedit")
 }
 
-/// A 4-step f32 edit of the GGUF fixtures' photo at 64-pixel halves, with `extra` flags.
+/// A 4-step f32 edit of the GGUF fixtures' photo at 64-pixel halves, with `extra` flags (and
+/// no adapter unless they name one).
 fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
     let mut args = strings(&[
         "--model",
@@ -46,11 +47,13 @@ fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
         "42",
         "--dtype",
         "f32",
-        "--no-lora",
         "--quiet",
         "--out",
         &path(out),
     ]);
+    if !extra.contains(&"--lora") {
+        args.push("--no-lora".into());
+    }
     args.extend(strings(extra));
     icedit("edit", &args, home)
 }
@@ -298,4 +301,100 @@ fn edit_flags(model: &Path, out: &Path) -> Vec<String> {
         "--out",
         &path(out),
     ])
+}
+
+/// `icedit quantize --lora`: a LoRA merged into the weights before quantizing. At F32 the file
+/// computes exactly what `icedit edit --lora` (merged at load, itself checked against PEFT)
+/// computes; a mixture of LoRA experts is refused, and nothing is written.
+#[test]
+fn quantize_merges_a_lora_first() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dense = dir.path().join("dense.gguf");
+    quantize(
+        &fixtures().join("gguf/flux_q8_0.gguf"),
+        "f32",
+        &dense,
+        home.path(),
+    );
+    let model =
+        pipeline_without_transformer_weights(&fixtures().join("gguf/transformer/config.json"));
+    let lora = path(&fixtures().join("gguf/adapters/lora_peft.safetensors"));
+    let with_lora = |ty: &str| {
+        let out = dir.path().join(format!("merged_{ty}.gguf"));
+        let args = strings(&[
+            "--model",
+            &path(&dense),
+            "--type",
+            ty,
+            "--lora",
+            &lora,
+            "--lora-scale",
+            "0.8",
+            "--out",
+            &path(&out),
+            "--quiet",
+        ]);
+        let run = icedit("quantize", &args, home.path());
+        assert!(run.status.success(), "{ty}: {}", stderr(&run));
+        out
+    };
+    let merged = with_lora("f32");
+    let (from_file, at_load) = (dir.path().join("file.png"), dir.path().join("at_load.png"));
+    let run = edit(
+        model.path(),
+        &from_file,
+        &["--transformer", &path(&merged)],
+        home.path(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let args = [
+        "--transformer",
+        path_str(&dense),
+        "--lora",
+        &lora,
+        "--lora-scale",
+        "0.8",
+    ];
+    let run = edit(model.path(), &at_load, &args, home.path());
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(max_png_diff(&from_file, &at_load), 0);
+
+    // Quantized with the LoRA merged: not the bare quantized model.
+    let (merged_q, bare_q) = (with_lora("q8_0"), dir.path().join("bare_q8_0.gguf"));
+    quantize(&dense, "q8_0", &bare_q, home.path());
+    let (a, b) = (
+        dir.path().join("merged_q.png"),
+        dir.path().join("bare_q.png"),
+    );
+    for (file, out) in [(&merged_q, &a), (&bare_q, &b)] {
+        let run = edit(
+            model.path(),
+            out,
+            &["--transformer", &path(file)],
+            home.path(),
+        );
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
+    assert!(max_png_diff(&a, &b) > 0, "the LoRA changed nothing");
+
+    let refused = dir.path().join("refused.gguf");
+    let args = strings(&[
+        "--model",
+        &path(&dense),
+        "--type",
+        "q8_0",
+        "--lora",
+        &path(&fixtures().join("gguf/adapters/moe_lora.safetensors")),
+        "--out",
+        &path(&refused),
+        "--quiet",
+    ]);
+    let run = icedit("quantize", &args, home.path());
+    assert_refused("MoE-LoRA", &run, &["mixture of LoRA experts", "--lora"]);
+    assert_nothing_written("MoE-LoRA", dir.path(), |n| n.starts_with("refused"));
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
 }

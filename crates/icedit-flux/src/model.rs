@@ -732,6 +732,15 @@ impl FluxTransformer {
         })
     }
 
+    /// The transformer's layers with every weight a broadcast zero: their shapes and module
+    /// paths without their memory (for matching an adapter to a model that is not loaded).
+    pub fn shapes_only(config: &FluxConfig) -> Result<Self> {
+        Self::new(
+            config,
+            candle_nn::VarBuilder::from_backend(Box::new(BroadcastZeros), DType::F32, Device::Cpu),
+        )
+    }
+
     /// Loads the weights of `checkpoint` onto `device` as `dtype` (f32, bf16 or f16).
     pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         check_model_dtype(dtype)?;
@@ -935,6 +944,30 @@ impl FluxTransformer {
             (false, true) => bad("this model has no guidance embedding: pass no guidance".into()),
             _ => Ok((b, n_img, n_txt)),
         }
+    }
+}
+
+/// Every tensor asked for is one zero broadcast to its shape: no memory.
+struct BroadcastZeros;
+
+impl candle_nn::var_builder::SimpleBackend for BroadcastZeros {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> CResult<Tensor> {
+        Tensor::zeros(1, dtype, device)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> CResult<Tensor> {
+        candle_core::bail!("`{name}` has no known shape here")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 

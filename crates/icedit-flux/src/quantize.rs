@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{FluxError, Result};
 use crate::gguf::{ggml_id, ggml_type_name, tensor_bytes};
-use crate::weights::{bfl_tensor_of, BflPiece, Checkpoint, Layout};
+use crate::weights::{bfl_linear, bfl_tensor_of, BflPart, BflPiece, Checkpoint, Layout};
 
 const ALIGNMENT: usize = 32;
 
@@ -196,15 +196,39 @@ fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
     w.write_all(s.as_bytes())
 }
 
+/// A change added to a linear layer's weight before it is quantized (a LoRA merged in): the
+/// layer's diffusers module path and its `[out, in]` f32 delta, computed when the tensor holding
+/// that layer is written.
+pub struct WeightDelta<'a> {
+    pub module: String,
+    pub delta: Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>,
+}
+
 /// Writes `checkpoint` to `out` as GGUF (version 3, BFL names, `general.architecture` `flux`),
-/// its matrices in `dtype` where their widths allow. `progress(done, total)` after each tensor.
+/// its matrices in `dtype` where their widths allow, each with `deltas` added first.
+/// `progress(done, total)` after each tensor.
 pub fn write_gguf(
     checkpoint: &Checkpoint,
     dtype: GgmlDType,
+    deltas: &[WeightDelta],
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizeSummary> {
     let planned = plan(checkpoint, dtype)?;
+    // The deltas by the BFL tensor that holds their layer.
+    let mut by_tensor: BTreeMap<String, Vec<(BflPart, &WeightDelta)>> = BTreeMap::new();
+    for delta in deltas {
+        let (bfl, part) = bfl_linear(&delta.module, checkpoint.config()).ok_or_else(|| {
+            FluxError::Input(format!(
+                "`{}` is not a linear layer of this transformer",
+                delta.module
+            ))
+        })?;
+        by_tensor
+            .entry(format!("{bfl}.weight"))
+            .or_default()
+            .push((part, delta));
+    }
     let io_err = |source| FluxError::Io {
         path: out.to_path_buf(),
         source,
@@ -266,7 +290,10 @@ pub fn write_gguf(
         types: BTreeMap::new(),
     };
     for (i, (t, size)) in planned.iter().zip(&sizes).enumerate() {
-        let values = read_bfl(checkpoint, t)?;
+        let mut values = read_bfl(checkpoint, t)?;
+        for (part, delta) in by_tensor.get(&t.name).into_iter().flatten() {
+            values = add_delta(&values, part, &(delta.delta)()?)?;
+        }
         let blocks = QTensor::quantize(&values, t.dtype)?;
         let data = blocks.data()?;
         debug_assert_eq!(data.len(), *size);
@@ -289,6 +316,30 @@ pub fn write_gguf(
     }
     temp.persist(out).map_err(|e| io_err(e.error))?;
     Ok(summary)
+}
+
+/// `values` (a BFL tensor) with `delta` (one diffusers layer's change) added where `part`
+/// says that layer sits.
+fn add_delta(values: &Tensor, part: &BflPart, delta: &Tensor) -> Result<Tensor> {
+    Ok(match part {
+        BflPart::Whole => (values + delta)?,
+        BflPart::Rows { rows, total_rows } => Tensor::cat(
+            &[
+                values.narrow(0, 0, rows.start)?,
+                (values.narrow(0, rows.start, rows.len())? + delta)?,
+                values.narrow(0, rows.end, total_rows - rows.end)?,
+            ],
+            0,
+        )?,
+        BflPart::SwappedHalves => {
+            let half = delta.dim(0)? / 2;
+            let swapped = Tensor::cat(
+                &[delta.narrow(0, half, half)?, delta.narrow(0, 0, half)?],
+                0,
+            )?;
+            (values + swapped)?
+        }
+    })
 }
 
 fn string_value(s: &str) -> Vec<u8> {

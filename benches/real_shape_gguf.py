@@ -115,9 +115,12 @@ def write(path, kind):
     planned = plan(kind)
     writer = GGUFWriter(str(path), "flux")
     writer.add_file_type({"q8_0": 7, "q4_0": 2}[kind])
+    _, per_block, block_bytes = BLOCKS[kind]
     for name, shape, ggml, nbytes in planned:
         dtype = {T.F32: np.float32, T.F16: np.float16}.get(ggml, np.uint8)
-        writer.add_tensor_info(name, shape, np.dtype(dtype), nbytes, raw_dtype=ggml)
+        # gguf-py takes a quantized tensor's shape in bytes per row.
+        stored = shape if dtype != np.uint8 else [shape[0], shape[1] // per_block * block_bytes]
+        writer.add_tensor_info(name, stored, np.dtype(dtype), nbytes, raw_dtype=ggml)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

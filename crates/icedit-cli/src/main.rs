@@ -23,6 +23,7 @@ mod judge;
 mod outputs;
 mod progress;
 mod quantize;
+mod selftest;
 mod serve;
 mod worker;
 
@@ -64,6 +65,10 @@ enum Command {
     /// Write a FLUX transformer as a GGUF file (BFL naming, as ComfyUI-GGUF and diffusers read
     /// it), its matrices quantized (q8_0, q4_k, ...), for `--transformer` on smaller GPUs.
     Quantize(quantize::QuantizeArgs),
+    /// Check this build against the committed parity fixtures (transformer in f32, bf16 and
+    /// f16, GGUF forwards, whole edits with LoRA and MoE-LoRA) on a device, with the test
+    /// suite's tolerances: a table of results, exit 1 on any failure.
+    Selftest(selftest::SelftestArgs),
     /// Ask a judge which of two edits of a photo is better: tries a judge setup (a server,
     /// CLIP or Qwen3-VL) before a seed search relies on it.
     Judge(judge::JudgeCommandArgs),
@@ -396,6 +401,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Selftest(args) => selftest::run(args),
         Command::Judge(args) => judge::run(args),
         Command::Quantize(args) => quantize::run(args),
     }

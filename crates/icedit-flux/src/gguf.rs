@@ -253,6 +253,31 @@ pub fn tensor_bytes(dtype: GgmlDType, shape: &[usize]) -> Option<usize> {
 }
 
 /// Parses the header of a GGUF file held in `data`.
+/// Byte offsets, within each block, of a type's f16 scales (`d`, and `dmin` or `m` where the
+/// type has one), as ggml's `block_*` structs lay them out; `None` for types without blocks.
+fn f16_scale_offsets(dtype: GgmlDType) -> Option<&'static [usize]> {
+    Some(match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => &[0],
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K => &[0, 2],
+        GgmlDType::Q2K => &[80, 82],
+        GgmlDType::Q3K => &[108],
+        GgmlDType::Q6K => &[208],
+        _ => return None,
+    })
+}
+
+/// Whether every block's scales in `bytes` (blocks of `dtype`) are finite. The quants are
+/// small integers and the sub-block scales 6-bit ones, so a block dequantizes to finite values
+/// exactly when these are: checked without dequantizing. `None` for a type this cannot read
+/// (check its dequantized values instead).
+pub fn block_scales_finite(dtype: GgmlDType, bytes: &[u8]) -> Option<bool> {
+    let offsets = f16_scale_offsets(dtype)?;
+    let block = dtype.type_size();
+    // An f16 is infinite or NaN when its exponent bits are all set.
+    let finite = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]) & 0x7c00 != 0x7c00;
+    Some((0..bytes.len() / block).all(|b| offsets.iter().all(|&o| finite(b * block + o))))
+}
+
 pub fn parse(data: &[u8]) -> Parse<GgufHeader> {
     let mut c = Cursor { data, pos: 0 };
     if c.take(4, "the magic number")? != MAGIC {
@@ -423,6 +448,53 @@ mod tests {
         // The key's length.
         file[24..32].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         assert!(parse(&file).unwrap_err().0.contains("bytes"));
+    }
+
+    #[test]
+    fn scale_check_agrees_with_dequantizing() {
+        use candle_core::quantized::QTensor;
+        use candle_core::{Device, Tensor};
+        let values = Tensor::randn(0f32, 1.0, (4, 512), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q3K,
+            GgmlDType::Q2K,
+        ] {
+            let q = QTensor::quantize(&values, dtype).unwrap();
+            let mut bytes = q.data().unwrap().into_owned();
+            assert_eq!(block_scales_finite(dtype, &bytes), Some(true), "{dtype:?}");
+            // Each scale field, set to NaN in the third block, is caught, and dequantizing
+            // agrees that the block is spoilt.
+            for &offset in f16_scale_offsets(dtype).unwrap() {
+                let mut spoilt = bytes.clone();
+                let at = 2 * dtype.type_size() + offset;
+                spoilt[at..at + 2].copy_from_slice(&half::f16::NAN.to_bits().to_le_bytes());
+                assert_eq!(
+                    block_scales_finite(dtype, &spoilt),
+                    Some(false),
+                    "{dtype:?}"
+                );
+                let storage =
+                    candle_core::quantized::QStorage::from_data(spoilt.into(), &Device::Cpu, dtype)
+                        .unwrap();
+                let deq = QTensor::new(storage, (4, 512))
+                    .unwrap()
+                    .dequantize(&Device::Cpu)
+                    .unwrap();
+                assert!(
+                    !crate::finite::all_finite(&deq).unwrap(),
+                    "{dtype:?} at {offset}"
+                );
+            }
+            bytes.truncate(0);
+        }
     }
 
     #[test]

@@ -163,7 +163,7 @@ def main():
         sys.exit(f"icedit failed:\n{run.stdout}\n{run.stderr}")
     peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
     load_s = float(re.search(r"loaded .* in ([\d.]+)s", run.stdout).group(1))
-    forward = re.search(r": ([\d.]+)s, output", run.stdout)
+    forward = re.search(r"median ([\d.]+)s", run.stdout)
     result = {
         "type": args.type,
         "parameters": params,

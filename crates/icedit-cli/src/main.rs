@@ -373,6 +373,19 @@ struct InspectArgs {
     /// Text tokens for --forward.
     #[arg(long, default_value_t = 512)]
     text_tokens: usize,
+    /// Time the forward on these inputs instead (a .safetensors of `img`, `img_ids`, `txt`,
+    /// `txt_ids`, `pooled`, `timestep`, `guidance`); an `out` tensor in it is compared with.
+    #[arg(long, value_name = "FILE", conflicts_with = "forward")]
+    inputs: Option<PathBuf>,
+    /// Forwards to time (the first is a warm-up when there are several); the median is shown.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Keep the blocks in host memory and stream them to the device (`--offload blocks`).
+    #[arg(long)]
+    offload_blocks: bool,
+    /// Quantize the dense weights at load (`--quantize` of edit).
+    #[arg(long, value_name = "TYPE")]
+    quantize: Option<String>,
 }
 
 fn main() {
@@ -462,9 +475,33 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     .with_context(|| format!("cannot open the transformer at {}", args.model.display()))?;
 
+    let quantize = args
+        .quantize
+        .as_deref()
+        .map(|name| {
+            icedit_flux::quantize::parse_quant_type(name)
+                .with_context(|| format!("--quantize {name}: not a type icedit quantizes to"))
+        })
+        .transpose()?;
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let watch = icedit_pipeline::memory::DeviceMemoryWatch::start(&device);
     let start = Instant::now();
-    let model = FluxTransformer::load(&checkpoint, dtype, &device)
-        .with_context(|| format!("cannot load the transformer from {}", args.model.display()))?;
+    let load_on = if args.offload_blocks {
+        Device::Cpu
+    } else {
+        device.clone()
+    };
+    let mut model = FluxTransformer::new(
+        checkpoint.config(),
+        icedit_flux::WeightSource::checkpoint(&checkpoint, dtype, &load_on)
+            .quantized_at_load(quantize),
+    )
+    .with_context(|| format!("cannot load the transformer from {}", args.model.display()))?;
+    if args.offload_blocks {
+        model = model.placed(&device, true)?;
+    }
     let load_s = start.elapsed().as_secs_f64();
     let c = model.config();
     println!(
@@ -499,10 +536,72 @@ fn inspect(args: InspectArgs) -> Result<()> {
     }
     drop(checkpoint);
 
+    let (resident, offloaded) = model.weight_bytes();
+    println!(
+        "weights      {:.2} GiB on the device, {:.2} GiB in host memory",
+        resident as f64 / (1u64 << 30) as f64,
+        offloaded as f64 / (1u64 << 30) as f64
+    );
+    if let Some(path) = &args.inputs {
+        let io = candle_core::safetensors::load(path, &device)
+            .with_context(|| format!("--inputs {}", path.display()))?;
+        let input = FluxInput::from_named(&io)?;
+        let out = time_forwards(&model, &input, args.repeat, &device, "--inputs")?;
+        if let Some(expected) = io.get("out") {
+            let (out, expected) = (out.to_dtype(DType::F32)?, expected.to_dtype(DType::F32)?);
+            println!(
+                "vs out       max abs {:.3e}, rms {:.3e}, out rms {:.3e}",
+                icedit_flux::compare::max_abs_diff(&out, &expected)?,
+                icedit_flux::compare::rms_diff(&out, &expected)?,
+                expected.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?
+            );
+        }
+    }
     if let Some(size) = args.forward {
-        time_forward(&model, &size, args.text_tokens, &device, dtype)?;
+        time_forward(&model, &size, args.text_tokens, &device, dtype, args.repeat)?;
+    }
+    if let Some(watch) = &watch {
+        println!(
+            "peak device  {:.2} GiB in use (the driver's count, sampled every 2 ms)",
+            watch.peak_bytes() as f64 / (1u64 << 30) as f64
+        );
+    }
+    if let Some(rss) = icedit_pipeline::memory::peak_rss_bytes() {
+        println!("peak RSS     {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
     }
     Ok(())
+}
+
+/// `repeat` timed forwards (after a warm-up when `repeat` > 1); prints the median and returns
+/// the last output.
+fn time_forwards(
+    model: &FluxTransformer,
+    input: &FluxInput,
+    repeat: usize,
+    device: &Device,
+    what: &str,
+) -> Result<Tensor> {
+    if repeat > 1 {
+        model.forward(input)?;
+        device.synchronize()?;
+    }
+    let mut seconds = Vec::with_capacity(repeat);
+    let mut out = None;
+    for _ in 0..repeat {
+        let start = Instant::now();
+        out = Some(model.forward(input)?);
+        device.synchronize()?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    seconds.sort_by(f64::total_cmp);
+    let out = out.expect("repeat >= 1");
+    println!(
+        "forward      {what}: median {:.3}s of {repeat} (fastest {:.3}s), output {:?}",
+        seconds[repeat / 2],
+        seconds[0],
+        out.dims()
+    );
+    Ok(out)
 }
 
 /// `--forward WxH` and `--text-tokens`, checked before the model loads.
@@ -528,6 +627,7 @@ fn time_forward(
     text_tokens: usize,
     device: &Device,
     dtype: DType,
+    repeat: usize,
 ) -> Result<()> {
     let (w, h) = parse_forward(size, text_tokens)?;
 
@@ -549,14 +649,10 @@ fn time_forward(
         timestep: &timestep,
         guidance: c.guidance_embeds.then_some(&guidance),
     };
-    let start = Instant::now();
-    let out = model.forward(&input)?;
-    device.synchronize()?;
-    println!(
-        "forward      {w}x{h} px ({} image + {text_tokens} text tokens), {dtype:?}: {:.3}s, output {:?}",
-        gh * gw,
-        start.elapsed().as_secs_f64(),
-        out.dims()
+    let what = format!(
+        "{w}x{h} px ({} image + {text_tokens} text tokens), {dtype:?}",
+        gh * gw
     );
+    time_forwards(model, &input, repeat, device, &what)?;
     Ok(())
 }

@@ -28,6 +28,44 @@ const KEPT_HIGH: [&str; 6] = [
     "final_layer.",
 ];
 
+/// `values` (`[rows, cols]`, f32, on the CPU) quantized to `dtype` on `device`: bands of rows
+/// quantized on all cores (candle's quantizer is single-threaded; a 12B model took minutes).
+/// ggml quantizes each row on its own, so the blocks are those of one whole-tensor call.
+pub(crate) fn quantize_rows(
+    values: &Tensor,
+    dtype: GgmlDType,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    use rayon::prelude::*;
+    if values.rank() != 2 || matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        return QTensor::quantize_onto(values, dtype, device);
+    }
+    let rows = values.dim(0)?;
+    let band = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let starts: Vec<usize> = (0..rows).step_by(band).collect();
+    let bands = starts
+        .par_iter()
+        .map(|&start| {
+            // Its own storage: candle's quantizer reads a tensor's whole storage, not a view's
+            // window of it (and `copy` keeps the window).
+            let len = band.min(rows - start);
+            let window = values
+                .narrow(0, start, len)?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let part = Tensor::from_vec(window, (len, values.dim(1)?), &Device::Cpu)?;
+            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+        })
+        .collect::<candle_core::Result<Vec<Vec<u8>>>>()?;
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(bands.concat()),
+        device,
+        dtype,
+    )?;
+    QTensor::new(storage, values.shape().clone())
+}
+
 /// ggml's `general.file_type` ids (llama.cpp's `LLAMA_FTYPE_MOSTLY_*`).
 fn file_type(dtype: GgmlDType) -> u32 {
     match dtype {
@@ -294,7 +332,7 @@ pub fn write_gguf(
         for (part, delta) in by_tensor.get(&t.name).into_iter().flatten() {
             values = add_delta(&values, part, &(delta.delta)()?)?;
         }
-        let blocks = QTensor::quantize(&values, t.dtype)?;
+        let blocks = quantize_rows(&values, t.dtype, &Device::Cpu)?;
         let data = blocks.data()?;
         debug_assert_eq!(data.len(), *size);
         w.write_all(&data).map_err(io_err)?;

@@ -1433,7 +1433,7 @@ impl<'a> WeightSource<'a> {
             .var_builder(DType::F32, &Device::Cpu)
             .pp(self.vb.prefix())
             .get(shape, "weight")?;
-        QTensor::quantize_onto(&weight, dtype, self.device()).map(Some)
+        crate::quantize::quantize_rows(&weight, dtype, self.device()).map(Some)
     }
 
     /// A dense linear `weight` `[out, in]`, rounded through the type it is quantized to at load

@@ -21,7 +21,17 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then
   ICEDIT="${ICEDIT:-target/release/icedit}"
 else
   DEVICE=cuda; SMALL=; TOKENS=(--repeat 5)
-  ICEDIT=.gpu/icedit
+  ICEDIT=/tmp/icedit-gpu
+  python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('.gpu/icedit.xz'), open('$ICEDIT', 'wb'))" \
+    && chmod +x "$ICEDIT" || exit 1
+  # cudarc links libcuda (the driver's), libcublas, libcudart and libcurand (CUDA 13): from the
+  # toolkit, the driver's folder, or the nvidia-* wheels PyTorch brings.
+  WHEEL_LIBS=$(python3 -c "import sys, glob, os; print(':'.join(sorted({os.path.dirname(p) for sp in sys.path for p in glob.glob(os.path.join(sp, 'nvidia', '**', 'lib*.so*'), recursive=True)})))")
+  export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64:/usr/local/nvidia/lib:$WHEEL_LIBS:${LD_LIBRARY_PATH:-}"
+  if ldd "$ICEDIT" | grep "not found"; then
+    echo "icedit cannot find the CUDA libraries above; LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee "$OUT/summary.txt"
+    exit 1
+  fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site || exit 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"

@@ -433,27 +433,74 @@ impl Conv2d {
             )?
             .to_dtype(dtype);
         }
-        let [top, bottom, left, right] = self.padding;
-        let (x, padding) = if top == bottom && top == left && top == right {
-            (x.clone(), top)
-        } else {
-            let x = x
-                .pad_with_zeros(2, top, bottom)?
-                .pad_with_zeros(3, left, right)?;
-            (x, 0)
-        };
         if x.device().is_cpu() && dtype != DType::F32 {
             // The generic path on the CPU (ICEDIT_CPU_FAST_PATHS=0): candle's CPU backend has
             // no half-precision matmul, so this widens and rounds once, after the bias.
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-            return f32(&x)?
-                .conv2d(&f32(&self.weight)?, padding, self.stride, 1, 1)?
+            return conv2d_banded(&f32(x)?, &f32(&self.weight)?, self.stride, self.padding)?
                 .broadcast_add(&f32(&self.bias)?.reshape((1, (), 1, 1))?)?
                 .to_dtype(dtype);
         }
-        x.conv2d(&self.weight, padding, self.stride, 1, 1)?
+        conv2d_banded(x, &self.weight, self.stride, self.padding)?
             .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
+}
+
+/// Bytes of unfolded input (im2col) one call of candle's convolution may hold: it unfolds the
+/// whole input at once (a 1024x2048 decode's last layers: 9 GB in f32).
+const GENERIC_IM2COL_BYTES: usize = 512 << 20;
+
+/// candle's convolution (no bias) with zero padding `[top, bottom, left, right]`, over bands of
+/// output rows whose unfolded input stays under [`GENERIC_IM2COL_BYTES`]: each band reads its
+/// rows of the input (with the halo the kernel needs) and padding only where the image ends, so
+/// every output value is the same sum as in one call.
+fn conv2d_banded(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: [usize; 4],
+) -> CResult<Tensor> {
+    conv2d_in_bands(x, weight, stride, padding, GENERIC_IM2COL_BYTES)
+}
+
+/// [`conv2d_banded`] with bands under `band_bytes`.
+fn conv2d_in_bands(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    [top, bottom, left, right]: [usize; 4],
+    band_bytes: usize,
+) -> CResult<Tensor> {
+    let (_, c_in, h, w) = x.dims4()?;
+    let k = weight.dim(2)?;
+    let out_h = (h + top + bottom - k) / stride + 1;
+    let out_w = (w + left + right - k) / stride + 1;
+    let row_bytes = out_w * c_in * k * k * x.dtype().size_in_bytes() * x.dim(0)?;
+    let rows = (band_bytes / row_bytes.max(1)).clamp(1, out_h);
+    let symmetric = top == bottom && top == left && top == right;
+    if rows == out_h && symmetric {
+        return x.conv2d(weight, top, stride, 1, 1);
+    }
+    let mut bands = Vec::with_capacity(out_h.div_ceil(rows));
+    for first in (0..out_h).step_by(rows) {
+        let last = (first + rows).min(out_h);
+        // Rows of the padded input this band reads, then the same in the input's own rows.
+        let (from, to) = (first * stride, (last - 1) * stride + k);
+        let (start, end) = (
+            from.saturating_sub(top).min(h),
+            to.saturating_sub(top).min(h),
+        );
+        let band = x
+            .narrow(2, start, end - start)?
+            .pad_with_zeros(
+                2,
+                top.min(to).saturating_sub(from),
+                to.saturating_sub((top + h).max(from)),
+            )?
+            .pad_with_zeros(3, left, right)?;
+        bands.push(band.conv2d(weight, 0, stride, 1, 1)?);
+    }
+    Tensor::cat(&bands, 2)
 }
 
 fn conv(
@@ -1407,10 +1454,45 @@ mod tests {
     use candle_core::DType;
     use candle_nn::VarBuilder;
 
-    use super::{attention, conv2d_cpu, ldm_name, GroupNorm};
+    use super::{attention, conv2d_cpu, conv2d_in_bands, ldm_name, GroupNorm};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         crate::compare::max_abs_diff(a, b).unwrap()
+    }
+
+    /// The generic path's convolution in bands of output rows (one row, a few, all) equals one
+    /// call on the padded input, for the strides and paddings the VAE uses and odd ones.
+    #[test]
+    fn banded_convolution_equals_one_call() {
+        let dev = Device::Cpu;
+        for (h, w, k, stride, pad) in [
+            (9, 7, 3, 1, [1, 1, 1, 1]),
+            (10, 12, 3, 2, [0, 1, 0, 1]),
+            (9, 7, 3, 2, [0, 1, 0, 1]),
+            (6, 5, 3, 1, [2, 0, 1, 3]),
+            (5, 4, 1, 1, [0, 0, 0, 0]),
+            (2, 3, 3, 1, [1, 1, 1, 1]),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
+            let [top, bottom, left, right] = pad;
+            let want = x
+                .pad_with_zeros(2, top, bottom)
+                .unwrap()
+                .pad_with_zeros(3, left, right)
+                .unwrap()
+                .conv2d(&weight, 0, stride, 1, 1)
+                .unwrap();
+            for band_bytes in [1, 500, 2000, usize::MAX] {
+                let ours = conv2d_in_bands(&x, &weight, stride, pad, band_bytes).unwrap();
+                assert_eq!(ours.dims(), want.dims(), "{pad:?} stride {stride}");
+                let err = max_abs_diff(&ours, &want);
+                assert!(
+                    err < 1e-5,
+                    "{pad:?} stride {stride} bands {band_bytes}: {err}"
+                );
+            }
+        }
     }
 
     /// The CPU group norm kernel against the op-by-op version used on other devices.

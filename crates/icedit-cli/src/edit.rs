@@ -467,6 +467,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             image_tokens: job.transformer_tokens() as u64,
             text_tokens: args.model.max_seq_len as u64,
             pixels: generated_width as u64 * generated_height as u64,
+            text_encoders_kept: false,
         },
         &reporter,
     )?;

@@ -156,6 +156,7 @@ pub fn run(args: FillArgs) -> Result<()> {
         &mut opened,
         crate::RunSize {
             image_tokens: pixels / 256,
+            text_encoders_kept: false,
             text_tokens: args.model.max_seq_len as u64,
             pixels,
         },

@@ -243,6 +243,8 @@ pub(crate) struct RunSize {
     pub image_tokens: u64,
     pub text_tokens: u64,
     pub pixels: u64,
+    /// The text encoders stay loaded beside the transformer (a server or worker).
+    pub text_encoders_kept: bool,
 }
 
 impl ModelArgs {
@@ -286,11 +288,12 @@ impl ModelArgs {
         use icedit_pipeline::{MemoryOptions, Offload};
         let plan = match self.memory_budget()? {
             Some(budget) => {
-                let inputs = opened.pipeline.plan_inputs(
+                let mut inputs = opened.pipeline.plan_inputs(
                     size.image_tokens,
                     size.text_tokens,
                     size.pixels,
                 )?;
+                inputs.text_encoders_kept |= size.text_encoders_kept;
                 let plan = icedit_pipeline::memory::plan(&inputs, budget).map_err(|e| {
                     anyhow::anyhow!(
                         "--max-memory {}: {e}",

@@ -172,6 +172,7 @@ impl EngineSetup {
                 image_tokens,
                 text_tokens: model.max_seq_len as u64,
                 pixels,
+                text_encoders_kept: true,
             },
             reporter,
         )?;

@@ -58,6 +58,8 @@ pub struct PlanInputs {
     pub pixels: u64,
     pub dtype: DType,
     pub device_is_cpu: bool,
+    /// The text encoders stay on the device between prompts (a server), beside the transformer.
+    pub text_encoders_kept: bool,
 }
 
 /// One phase of a run and the memory it holds on the device at its peak.
@@ -236,6 +238,12 @@ pub fn predict(inputs: &PlanInputs, options: MemoryOptions, budget_bytes: u64) -
         Offload::None => vae_weights,
         _ => 0,
     };
+    // A server keeps its text encoders loaded through every phase.
+    let kept_text = if inputs.text_encoders_kept {
+        text_weights
+    } else {
+        0
+    };
     let phases = vec![
         PlannedPhase {
             phase: "text",
@@ -244,12 +252,12 @@ pub fn predict(inputs: &PlanInputs, options: MemoryOptions, budget_bytes: u64) -
         },
         PlannedPhase {
             phase: "denoise",
-            weights_bytes: resident_transformer + vae_during_denoise,
+            weights_bytes: resident_transformer + vae_during_denoise + kept_text,
             work_bytes: denoise_work + runtime,
         },
         PlannedPhase {
             phase: "vae",
-            weights_bytes: transformer_during_vae + vae_weights,
+            weights_bytes: transformer_during_vae + vae_weights + kept_text,
             work_bytes: vae_work + runtime,
         },
     ];
@@ -400,6 +408,7 @@ mod tests {
             pixels: width * height,
             dtype,
             device_is_cpu: false,
+            text_encoders_kept: false,
         }
     }
 
@@ -446,6 +455,16 @@ mod tests {
         };
         let p = plan(&gguf, gib(12)).unwrap();
         assert_eq!(p.options, opts(None, Offload::None));
+        // A server keeps T5-XXL and CLIP (9 GiB in bf16) beside the transformer: 24 GiB then
+        // needs Q8_0.
+        let server = PlanInputs {
+            text_encoders_kept: true,
+            ..inputs.clone()
+        };
+        assert_eq!(
+            plan(&server, gib(24)).unwrap().options,
+            opts(Some(GgmlDType::Q8_0), Offload::None)
+        );
     }
 
     /// The plans the README lists (`cargo test -p icedit-pipeline plans_for_the_readme --

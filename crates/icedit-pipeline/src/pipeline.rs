@@ -466,6 +466,7 @@ impl FluxPipeline {
             pixels,
             dtype: self.dtype,
             device_is_cpu: self.device.is_cpu(),
+            text_encoders_kept: self.keep_text_encoders,
         })
     }
 

@@ -29,9 +29,16 @@ fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
         .expect("run icedit")
 }
 
+/// A quiet [`edit_args`] run.
+fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
+    let mut args = edit_args(model, out, extra);
+    args.push("--quiet".into());
+    icedit("edit", &args, home)
+}
+
 /// A 4-step f32 edit of the GGUF fixtures' photo at 64-pixel halves, with `extra` flags (and
 /// no adapter unless they name one).
-fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
+fn edit_args(model: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut args = strings(&[
         "--model",
         &path(model),
@@ -47,7 +54,6 @@ fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
         "42",
         "--dtype",
         "f32",
-        "--quiet",
         "--out",
         &path(out),
     ]);
@@ -55,7 +61,7 @@ fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
         args.push("--no-lora".into());
     }
     args.extend(strings(extra));
-    icedit("edit", &args, home)
+    args
 }
 
 fn quantize(model: &Path, ty: &str, out: &Path, home: &Path) {
@@ -228,8 +234,11 @@ fn max_memory_prints_its_plan_before_loading_and_refuses_what_cannot_fit() {
     // Without --quiet, the plan is printed before the transformer loads.
     let verbose = Command::new(env!("CARGO_BIN_EXE_icedit"))
         .arg("edit")
-        .args(edit_flags(&tiny, &dir.path().join("verbose.png")))
-        .args(["--max-memory", "2G"])
+        .args(edit_args(
+            &tiny,
+            &dir.path().join("verbose.png"),
+            &["--max-memory", "2G"],
+        ))
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", home.path())
         .output()
@@ -283,26 +292,6 @@ fn max_memory_prints_its_plan_before_loading_and_refuses_what_cannot_fit() {
     assert_nothing_written("refused runs", dir.path(), |n| n.starts_with("refused"));
 }
 
-fn edit_flags(model: &Path, out: &Path) -> Vec<String> {
-    strings(&[
-        "--model",
-        &path(model),
-        "--image",
-        &path(&fixtures().join("gguf/source.png")),
-        "--instruction",
-        "make it night",
-        "--width",
-        "64",
-        "--steps",
-        "2",
-        "--dtype",
-        "f32",
-        "--no-lora",
-        "--out",
-        &path(out),
-    ])
-}
-
 /// `icedit quantize --lora`: a LoRA merged into the weights before quantizing. At F32 the file
 /// computes exactly what `icedit edit --lora` (merged at load, itself checked against PEFT)
 /// computes; a mixture of LoRA experts is refused, and nothing is written.
@@ -350,7 +339,7 @@ fn quantize_merges_a_lora_first() {
     assert!(run.status.success(), "{}", stderr(&run));
     let args = [
         "--transformer",
-        path_str(&dense),
+        &path(&dense),
         "--lora",
         &lora,
         "--lora-scale",
@@ -393,8 +382,4 @@ fn quantize_merges_a_lora_first() {
     let run = icedit("quantize", &args, home.path());
     assert_refused("MoE-LoRA", &run, &["mixture of LoRA experts", "--lora"]);
     assert_nothing_written("MoE-LoRA", dir.path(), |n| n.starts_with("refused"));
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }

@@ -115,23 +115,39 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 }
 
 /// Attention in query chunks so that the score matrix held at once stays under
-/// [`SCORE_BYTES_BUDGET`]. Half-precision inputs are computed in f32 and rounded once at the
-/// end, as flash attention and PyTorch's CPU kernel do: rounding scores to bf16 before the
-/// softmax would double the error.
+/// [`SCORE_BYTES_BUDGET`].
+///
+/// In f32 everything is f32. Half-precision inputs go as flash attention (and PyTorch's CPU
+/// kernel) take them: scores accumulated and kept in f32 (products of half values are exact in
+/// f32; rounding the scores to bf16 before the softmax would add up to a few per cent to the
+/// largest probabilities), the softmax in f32, then the probabilities rounded to the input's
+/// dtype for a half-precision product with `v`, accumulated in f32 and rounded once.
 fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    chunked_attention_within(q, k, v, SCORE_BYTES_BUDGET)
+}
+
+pub(crate) fn chunked_attention_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    score_bytes: usize,
+) -> Result<Tensor> {
     let (b, h, s_q, d) = q.dims4()?;
     let s_k = k.dim(2)?;
     let dtype = q.dtype();
-    let q = (q.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?;
-    let k_t = k.to_dtype(DType::F32)?.t()?;
-    let v = v.to_dtype(DType::F32)?.contiguous()?;
-    let rows_per_chunk = (SCORE_BYTES_BUDGET / (b * h * s_k * 4)).clamp(1, s_q);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let v = match dtype {
+        DType::BF16 | DType::F16 => v,
+        _ => v.to_dtype(DType::F32)?,
+    };
+    let scores = ScaledScores::new(&k, scale)?;
+    let rows_per_chunk = (score_bytes / (b * h * s_k * 4)).clamp(1, s_q);
     let mut outs = Vec::with_capacity(s_q.div_ceil(rows_per_chunk));
     for start in (0..s_q).step_by(rows_per_chunk) {
         let len = rows_per_chunk.min(s_q - start);
-        let q_chunk = q.narrow(2, start, len)?.contiguous()?;
-        let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
-        outs.push(probs.matmul(&v)?);
+        let probs = candle_nn::ops::softmax_last_dim(&scores.of(&q.narrow(2, start, len)?)?)?;
+        outs.push(probs.to_dtype(v.dtype())?.matmul(&v)?);
     }
     let out = if outs.len() == 1 {
         outs.pop().expect("one chunk")
@@ -139,4 +155,249 @@ fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         Tensor::cat(&outs, D::Minus2)?
     };
     out.to_dtype(dtype)
+}
+
+/// `scale * q k^T` in f32 for query chunks against one `k` (`[B, H, N, D]`).
+enum ScaledScores {
+    /// Half-precision `k` on CUDA: one cuBLAS call per chunk, half inputs, f32 output.
+    #[cfg(feature = "cuda")]
+    Cuda { k: Tensor, scale: f32 },
+    /// `k^T` widened to f32 once; each chunk of q is widened and scaled, then multiplied.
+    Widened { k_t: Tensor, scale: f64 },
+}
+
+impl ScaledScores {
+    fn new(k: &Tensor, scale: f64) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if k.device().is_cuda() && matches!(k.dtype(), DType::BF16 | DType::F16) {
+            return Ok(Self::Cuda {
+                k: k.clone(),
+                scale: scale as f32,
+            });
+        }
+        Ok(Self::Widened {
+            k_t: k.to_dtype(DType::F32)?.t()?,
+            scale,
+        })
+    }
+
+    /// `[B, H, M, N]` f32 scores of the query chunk `q` (`[B, H, M, D]`).
+    fn of(&self, q: &Tensor) -> Result<Tensor> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Self::Cuda { k, scale } => q
+                .contiguous()?
+                .apply_op2_no_bwd(k, &cuda_scores::HalfScoresF32 { scale: *scale }),
+            Self::Widened { k_t, scale } => (q.to_dtype(DType::F32)? * *scale)?
+                .contiguous()?
+                .matmul(k_t),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_scores {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
+    use candle_core::cuda::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+    use candle_core::cuda::CudaDType;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape};
+
+    /// `scale * q k^T` for contiguous half-precision `q` `[B, H, M, D]` and `k` `[B, H, N, D]`,
+    /// as one batched cuBLAS product whose output is f32 (`CUBLAS_COMPUTE_32F`).
+    pub(super) struct HalfScoresF32 {
+        pub(super) scale: f32,
+    }
+
+    impl CustomOp2 for HalfScoresF32 {
+        fn name(&self) -> &'static str {
+            "half-scores-f32"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("half-scores-f32 runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            q_layout: &Layout,
+            k: &CudaStorage,
+            k_layout: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (b, h, m, d) = q_layout.shape().dims4()?;
+            let (kb, kh, n, kd) = k_layout.shape().dims4()?;
+            if (kb, kh, kd) != (b, h, d) || !q_layout.is_contiguous() || !k_layout.is_contiguous() {
+                candle_core::bail!(
+                    "half-scores-f32: q {:?} and k {:?} must be contiguous [B, H, *, D] alike",
+                    q_layout.shape(),
+                    k_layout.shape()
+                );
+            }
+            let shape = Shape::from((b, h, m, n));
+            match (q.dtype(), k.dtype()) {
+                (DType::BF16, DType::BF16) => self.run::<half::bf16>(
+                    q,
+                    q_layout,
+                    k,
+                    k_layout,
+                    sys::cudaDataType_t::CUDA_R_16BF,
+                ),
+                (DType::F16, DType::F16) => {
+                    self.run::<half::f16>(q, q_layout, k, k_layout, sys::cudaDataType_t::CUDA_R_16F)
+                }
+                (a, b) => {
+                    candle_core::bail!("half-scores-f32 takes bf16 or f16, not {a:?} and {b:?}")
+                }
+            }
+            .map(|storage| (storage, shape))
+        }
+    }
+
+    impl HalfScoresF32 {
+        fn run<T: CudaDType>(
+            &self,
+            q: &CudaStorage,
+            q_layout: &Layout,
+            k: &CudaStorage,
+            k_layout: &Layout,
+            data_type: sys::cudaDataType_t,
+        ) -> Result<CudaStorage> {
+            let (b, h, m, d) = q_layout.shape().dims4()?;
+            let n = k_layout.shape().dims4()?.2;
+            let device = q.device().clone();
+            let q: &CudaSlice<T> = q.as_cuda_slice::<T>()?;
+            let k: &CudaSlice<T> = k.as_cuda_slice::<T>()?;
+            let q = q.slice(q_layout.start_offset()..);
+            let k = k.slice(k_layout.start_offset()..);
+            let mut out = unsafe { device.alloc::<f32>(b * h * m * n)? };
+            let stream = out.stream().clone();
+            let (beta, blas) = (0f32, device.cublas_handle());
+            let int = |x: usize| i32::try_from(x).map_err(candle_core::Error::wrap);
+            // Column-major, per (batch, head): out^T [N, M] = (k [N, D] as [D, N])^T q^T.
+            {
+                let (q_ptr, _q_sync) = q.device_ptr(&stream);
+                let (k_ptr, _k_sync) = k.device_ptr(&stream);
+                let (out_ptr, _out_sync) = out.device_ptr_mut(&stream);
+                unsafe {
+                    gemm_strided_batched_ex(
+                        *blas.handle(),
+                        sys::cublasOperation_t::CUBLAS_OP_T,
+                        sys::cublasOperation_t::CUBLAS_OP_N,
+                        int(n)?,
+                        int(m)?,
+                        int(d)?,
+                        &self.scale as *const f32 as *const _,
+                        k_ptr as *const _,
+                        data_type,
+                        int(d)?,
+                        (n * d) as i64,
+                        q_ptr as *const _,
+                        data_type,
+                        int(d)?,
+                        (m * d) as i64,
+                        &beta as *const f32 as *const _,
+                        out_ptr as *mut _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        int(n)?,
+                        (m * n) as i64,
+                        int(b * h)?,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                    )
+                }
+                .map_err(candle_core::Error::wrap)?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, device))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// softmax(q k^T / sqrt(d)) v on the host in f64, the probabilities rounded to `dtype`
+    /// before the product (as the half-precision path does) and the result rounded to `dtype`.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, probs_dtype: DType) -> Tensor {
+        let d = q.dim(3).unwrap();
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let scores = (f64s(q).matmul(&f64s(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .to_dtype(probs_dtype)
+            .unwrap();
+        f64s(&probs)
+            .matmul(&f64s(v))
+            .unwrap()
+            .to_dtype(q.dtype())
+            .unwrap()
+    }
+
+    fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        // Scores up to about +-12, as FLUX's normed heads give: rounding them to bf16 would show.
+        let x = |s: usize| {
+            (Tensor::randn(0f32, 1.0, (1, 3, s, 64), &dev).unwrap() * 1.8)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        (x(37), x(37), x(37))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        crate::compare::max_abs_diff(
+            &a.to_dtype(DType::F32).unwrap(),
+            &b.to_dtype(DType::F32).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn half_precision_attention_keeps_scores_in_f32_and_rounds_the_probabilities() {
+        for dtype in [DType::BF16, DType::F16] {
+            let (q, k, v) = inputs(dtype);
+            let out = chunked_attention(&q, &k, &v).unwrap();
+            let ulp = if dtype == DType::BF16 {
+                1.0 / 128.0
+            } else {
+                1.0 / 1024.0
+            };
+            // Within one rounding of the output of the f64 computation with rounded
+            // probabilities; far from it with scores rounded to the dtype first.
+            let expected = reference(&q, &k, &v, dtype);
+            let diff = max_diff(&out, &expected);
+            assert!(diff <= ulp * 2.0, "{dtype:?}: {diff}");
+            let rounded_scores = {
+                let d = q.dim(3).unwrap();
+                let s = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32).unwrap()).unwrap();
+                p.to_dtype(dtype).unwrap().matmul(&v).unwrap()
+            };
+            if dtype == DType::BF16 {
+                assert!(max_diff(&rounded_scores, &expected) > diff * 2.0);
+            }
+        }
+    }
+
+    #[test]
+    fn query_chunks_equal_one_pass() {
+        // The matmul's blocking may differ with the number of rows: f32 rounding, or one step
+        // of bf16 where that tips a rounding.
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1.0 / 128.0)] {
+            let (q, k, v) = inputs(dtype);
+            let whole = chunked_attention(&q, &k, &v).unwrap();
+            // 3 heads x 37 keys x 4 bytes: 5 query rows per chunk, the last one short.
+            let chunked = chunked_attention_within(&q, &k, &v, 5 * 3 * 37 * 4).unwrap();
+            let diff = max_diff(&whole, &chunked);
+            assert!(diff <= tolerance, "{dtype:?}: {diff}");
+        }
+    }
 }

@@ -739,32 +739,20 @@ impl SpatialAttention {
     }
 }
 
-/// Softmax attention of `q` over `k`, `v` (`[B, S, C]`, one head, scale `1/sqrt(C)`), computed in
-/// f32 and rounded once to the input dtype. Queries are taken in chunks whose f32 scores stay
-/// under `score_bytes`, so a 1024x1024 image's 16k x 16k score matrix (1 GiB) is never held
-/// whole. (The transformer's tiled CPU kernel is slower here: with 512-wide heads it repacks
-/// 32 MB of keys for every 16-query tile, where a chunk of thousands of queries makes one large
-/// matrix product.)
+/// Softmax attention of `q` over `k`, `v` (`[B, S, C]`, one head, scale `1/sqrt(C)`): the
+/// transformer's query-chunked attention, so a 1024x1024 image's 16k x 16k score matrix (1 GiB
+/// in f32) is never held whole. (The transformer's tiled CPU kernel is slower here: with
+/// 512-wide heads it repacks 32 MB of keys for every 16-query tile, where a chunk of thousands
+/// of queries makes one large matrix product.)
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, score_bytes: usize) -> CResult<Tensor> {
-    let (b, s_q, c) = q.dims3()?;
-    let s_k = k.dim(1)?;
-    let dtype = q.dtype();
-    let q = (q.to_dtype(DType::F32)? * (1.0 / (c as f64).sqrt()))?;
-    let k_t = k.to_dtype(DType::F32)?.t()?;
-    let v = v.to_dtype(DType::F32)?.contiguous()?;
-    let rows = (score_bytes / (b * s_k * 4)).clamp(1, s_q);
-    let mut outs = Vec::with_capacity(s_q.div_ceil(rows));
-    for start in (0..s_q).step_by(rows) {
-        let q_chunk = q.narrow(1, start, rows.min(s_q - start))?.contiguous()?;
-        let probs = candle_nn::ops::softmax_last_dim(&q_chunk.matmul(&k_t)?)?;
-        outs.push(probs.matmul(&v)?);
-    }
-    let out = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 1)?
-    };
-    out.to_dtype(dtype)
+    let one_head = |x: &Tensor| x.unsqueeze(1);
+    crate::attention::chunked_attention_within(
+        &one_head(q)?,
+        &one_head(k)?,
+        &one_head(v)?,
+        score_bytes,
+    )?
+    .squeeze(1)
 }
 
 /// diffusers' `UNetMidBlock2D` (one layer): resnet, attention (optional), resnet.

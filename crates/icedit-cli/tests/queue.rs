@@ -399,7 +399,7 @@ fn a_long_search_keeps_its_worker() {
         &format!("openai:{judge}#judge-model"),
     ]);
     let body = format!(
-        r#"{{"image": "{}", "instruction": "make it night", "seeds": [1, 2], "steps": 600, "size": "64x48", "search": {{"early_steps": 300}}}}"#,
+        r#"{{"image": "{}", "instruction": "make it night", "seeds": [1, 2], "steps": 1000, "size": "64x48", "search": {{"early_steps": 600}}}}"#,
         photo_b64()
     );
     let (status, json) = send(

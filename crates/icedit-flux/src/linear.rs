@@ -2,11 +2,11 @@
 //! (merged LoRA, run-time LoRA, per-token mixtures of LoRA experts) hook in here and nowhere else.
 
 use std::ops::Range;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use crate::weights::WeightSource;
 
@@ -45,7 +45,7 @@ impl Attached {
     fn is_on(&self) -> bool {
         self.switch
             .as_ref()
-            .is_none_or(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            .is_none_or(|s| s.load(Ordering::Relaxed))
     }
 }
 
@@ -76,6 +76,15 @@ pub struct Linear {
     /// memory): they are copied there for each product, unless a copy of the layer already
     /// placed there ([`Linear::to_device`]) computes instead. Adapters live here.
     compute: Option<Device>,
+    /// Changes whenever the weight does (loaded, replaced, rows added, moved), so that a
+    /// [`JointLinears`] knows when its joint weight is stale.
+    revision: u64,
+}
+
+/// A revision no layer had before.
+fn fresh_revision() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Linear {
@@ -89,6 +98,7 @@ impl Linear {
             bias,
             adapters: Vec::new(),
             compute: None,
+            revision: fresh_revision(),
         }
     }
 
@@ -106,6 +116,7 @@ impl Linear {
             bias,
             adapters: Vec::new(),
             compute: None,
+            revision: fresh_revision(),
         })
     }
 
@@ -138,6 +149,7 @@ impl Linear {
     /// `compute`: [`Linear::to_device`] places a copy there when it is needed (or, called in
     /// place, the weight comes over for each product).
     pub fn kept_on(&self, home: &Device, compute: &Device) -> Result<Self> {
+        let moved = !self.weight_device().same_device(home);
         let weight = match &self.weight {
             Weight::Dense(w) => Weight::Dense(w.to_device(home)?),
             Weight::Quantized { blocks, extra } => Weight::Quantized {
@@ -149,6 +161,11 @@ impl Linear {
             weight,
             bias: self.bias.as_ref().map(|b| b.to_device(home)).transpose()?,
             compute: (!compute.same_device(home)).then(|| compute.clone()),
+            revision: if moved {
+                fresh_revision()
+            } else {
+                self.revision
+            },
             ..self.clone()
         })
     }
@@ -239,6 +256,7 @@ impl Linear {
         }
         let extra = self.extra_rows();
         let weight = weight.to_device(&self.weight_device())?;
+        self.revision = fresh_revision();
         match &mut self.weight {
             Weight::Dense(w) => {
                 *w = match extra {
@@ -279,6 +297,7 @@ impl Linear {
                 .to_device(&self.weight_device())?
                 .to_dtype(self.dtype)?;
             let start = self.extra_rows();
+            self.revision = fresh_revision();
             match &mut self.weight {
                 Weight::Dense(w) => *w = Tensor::cat(&[&*w, &rows], 0)?,
                 Weight::Quantized { extra, .. } => {
@@ -303,6 +322,7 @@ impl Linear {
     }
 
     pub fn detach_all(&mut self) -> Vec<Arc<dyn LinearAdapter>> {
+        self.revision = fresh_revision();
         match &mut self.weight {
             Weight::Dense(w) => {
                 *w = w
@@ -333,30 +353,24 @@ impl Linear {
         }
     }
 
-    /// `x W^T + b` over the last dimension of `x`, and the adapters' input projections
-    /// (`[tokens, extra]`), from one matmul.
-    fn forward_base(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let dims = x.dims();
-        let in_features = dims[dims.len() - 1];
-        let x2 = x.reshape(((), in_features))?;
-        let (mut w, mut b) = (self.matmul_weight()?, self.bias.clone());
-        if let Some(device) = &self.compute {
-            // Offloaded and called in place: the weight comes over for this product only.
-            w = w.to_device(device)?;
-            b = b.map(|b| b.to_device(device)).transpose()?;
+    /// The bias where the layer computes.
+    fn bias_for_product(&self) -> Result<Option<Tensor>> {
+        match (&self.bias, &self.compute) {
+            (Some(b), Some(device)) => Ok(Some(b.to_device(device)?)),
+            (b, _) => Ok(b.clone()),
         }
-        // candle widens bf16 matmuls to f32 on the CPU anyway; adding the bias before narrowing
-        // rounds once, as PyTorch's fused addmm does.
-        let widen = x.device().is_cpu() && x.dtype() == DType::BF16;
-        let x2 = if widen {
-            w = w.to_dtype(DType::F32)?;
-            b = b.map(|b| b.to_dtype(DType::F32)).transpose()?;
-            x2.to_dtype(DType::F32)?
-        } else {
-            x2
-        };
-        let mut y = x2.matmul(&w.t()?)?;
-        let extra = self.extra_rows();
+    }
+
+    /// Rows of the weight (with adapters' extra rows) a product with the input gives.
+    fn product_rows(&self) -> usize {
+        self.out_features + self.extra_rows()
+    }
+
+    /// The layer's output from `product`, its input `x` (flattened to rows) times its weight
+    /// rows ([`rows_product`]): the adapters' input projections split off, the bias added, one
+    /// rounding to the input's dtype, then the adapters' deltas.
+    fn from_product(&self, x: &Tensor, product: Tensor, bias: Option<Tensor>) -> Result<Tensor> {
+        let (mut y, extra) = (product, self.extra_rows());
         let projected = if extra > 0 {
             let projected = y.narrow(1, self.out_features, extra)?;
             y = y.narrow(1, 0, self.out_features)?;
@@ -364,18 +378,12 @@ impl Linear {
         } else {
             None
         };
-        if let Some(b) = &b {
-            y = y.broadcast_add(b)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
         }
-        let mut out_dims = dims.to_vec();
+        let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("rank >= 1") = self.out_features;
-        Ok((y.to_dtype(x.dtype())?.reshape(out_dims)?, projected))
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (mut y, projected) = self.forward_base(x)?;
+        let mut y = y.to_dtype(x.dtype())?.reshape(out_dims)?;
         for attached in self.adapters.iter().filter(|a| a.is_on()) {
             let delta = match (&attached.projection, &projected) {
                 (Some(range), Some(p)) => attached
@@ -386,6 +394,174 @@ impl Module for Linear {
             y = (y + delta)?;
         }
         Ok(y)
+    }
+}
+
+/// `x` (flattened to rows, `[tokens, in]`) times `weight^T` (`weight`: `[rows, in]`). On the
+/// CPU bf16 is widened to f32 (candle widens bf16 matmuls there anyway), so that the bias is
+/// added before the one rounding, as PyTorch's fused addmm does.
+fn rows_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let x2 = x.reshape(((), x.dim(D::Minus1)?))?;
+    let weight = weight.to_device(x.device())?;
+    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+        x2.to_dtype(DType::F32)?
+            .matmul(&weight.to_dtype(DType::F32)?.t()?)
+    } else {
+        x2.matmul(&weight.t()?)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Offloaded and called in place, the weight comes over for this product only.
+        let product = rows_product(x, &self.matmul_weight()?)?;
+        self.from_product(x, product, self.bias_for_product()?)
+    }
+}
+
+/// Linear layers that read the same input (q, k and v; in a single block also the MLP's input),
+/// multiplied as one matmul over their rows joined, as BFL's checkpoints store them (`qkv`,
+/// `linear1`). Each part stays a [`Linear`] with its own module path, bias and adapters; its
+/// weight is a window of the joint one. Parts that cannot be joined (quantized, of different
+/// dtypes or devices) compute one by one.
+#[derive(Debug, Clone)]
+pub struct JointLinears {
+    parts: Vec<Linear>,
+    joint: Option<JointWeight>,
+}
+
+#[derive(Debug, Clone)]
+struct JointWeight {
+    /// The parts' weights (adapters' extra rows included), one after the other.
+    weight: Tensor,
+    /// Each part's revision when its weight became a window of `weight`.
+    revisions: Vec<u64>,
+}
+
+impl JointLinears {
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let mut joint = Self { parts, joint: None };
+        joint.rejoin()?;
+        Ok(joint)
+    }
+
+    pub fn parts(&self) -> &[Linear] {
+        &self.parts
+    }
+
+    /// Whether the parts are multiplied as one.
+    pub fn is_joined(&self) -> bool {
+        self.joint.is_some()
+    }
+
+    /// Visits each part under its path, then joins the weights again if any changed.
+    pub fn visit(&mut self, paths: &[String], f: &mut dyn FnMut(&str, &mut Linear)) {
+        for (path, part) in paths.iter().zip(&mut self.parts) {
+            f(path, part);
+        }
+        if self.rejoin().is_err() {
+            // Unjoined, each part still holds its own weight.
+            self.joint = None;
+        }
+    }
+
+    /// Joins the parts' weights if they can be and any changed since they were joined.
+    fn rejoin(&mut self) -> Result<()> {
+        let revisions: Vec<u64> = self.parts.iter().map(|p| p.revision).collect();
+        if self
+            .joint
+            .as_ref()
+            .is_some_and(|j| j.revisions == revisions)
+        {
+            return Ok(());
+        }
+        self.joint = None;
+        let dense: Vec<&Tensor> = self
+            .parts
+            .iter()
+            .filter_map(|p| match &p.weight {
+                Weight::Dense(w) if w.is_contiguous() => Some(w),
+                _ => None,
+            })
+            .collect();
+        let joinable = dense.len() == self.parts.len()
+            && dense.len() > 1
+            && dense.windows(2).all(|w| {
+                w[0].dtype() == w[1].dtype()
+                    && w[0].dim(1).ok() == w[1].dim(1).ok()
+                    && w[0].device().same_device(w[1].device())
+            })
+            && self
+                .parts
+                .windows(2)
+                .all(|p| match (&p[0].compute, &p[1].compute) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.same_device(b),
+                    _ => false,
+                });
+        if !joinable {
+            return Ok(());
+        }
+        let weight = Tensor::cat(&dense, 0)?;
+        self.set_windows(&weight)?;
+        self.joint = Some(JointWeight { weight, revisions });
+        Ok(())
+    }
+
+    /// Makes each part's weight its window of `weight`.
+    fn set_windows(&mut self, weight: &Tensor) -> Result<()> {
+        let mut start = 0;
+        for part in &mut self.parts {
+            let rows = part.product_rows();
+            part.weight = Weight::Dense(weight.narrow(0, start, rows)?);
+            start += rows;
+        }
+        Ok(())
+    }
+
+    /// [`Linear::kept_on`] for every part, a joint weight moved once.
+    pub fn kept_on(&self, home: &Device, compute: &Device) -> Result<Self> {
+        let Some(joint) = &self.joint else {
+            let parts = self.parts.iter().map(|p| p.kept_on(home, compute));
+            return Self::new(parts.collect::<Result<_>>()?);
+        };
+        let weight = joint.weight.to_device(home)?;
+        let mut placed = self.clone();
+        placed.set_windows(&weight)?;
+        for part in &mut placed.parts {
+            // Its window is already on `home`: nothing more is copied.
+            *part = part.kept_on(home, compute)?;
+        }
+        placed.joint = Some(JointWeight {
+            weight,
+            revisions: placed.parts.iter().map(|p| p.revision).collect(),
+        });
+        Ok(placed)
+    }
+
+    /// [`JointLinears::kept_on`] the same device.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        self.kept_on(device, device)
+    }
+
+    /// Each part's output for the input `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(joint) = &self.joint else {
+            return self.parts.iter().map(|p| p.forward(x)).collect();
+        };
+        let product = rows_product(x, &joint.weight)?;
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let rows = part.product_rows();
+            outs.push(part.from_product(
+                x,
+                product.narrow(1, start, rows)?,
+                part.bias_for_product()?,
+            )?);
+            start += rows;
+        }
+        Ok(outs)
     }
 }
 
@@ -402,6 +578,12 @@ fn move_blocks(blocks: &Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
 /// (e.g. `transformer_blocks.0.attn.to_q`), the names PEFT LoRA keys use.
 pub trait VisitLinears {
     fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear));
+
+    /// Every group of linears multiplied as one, by a path of its own (BFL's name for the
+    /// joint tensor). Moving a model moves these first, so that their joint weights move once.
+    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
+        let _ = (prefix, f);
+    }
 }
 
 pub(crate) fn join(prefix: &str, name: &str) -> String {
@@ -465,5 +647,76 @@ mod tests {
         assert!(diff(probe.seen.lock().unwrap().as_ref().unwrap(), &expected) < 1e-6);
         layer.detach_all();
         assert!(diff(&layer.weight().unwrap(), &(w * 2.0).unwrap()) < 1e-6);
+    }
+
+    /// Adds `x` times a fixed matrix.
+    #[derive(Debug)]
+    struct Lora(Tensor);
+
+    impl LinearAdapter for Lora {
+        fn forward_delta(&self, x: &Tensor) -> Result<Tensor> {
+            x.broadcast_matmul(&self.0.t()?)
+        }
+    }
+
+    #[test]
+    fn joint_linears_equal_their_parts_and_rejoin_when_a_part_changes() {
+        let dev = Device::Cpu;
+        let randn = |shape: (usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let part =
+            |out: usize| Linear::new(randn((out, 7)), Some(randn((1, out)).squeeze(0).unwrap()));
+        let parts = vec![part(5), part(5), part(3)];
+        // Rows of tokens: the probe's delta is shaped for them.
+        let x = Tensor::randn(0f32, 1.0, (8, 7), &dev).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| crate::compare::max_abs_diff(a, b).unwrap();
+        let check = |joint: &JointLinears| {
+            let outs = joint.forward(&x).unwrap();
+            for (part, out) in joint.parts().iter().zip(&outs) {
+                assert_eq!(out.dims(), [8, part.out_features()]);
+                assert!(diff(out, &part.forward(&x).unwrap()) < 1e-5);
+            }
+        };
+        let mut joint = JointLinears::new(parts).unwrap();
+        assert!(joint.is_joined());
+        check(&joint);
+
+        // An adapter with extra rows on one part, a plain one on another, a merge into a third.
+        let probe = Arc::new(Probe {
+            rows: randn((2, 7)),
+            seen: Mutex::new(None),
+        });
+        let merged = randn((3, 7));
+        let paths: Vec<String> = ["q", "k", "mlp"].map(String::from).to_vec();
+        joint.visit(&paths, &mut |path, linear| match path {
+            "q" => linear.attach(probe.clone()).unwrap(),
+            "k" => linear.attach(Arc::new(Lora(randn((5, 7))))).unwrap(),
+            _ => {
+                linear.set_weight(merged.clone()).unwrap();
+            }
+        });
+        assert!(joint.is_joined());
+        assert!(diff(&joint.parts()[2].weight().unwrap(), &merged) < 1e-6);
+        check(&joint);
+        let expected = x
+            .reshape((8, 7))
+            .unwrap()
+            .matmul(&probe.rows.t().unwrap())
+            .unwrap();
+        assert!(diff(probe.seen.lock().unwrap().as_ref().unwrap(), &expected) < 1e-5);
+
+        let placed = joint.to_device(&dev).unwrap();
+        assert!(placed.is_joined());
+        check(&placed);
+
+        // Parts that cannot be joined compute one by one.
+        let blocks = QTensor::quantize(&randn((5, 256)), GgmlDType::Q8_0).unwrap();
+        let quantized = Linear::quantized(blocks, None, DType::F32).unwrap();
+        let dense = Linear::new(randn((5, 256)), None);
+        let mixed = JointLinears::new(vec![quantized, dense]).unwrap();
+        assert!(!mixed.is_joined());
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &dev).unwrap();
+        for (part, out) in mixed.parts().iter().zip(mixed.forward(&x).unwrap()) {
+            assert_eq!(diff(&out, &part.forward(&x).unwrap()), 0.0);
+        }
     }
 }

@@ -12,7 +12,7 @@ use crate::attention::{rope_attention, Rope};
 use crate::config::FluxConfig;
 use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
-use crate::linear::{join, Linear, VisitLinears};
+use crate::linear::{join, JointLinears, Linear, VisitLinears};
 use crate::step_cache::{StepCache, TaylorSeerCache};
 use crate::weights::{check_model_dtype, Checkpoint, WeightSource};
 
@@ -180,42 +180,60 @@ impl VisitLinears for TimeTextEmbed {
     }
 }
 
-/// Query, key and value projections of one stream, with per-head RMSNorm on q and k.
+/// Query, key and value projections of one stream, with per-head RMSNorm on q and k, as one
+/// matmul; in a single block the MLP's input projection joins them.
 #[derive(Debug, Clone)]
 struct QkvProjection {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v, then any other projection of the same input.
+    linears: JointLinears,
     norm_q: HeadRmsNorm,
     norm_k: HeadRmsNorm,
     heads: usize,
 }
 
 impl QkvProjection {
-    /// `names`: the q, k, v linear and q, k norm module names under `vb`.
-    fn new(cfg: &FluxConfig, vb: &WeightSource, names: [&str; 5]) -> CResult<Self> {
+    /// `names`: the q, k, v linear and q, k norm module names under `vb`; `others`, linears
+    /// computed from the same input.
+    fn new(
+        cfg: &FluxConfig,
+        vb: &WeightSource,
+        names: [&str; 5],
+        others: Vec<Linear>,
+    ) -> CResult<Self> {
         let hidden = cfg.hidden_size();
         let head_dim = cfg.attention_head_dim;
+        let mut linears = names[..3]
+            .iter()
+            .map(|name| Linear::load(hidden, hidden, vb.pp(name)))
+            .collect::<CResult<Vec<_>>>()?;
+        linears.extend(others);
         Ok(Self {
-            q: Linear::load(hidden, hidden, vb.pp(names[0]))?,
-            k: Linear::load(hidden, hidden, vb.pp(names[1]))?,
-            v: Linear::load(hidden, hidden, vb.pp(names[2]))?,
+            linears: JointLinears::new(linears)?,
             norm_q: HeadRmsNorm::new(head_dim, vb.pp(names[3]))?,
             norm_k: HeadRmsNorm::new(head_dim, vb.pp(names[4]))?,
             heads: cfg.num_attention_heads,
         })
     }
 
-    /// Returns q, k, v as `[B, S, H*D]`, q and k normalised per head.
-    fn forward(&self, x: &Tensor) -> CResult<(Tensor, Tensor, Tensor)> {
+    /// Returns q, k, v as `[B, S, H*D]`, q and k normalised per head, then the other
+    /// projections' outputs.
+    fn forward(&self, x: &Tensor) -> CResult<((Tensor, Tensor, Tensor), Vec<Tensor>)> {
         let (b, s, _) = x.dims3()?;
         let per_head = |y: Tensor, norm: &HeadRmsNorm| {
             norm.forward(&y.reshape((b, s, self.heads, ()))?)?
                 .reshape((b, s, ()))
         };
-        let q = per_head(self.q.forward(x)?, &self.norm_q)?;
-        let k = per_head(self.k.forward(x)?, &self.norm_k)?;
-        Ok((q, k, self.v.forward(x)?))
+        let mut outs = self.linears.forward(x)?.into_iter();
+        let mut next = || outs.next().expect("q, k and v");
+        let q = per_head(next(), &self.norm_q)?;
+        let k = per_head(next(), &self.norm_k)?;
+        let v = next();
+        Ok(((q, k, v), outs.collect()))
+    }
+
+    /// The `i`-th other projection alone (q, k and v not needed).
+    fn other(&self, i: usize, x: &Tensor) -> CResult<Tensor> {
+        self.linears.parts()[3 + i].forward(x)
     }
 
     fn norms_to(&mut self, device: &Device) -> CResult<()> {
@@ -225,15 +243,9 @@ impl QkvProjection {
         Ok(())
     }
 
-    fn visit_linears(
-        &mut self,
-        prefix: &str,
-        names: [&str; 3],
-        f: &mut dyn FnMut(&str, &mut Linear),
-    ) {
-        f(&join(prefix, names[0]), &mut self.q);
-        f(&join(prefix, names[1]), &mut self.k);
-        f(&join(prefix, names[2]), &mut self.v);
+    /// `paths`: the module paths of q, k, v and the others.
+    fn visit_linears(&mut self, paths: &[String], f: &mut dyn FnMut(&str, &mut Linear)) {
+        self.linears.visit(paths, f)
     }
 }
 
@@ -318,13 +330,13 @@ impl DoubleStreamBlock {
         Ok(Self {
             img: StreamParts {
                 modulation: Linear::load(hidden, 6 * hidden, vb.pp("norm1.linear"))?,
-                qkv: QkvProjection::new(cfg, &attn, IMG_QKV)?,
+                qkv: QkvProjection::new(cfg, &attn, IMG_QKV, Vec::new())?,
                 attn_out: Linear::load(hidden, hidden, attn.pp("to_out.0"))?,
                 ff: FeedForward::new(cfg, vb.pp("ff"))?,
             },
             txt: StreamParts {
                 modulation: Linear::load(hidden, 6 * hidden, vb.pp("norm1_context.linear"))?,
-                qkv: QkvProjection::new(cfg, &attn, TXT_QKV)?,
+                qkv: QkvProjection::new(cfg, &attn, TXT_QKV, Vec::new())?,
                 attn_out: Linear::load(hidden, hidden, attn.pp("to_add_out"))?,
                 ff: FeedForward::new(cfg, vb.pp("ff_context"))?,
             },
@@ -347,8 +359,8 @@ impl DoubleStreamBlock {
         let attention = || -> CResult<Vec<Tensor>> {
             let img_normed = self.norm.modulate(img, &img_mod[0], &img_mod[1])?;
             let txt_normed = self.norm.modulate(txt, &txt_mod[0], &txt_mod[1])?;
-            let img_qkv = self.img.qkv.forward(&img_normed)?;
-            let txt_qkv = self.txt.qkv.forward(&txt_normed)?;
+            let (img_qkv, _) = self.img.qkv.forward(&img_normed)?;
+            let (txt_qkv, _) = self.txt.qkv.forward(&txt_normed)?;
             let attn = joint_attention(rope, self.img.qkv.heads, vec![txt_qkv, img_qkv])?;
             let txt_len = txt.dim(1)?;
             let txt_attn = attn.narrow(1, 0, txt_len)?.contiguous()?;
@@ -393,16 +405,18 @@ impl VisitLinears for DoubleStreamBlock {
             &join(prefix, "norm1_context.linear"),
             &mut self.txt.modulation,
         );
-        self.img
-            .qkv
-            .visit_linears(&attn, ["to_q", "to_k", "to_v"], f);
-        self.txt
-            .qkv
-            .visit_linears(&attn, ["add_q_proj", "add_k_proj", "add_v_proj"], f);
+        let paths = |names: &[&str]| names.iter().map(|n| join(&attn, n)).collect::<Vec<_>>();
+        self.img.qkv.visit_linears(&paths(&IMG_QKV[..3]), f);
+        self.txt.qkv.visit_linears(&paths(&TXT_QKV[..3]), f);
         f(&join(&attn, "to_out.0"), &mut self.img.attn_out);
         f(&join(&attn, "to_add_out"), &mut self.txt.attn_out);
         self.img.ff.visit_linears(&join(prefix, "ff"), f);
         self.txt.ff.visit_linears(&join(prefix, "ff_context"), f);
+    }
+
+    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
+        f(&join(prefix, "attn.qkv"), &mut self.img.qkv.linears);
+        f(&join(prefix, "attn.added_qkv"), &mut self.txt.qkv.linears);
     }
 }
 
@@ -447,8 +461,8 @@ impl<'a> TaylorSlot<'a> {
 struct SingleStreamBlock {
     /// Modulation: shift, scale, gate.
     modulation: Linear,
+    /// q, k, v and `proj_mlp`, from the same input (BFL's `linear1`).
     qkv: QkvProjection,
-    proj_mlp: Linear,
     proj_out: Linear,
     norm: PlainLayerNorm,
 }
@@ -458,8 +472,12 @@ impl SingleStreamBlock {
         let (hidden, mlp) = (cfg.hidden_size(), cfg.mlp_hidden_size());
         Ok(Self {
             modulation: Linear::load(hidden, 3 * hidden, vb.pp("norm.linear"))?,
-            qkv: QkvProjection::new(cfg, &vb.pp("attn"), IMG_QKV)?,
-            proj_mlp: Linear::load(hidden, mlp, vb.pp("proj_mlp"))?,
+            qkv: QkvProjection::new(
+                cfg,
+                &vb.pp("attn"),
+                IMG_QKV,
+                vec![Linear::load(hidden, mlp, vb.pp("proj_mlp"))?],
+            )?,
             proj_out: Linear::load(hidden + mlp, hidden, vb.pp("proj_out"))?,
             norm,
         })
@@ -476,13 +494,17 @@ impl SingleStreamBlock {
     ) -> CResult<Tensor> {
         let m = self.modulation.forward(temb_act)?.chunk(3, 1)?;
         let normed = self.norm.modulate(x, &m[0], &m[1])?;
-        let mlp = gelu_tanh(self.proj_mlp.forward(&normed)?)?;
+        // q, k, v and the MLP's input in one product, unless the attention is predicted.
+        let (qkv, mlp_in) = if taylor.as_ref().is_none_or(|slot| slot.compute) {
+            let (qkv, mut others) = self.qkv.forward(&normed)?;
+            (Some(qkv), others.remove(0))
+        } else {
+            (None, self.qkv.other(0, &normed)?)
+        };
+        let mlp = gelu_tanh(mlp_in)?;
         let attention = || -> CResult<Vec<Tensor>> {
-            Ok(vec![joint_attention(
-                rope,
-                self.qkv.heads,
-                vec![self.qkv.forward(&normed)?],
-            )?])
+            let qkv = qkv.expect("computed when the attention is");
+            Ok(vec![joint_attention(rope, self.qkv.heads, vec![qkv])?])
         };
         let attn = TaylorSlot::run(taylor, x.dtype(), attention)?.remove(0);
         let out = self
@@ -507,11 +529,45 @@ impl SingleStreamBlock {
 impl VisitLinears for SingleStreamBlock {
     fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
         f(&join(prefix, "norm.linear"), &mut self.modulation);
-        self.qkv
-            .visit_linears(&join(prefix, "attn"), ["to_q", "to_k", "to_v"], f);
-        f(&join(prefix, "proj_mlp"), &mut self.proj_mlp);
+        let attn = join(prefix, "attn");
+        let mut paths: Vec<String> = IMG_QKV[..3].iter().map(|n| join(&attn, n)).collect();
+        paths.push(join(prefix, "proj_mlp"));
+        self.qkv.visit_linears(&paths, f);
         f(&join(prefix, "proj_out"), &mut self.proj_out);
     }
+
+    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
+        f(&join(prefix, "linear1"), &mut self.qkv.linears);
+    }
+}
+
+/// Places every linear of `module` ([`Linear::kept_on`] the `(home, compute)` devices `place`
+/// gives its path), each joint group's weight moved once.
+fn place_linears<'d, M: VisitLinears>(
+    module: &mut M,
+    place: &dyn Fn(&str) -> (&'d Device, &'d Device),
+) -> candle_core::Result<()> {
+    let mut failed = None;
+    module.visit_joints("", &mut |path, joint| {
+        let (home, compute) = place(path);
+        match joint.kept_on(home, compute) {
+            Ok(placed) => *joint = placed,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    });
+    // The joint groups' parts are where they belong by now: nothing more is copied for them.
+    module.visit_linears("", &mut |path, linear| {
+        let (home, compute) = place(path);
+        match linear.kept_on(home, compute) {
+            Ok(placed) => *linear = placed,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    });
+    failed.map_or(Ok(()), Err)
 }
 
 /// Inputs of one transformer evaluation, with diffusers' meaning and shapes.
@@ -642,25 +698,14 @@ impl FluxTransformer {
             ones: self.norm.ones.to_device(device)?,
             zeros: self.norm.zeros.to_device(device)?,
         };
-        let mut failed = None;
-        model.visit_linears(&mut |path, linear| {
+        place_linears(&mut model, &|path| {
             let in_block = path.starts_with("transformer_blocks.")
                 || path.starts_with("single_transformer_blocks.");
-            let placed = if in_block && offload_blocks {
-                linear.kept_on(&host, device)
-            } else {
-                linear.to_device(device)
-            };
-            match placed {
-                Ok(placed) => *linear = placed,
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
+            match in_block && offload_blocks {
+                true => (&host, device),
+                false => (device, device),
             }
-        });
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
+        })?;
         let norm = model.norm.clone();
         for block in &mut model.transformer_blocks {
             block.norms_to(&norm)?;
@@ -715,14 +760,8 @@ impl FluxTransformer {
             scope.spawn(move || {
                 for block in blocks {
                     let mut copy = block.clone();
-                    let mut failed = None;
-                    copy.visit_linears("", &mut |_, linear| match linear.to_device(device) {
-                        Ok(placed) => *linear = placed,
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                        }
-                    });
-                    let placed = failed.map_or(Ok(Cow::Owned(copy)), Err);
+                    let placed =
+                        place_linears(&mut copy, &|_| (device, device)).map(|()| Cow::Owned(copy));
                     if sender.send(placed).is_err() {
                         break; // the forward stopped early
                     }
@@ -988,6 +1027,15 @@ impl VisitLinears for FluxTransformer {
         }
         f(&join(prefix, "norm_out.linear"), &mut self.norm_out);
         f(&join(prefix, "proj_out"), &mut self.proj_out);
+    }
+
+    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
+        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
+            block.visit_joints(&join(prefix, &format!("transformer_blocks.{i}")), f);
+        }
+        for (i, block) in self.single_transformer_blocks.iter_mut().enumerate() {
+            block.visit_joints(&join(prefix, &format!("single_transformer_blocks.{i}")), f);
+        }
     }
 }
 

@@ -29,7 +29,7 @@ pub use cpu_kernels::{cpu_fast_paths, matmul_selected_rows};
 pub use error::{FluxError, Result};
 pub use finite::{all_finite, check_finite};
 pub use linear::{Linear, LinearAdapter, VisitLinears};
-pub use model::{FluxInput, FluxTransformer};
+pub use model::{FluxInput, FluxTransformer, ParameterCounts};
 pub use step_cache::{round_to, StepCache, StepCacheConfig};
 pub use vae::{AutoencoderKl, Posterior, VaeConfig};
 pub use weights::{

@@ -634,6 +634,15 @@ pub struct FluxTransformer {
     blocks_offloaded: bool,
 }
 
+/// [`FluxTransformer::parameters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParameterCounts {
+    pub blocks: u64,
+    pub largest_block: u64,
+    /// Embedders and the final layer.
+    pub rest: u64,
+}
+
 /// The identity of a (text ids, image ids) pair.
 type RopeKey = (TensorId, TensorId);
 
@@ -778,6 +787,27 @@ impl FluxTransformer {
             config,
             candle_nn::VarBuilder::from_backend(Box::new(BroadcastZeros), DType::F32, Device::Cpu),
         )
+    }
+
+    /// Parameters of the linear layers of a transformer of this config, counted on its
+    /// shapes-only model (no memory): in all the blocks, in the largest block, and elsewhere.
+    pub fn parameters(config: &FluxConfig) -> Result<ParameterCounts> {
+        let mut model = Self::shapes_only(config)?;
+        let mut counts = ParameterCounts::default();
+        let mut per_block = std::collections::BTreeMap::<String, u64>::new();
+        model.visit_linears(&mut |path, linear| {
+            let n = (linear.in_features() * linear.out_features() + linear.out_features()) as u64;
+            match path.split_once("blocks.") {
+                Some((kind, rest)) => {
+                    let index = rest.split('.').next().unwrap_or_default();
+                    *per_block.entry(format!("{kind}{index}")).or_default() += n;
+                    counts.blocks += n;
+                }
+                None => counts.rest += n,
+            }
+        });
+        counts.largest_block = per_block.into_values().max().unwrap_or(0);
+        Ok(counts)
     }
 
     /// Loads the weights of `checkpoint` onto `device` as `dtype` (f32, bf16 or f16).

@@ -3,7 +3,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use icedit_flux::FluxConfig;
+use icedit_flux::{FluxConfig, ParameterCounts};
 
 /// Where the transformer's weights live while a run computes on a GPU. On the CPU, host memory
 /// is the device's: every choice computes alike there.
@@ -44,6 +44,8 @@ pub struct MemoryOptions {
 #[derive(Debug, Clone)]
 pub struct PlanInputs {
     pub transformer: FluxConfig,
+    /// Its linear layers' parameters ([`FluxTransformer::parameters`]).
+    pub transformer_parameters: ParameterCounts,
     /// Bytes of a transformer stored quantized (a GGUF file), whose size is then fixed.
     pub transformer_file_bytes: Option<u64>,
     /// Parameters of the text encoders (T5 and CLIP) and the VAE.
@@ -146,24 +148,6 @@ pub fn parse_size(text: &str) -> Option<u64> {
     (value.is_finite() && value > 0.0).then(|| (value * (1u64 << shift) as f64) as u64)
 }
 
-/// Parameters of the transformer: (all the blocks, the largest block, everything else).
-fn transformer_parameters(c: &FluxConfig) -> (u64, u64, u64) {
-    let (h, m) = (c.hidden_size() as u64, c.mlp_hidden_size() as u64);
-    let linear = |i: u64, o: u64| i * o + o;
-    let stream = linear(h, 6 * h) + 4 * linear(h, h) + linear(h, m) + linear(m, h) + 2 * 128;
-    let double = 2 * stream;
-    let single = linear(h, 3 * h) + 3 * linear(h, h) + linear(h, m) + linear(h + m, h) + 2 * 128;
-    let blocks = c.num_layers as u64 * double + c.num_single_layers as u64 * single;
-    let embed = |i: u64| linear(i, h) + linear(h, h);
-    let rest = linear(c.in_channels as u64, h)
-        + linear(c.joint_attention_dim as u64, h)
-        + embed(256) * (1 + c.guidance_embeds as u64)
-        + embed(c.pooled_projection_dim as u64)
-        + linear(h, 2 * h)
-        + linear(h, c.out_channels() as u64);
-    (blocks, double.max(single), rest)
-}
-
 /// Bytes per parameter of a ggml type.
 fn bytes_per_parameter(t: GgmlDType) -> f64 {
     t.type_size() as f64 / t.block_size() as f64
@@ -194,7 +178,11 @@ pub fn predict(inputs: &PlanInputs, options: MemoryOptions, budget_bytes: u64) -
         inputs.dtype.size_in_bytes() as u64
     };
     let dense = inputs.dtype.size_in_bytes() as f64;
-    let (blocks, largest_block, rest) = transformer_parameters(&inputs.transformer);
+    let ParameterCounts {
+        blocks,
+        largest_block,
+        rest,
+    } = inputs.transformer_parameters;
     let total = (blocks + rest) as f64;
     // Embedders and final layer stay F16 when quantized, as `icedit quantize` keeps them.
     let (block_bytes, rest_bytes) = match (inputs.transformer_file_bytes, options.quantize) {
@@ -394,11 +382,13 @@ fn device_memory_reader(_device: &Device) -> Option<UsedBytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use icedit_flux::FluxTransformer;
 
     fn fill_at(width: u64, height: u64, dtype: DType) -> PlanInputs {
         // FLUX.1 Fill's shapes, an ICEdit diptych of `width` x `height` pixels, 512 T5 tokens.
         PlanInputs {
             transformer: FluxConfig::fill(),
+            transformer_parameters: FluxTransformer::parameters(&FluxConfig::fill()).unwrap(),
             transformer_file_bytes: None,
             text_encoder_parameters: 4_762_000_000 + 123_000_000,
             text_encoder_2_file_bytes: None,
@@ -414,7 +404,11 @@ mod tests {
 
     #[test]
     fn the_real_transformer_has_twelve_billion_parameters() {
-        let (blocks, largest, rest) = transformer_parameters(&FluxConfig::fill());
+        let ParameterCounts {
+            blocks,
+            largest_block: largest,
+            rest,
+        } = FluxTransformer::parameters(&FluxConfig::fill()).unwrap();
         let total = blocks + rest;
         // FLUX.1 Fill [dev]: 11.9B parameters (diffusers' `num_parameters()`).
         assert!((11_850_000_000..11_950_000_000).contains(&total), "{total}");

@@ -457,6 +457,7 @@ impl FluxPipeline {
         let vae_parameters = 83_800_000 * widest * widest / (512 * 512);
         Ok(PlanInputs {
             transformer: checkpoint.config().clone(),
+            transformer_parameters: FluxTransformer::parameters(checkpoint.config())?,
             transformer_file_bytes: gguf_bytes(&self.transformer_file),
             text_encoder_parameters: t5_parameters + clip_parameters,
             text_encoder_2_file_bytes: gguf_bytes(&self.text_encoder_2_file),

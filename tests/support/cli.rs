@@ -3,7 +3,20 @@
 #![allow(dead_code)] // each test file uses some of these
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
+
+/// `icedit COMMAND ARGS` offline, with `hf_home` as its Hugging Face home: a test never touches
+/// the user's cache or the network.
+pub fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_icedit"))
+        .arg(command)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", hf_home)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .expect("run icedit")
+}
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -4,7 +4,6 @@
 //! inputs, each exiting 1 with a reason and leaving no file behind.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
@@ -59,18 +58,6 @@ fn hf_home_with_adapters() -> tempfile::TempDir {
     home
 }
 
-fn icedit(args: &[String], hf_home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_icedit"))
-        .arg("edit")
-        .args(args)
-        // Never touch the user's cache or the network from a test.
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", hf_home)
-        .env_remove("HF_HUB_CACHE")
-        .output()
-        .expect("run icedit")
-}
-
 /// The reference's settings: tiny model, 64-pixel halves, 4 steps, f32.
 fn base_args(out: &Path) -> Vec<String> {
     [
@@ -112,6 +99,7 @@ fn default_adapter_and_manifest_names_resolve_from_the_hub_cache() {
     // No --lora: icedit-moe, its file found from the cached repo's listing.
     let out = dir.path().join("moe.png");
     let run = icedit(
+        "edit",
         &with(base_args(&out), &["--json", "--verbose"]),
         home.path(),
     );
@@ -154,6 +142,7 @@ fn default_adapter_and_manifest_names_resolve_from_the_hub_cache() {
     // A manifest by name, at run time instead of merged: the PEFT LoRA's reference.
     let out = dir.path().join("normal.png");
     let run = icedit(
+        "edit",
         &with(
             base_args(&out),
             &["--lora", "icedit-normal", "--lora-mode", "runtime"],
@@ -172,6 +161,7 @@ fn local_files_scales_seeds_and_diptychs() {
     // A kohya file with a scale: the weighted PEFT reference (same LoRA, 0.75).
     let out = dir.path().join("kohya.png");
     let run = icedit(
+        "edit",
         &with(
             base_args(&out),
             &[
@@ -190,6 +180,7 @@ fn local_files_scales_seeds_and_diptychs() {
     // Several seeds, top-2 routing, diptychs kept: seed 7 is the moe_top2 reference.
     let pattern = dir.path().join("e_{seed}.png");
     let run = icedit(
+        "edit",
         &with(
             base_args(&pattern),
             &[
@@ -220,6 +211,7 @@ fn local_files_scales_seeds_and_diptychs() {
     // The bare model, resized back to the source size.
     let out = dir.path().join("bare.png");
     let run = icedit(
+        "edit",
         &with(base_args(&out), &["--no-lora", "--keep-size"]),
         home.path(),
     );
@@ -343,7 +335,7 @@ fn bad_inputs_exit_1_with_a_reason_and_leave_nothing() {
         ),
     ];
     for (what, args, expected) in cases {
-        let run = icedit(&args, home.path());
+        let run = icedit("edit", &args, home.path());
         assert_refused(what, &run, &[expected]);
         assert_nothing_written(what, dir.path(), |n| n.ends_with(".png"));
     }
@@ -380,7 +372,7 @@ fn photos_of_any_size_match_the_reference() {
                 extra.push("--keep-size".into());
             }
             args.extend(extra);
-            let run = icedit(&args, home.path());
+            let run = icedit("edit", &args, home.path());
             assert!(run.status.success(), "{name}: {}", stderr(&run));
             let expected = PathBuf::from(edit_fixture(&format!("geometry/{name}/{reference}")));
             let diff = max_png_diff(&out, &expected);
@@ -429,13 +421,14 @@ fn seed_search_with_a_judge_server() {
             "--json",
         ],
     );
-    let run = icedit(&args, home.path());
+    let run = icedit("edit", &args, home.path());
     assert!(run.status.success(), "{}", stderr(&run));
     // 5 vs 6 -> 6 ("Image 2"), then 6 vs 7 -> 6 ("1").
     let best = dir.path().join("best_6.png");
     assert_eq!(recipe(&best)["seed"], 6);
     let plain = dir.path().join("plain.png");
     let run_plain = icedit(
+        "edit",
         &with(base_args(&plain), &["--no-lora", "--seed", "6"]),
         home.path(),
     );
@@ -488,7 +481,7 @@ fn seed_search_with_a_judge_server() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let run = icedit(&with(base_args(&out), &args), home.path());
+        let run = icedit("edit", &with(base_args(&out), &args), home.path());
         let search = serde_json::from_slice::<serde_json::Value>(&run.stdout)
             .map(|summary| summary["search"].clone())
             .unwrap_or_default();
@@ -554,6 +547,7 @@ fn seed_search_with_a_judge_server() {
     assert_eq!(recipe(&out)["seed"], 9);
     let plain = dir.path().join("plain9.png");
     let run_plain = icedit(
+        "edit",
         &with(base_args(&plain), &["--no-lora", "--seed", "9"]),
         home.path(),
     );
@@ -630,7 +624,7 @@ fn seed_search_with_a_judge_server() {
         ),
     ] {
         let out = dir.path().join("bad.png");
-        let run = icedit(&with(base_args(&out), &extra), home.path());
+        let run = icedit("edit", &with(base_args(&out), &extra), home.path());
         assert_refused(&format!("{extra:?}"), &run, &[expected]);
         assert!(!out.exists());
     }
@@ -686,6 +680,7 @@ fn masked_edits_keep_the_photo_outside_the_mask() {
     };
     let by_mask = dir.path().join("by-mask.png");
     let run = icedit(
+        "edit",
         &args(&by_mask, &["--mask", mask_path.to_str().unwrap()]),
         home.path(),
     );
@@ -718,6 +713,7 @@ fn masked_edits_keep_the_photo_outside_the_mask() {
 
     let by_region = dir.path().join("by-region.png");
     let run = icedit(
+        "edit",
         &args(&by_region, &["--region", "120,60,40,30"]),
         home.path(),
     );
@@ -732,7 +728,7 @@ fn masked_edits_keep_the_photo_outside_the_mask() {
     image::GrayImage::new(300, 200).save(&empty).unwrap();
     let refused = |extra: &[&str], expected: &str| {
         let out = dir.path().join("refused.png");
-        let run = icedit(&args(&out, extra), home.path());
+        let run = icedit("edit", &args(&out, extra), home.path());
         assert_refused(&format!("{extra:?}"), &run, &[expected]);
         assert!(!out.exists());
     };
@@ -779,7 +775,7 @@ fn fast_is_the_default_adapter_plus_turbo_at_8_steps() {
         args
     };
     let fast = dir.path().join("fast.png");
-    let run = icedit(&with(base(&fast), &["--fast"]), home.path());
+    let run = icedit("edit", &with(base(&fast), &["--fast"]), home.path());
     assert!(run.status.success(), "{}", stderr(&run));
     let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(summary["steps"], 8);
@@ -797,6 +793,7 @@ fn fast_is_the_default_adapter_plus_turbo_at_8_steps() {
     );
     let spelled = dir.path().join("spelled.png");
     let run = icedit(
+        "edit",
         &with(
             base(&spelled),
             &[
@@ -815,6 +812,7 @@ fn fast_is_the_default_adapter_plus_turbo_at_8_steps() {
     // A scale pairs with the user's own --lora; the turbo LoRA keeps its manifest's.
     let scaled = dir.path().join("scaled.png");
     let run = icedit(
+        "edit",
         &with(
             base(&scaled),
             &["--fast", "--lora", "icedit-moe", "--lora-scale", "0.5"],
@@ -831,11 +829,12 @@ fn step_caches_on_the_command_line() {
     let home = hf_home_with_adapters();
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("plain.png");
-    let run = icedit(&base_args(&plain), home.path());
+    let run = icedit("edit", &base_args(&plain), home.path());
     assert!(run.status.success(), "{}", stderr(&run));
 
     let zero = dir.path().join("zero.png");
     let run = icedit(
+        "edit",
         &with(base_args(&zero), &["--cache", "first-block:0", "--json"]),
         home.path(),
     );
@@ -852,6 +851,7 @@ fn step_caches_on_the_command_line() {
 
     let taylor = dir.path().join("taylor.png");
     let run = icedit(
+        "edit",
         &with(
             base_args(&taylor),
             &["--cache", "taylorseer:interval=2,warmup=1", "--json"],
@@ -878,7 +878,11 @@ fn step_caches_on_the_command_line() {
         ("first-block:-1", "0 or more"),
     ] {
         let out = dir.path().join("bad.png");
-        let run = icedit(&with(base_args(&out), &["--cache", spec]), home.path());
+        let run = icedit(
+            "edit",
+            &with(base_args(&out), &["--cache", spec]),
+            home.path(),
+        );
         assert_eq!(run.status.code(), Some(1));
         assert!(stderr(&run).contains(expected), "{spec}: {}", stderr(&run));
         assert!(!out.exists());

@@ -5,7 +5,6 @@
 //! errors (missing file, a GGUF for another model, an output onto the GGUF), exiting 1.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
@@ -55,17 +54,6 @@ fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) {
             std::fs::copy(&path, &target).unwrap();
         }
     }
-}
-
-fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_icedit"))
-        .arg(command)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", hf_home)
-        .env_remove("HF_HUB_CACHE")
-        .output()
-        .expect("run icedit")
 }
 
 /// The reference's edit: 64-pixel halves, 4 steps, guidance 50 (edit's default), f32.

@@ -4,7 +4,6 @@
 //! without `model_index.json`, and the flags and adapters that belong to the other model.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
@@ -21,17 +20,6 @@ fn kontext(rel: &str) -> String {
         .to_str()
         .unwrap()
         .to_string()
-}
-
-fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_icedit"))
-        .arg(command)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", hf_home)
-        .env_remove("HF_HUB_CACHE")
-        .output()
-        .expect("run icedit")
 }
 
 /// The reference run `name` as CLI arguments (its photo, size, steps, seed or latents).

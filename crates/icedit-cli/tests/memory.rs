@@ -18,17 +18,6 @@ fn path(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
-fn icedit(command: &str, args: &[String], hf_home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_icedit"))
-        .arg(command)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", hf_home)
-        .env_remove("HF_HUB_CACHE")
-        .output()
-        .expect("run icedit")
-}
-
 /// A quiet [`edit_args`] run.
 fn edit(model: &Path, out: &Path, extra: &[&str], home: &Path) -> Output {
     let mut args = edit_args(model, out, extra);

@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{Device, Tensor};
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
-use cli_support::{assert_nothing_written, assert_refused};
+use cli_support::{assert_nothing_written, assert_refused, icedit};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -19,17 +19,6 @@ fn fixtures() -> PathBuf {
 
 fn fixture(rel: &str) -> String {
     fixtures().join(rel).to_str().unwrap().to_string()
-}
-
-fn icedit(args: &[String], hf_home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_icedit"))
-        .arg("edit")
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", hf_home)
-        .env_remove("HF_HUB_CACHE")
-        .output()
-        .expect("run icedit")
 }
 
 /// The tiny model, 64-pixel halves, 4 steps, f32, as the edit tests run it.
@@ -103,6 +92,7 @@ fn a_lora_holding_a_nan_is_refused_naming_the_tensor() {
     );
     let out = dir.path().join("out.png");
     let run = icedit(
+        "edit",
         &args(
             &fixture("fill_pipeline/tiny"),
             &out,
@@ -126,6 +116,7 @@ fn an_overflowing_lora_scale_is_refused_naming_the_layer_or_step() {
     let out = dir.path().join("out.png");
     // 1e30: the merged f32 weights are finite, the first step is not.
     let run = icedit(
+        "edit",
         &args(
             &fixture("fill_pipeline/tiny"),
             &out,
@@ -141,6 +132,7 @@ fn an_overflowing_lora_scale_is_refused_naming_the_layer_or_step() {
     );
     // 1e39: past f32's range, the merge itself overflows.
     let run = icedit(
+        "edit",
         &args(
             &fixture("fill_pipeline/tiny"),
             &out,
@@ -166,6 +158,7 @@ fn an_infinite_transformer_weight_is_refused_naming_the_tensor() {
     poke(&shard.clone(), &shard, "proj_out.weight", f32::INFINITY);
     let out = dir.path().join("out.png");
     let run = icedit(
+        "edit",
         &args(model.to_str().unwrap(), &out, &["--no-lora"]),
         home.path(),
     );

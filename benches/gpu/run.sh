@@ -5,12 +5,14 @@
 #   run(command="bash benches/gpu/run.sh", carry=[".gpu"], timeout_s=540)
 #
 # 1. `icedit selftest --device cuda`: every parity fixture on the GPU (transformer f32, bf16,
-#    f16 in both layouts, GGUF forwards, whole edits with LoRA and MoE-LoRA).
+#    f16 in both layouts, attention at head size 128 both ways, GGUF forwards, whole edits with
+#    LoRA and MoE-LoRA).
 # 2. FLUX.1 Fill's transformer at its real shape, random bf16 weights made by diffusers on the
 #    GPU, at a 1024x512 diptych (2048 image + 512 text tokens): diffusers' seconds per forward
 #    and peak memory, then icedit's on the same weights and inputs (and its difference from
-#    diffusers' output) with the blocks resident and streamed (--offload blocks), then
-#    quantized at load to Q8_0 and Q4_K.
+#    diffusers' output) with the blocks resident (flash attention, then attention in query
+#    chunks: ICEDIT_FLASH_ATTN=0) and streamed (--offload blocks), then quantized at load to
+#    Q8_0 and Q4_K.
 # Everything goes to $OUT. A dry run on the CPU, anywhere (a reduced model, 2 + 2 blocks):
 #   GPU_CHECK_DRY=1 PYTHON=.venv-ref/bin/python bash benches/gpu/run.sh
 set -uo pipefail
@@ -44,11 +46,14 @@ WORK=/tmp/flux_real
 "${PYTHON:-python3}" benches/gpu/flux_real.py --out "$WORK" --device "$DEVICE" $SMALL "${TOKENS[@]}" 2>&1 \
   | tee "$OUT/diffusers.txt" | tee -a "$OUT/summary.txt"
 REPEAT=5; [ -n "${GPU_CHECK_DRY:-}" ] && REPEAT=1
-for variant in "" "--offload-blocks" "--quantize q8_0" "--quantize q4_k" "--quantize q4_k --offload-blocks"; do
-  echo "== icedit bf16 $variant" | tee -a "$OUT/summary.txt"
+# Each variant: flash attention on or off (ICEDIT_FLASH_ATTN), then inspect's flags.
+for variant in "1" "0" "1 --offload-blocks" "1 --quantize q8_0" "1 --quantize q4_k" \
+    "1 --quantize q4_k --offload-blocks"; do
+  flash=${variant%% *}; flags=${variant#"$flash"}
+  echo "== icedit bf16 ICEDIT_FLASH_ATTN=$flash$flags" | tee -a "$OUT/summary.txt"
   # shellcheck disable=SC2086
-  timeout 150 "$ICEDIT" inspect --model "$WORK/transformer" --dtype bf16 --device "$DEVICE" \
-    --inputs "$WORK/io.safetensors" --repeat "$REPEAT" $variant 2>&1 \
-    | grep -E "loaded|weights|forward|vs out|peak|rror" | tee -a "$OUT/summary.txt"
+  ICEDIT_FLASH_ATTN=$flash timeout 150 "$ICEDIT" inspect --model "$WORK/transformer" --dtype bf16 \
+    --device "$DEVICE" --inputs "$WORK/io.safetensors" --repeat "$REPEAT" $flags 2>&1 \
+    | grep -E "loaded|attention|weights|forward|vs out|peak|rror" | tee -a "$OUT/summary.txt"
 done
 echo "== done; results in $OUT" | tee -a "$OUT/summary.txt"

@@ -458,6 +458,17 @@ fn auto_device() -> Device {
 }
 
 /// How progress output and `--json` name a device.
+/// Which attention a run on `device` takes for FLUX's 128-wide heads.
+pub(crate) fn attention_path(device: &Device) -> &'static str {
+    if icedit_flux::flash_attention(device, DType::BF16, 128) {
+        "flash attention in bf16/f16, query chunks in f32"
+    } else if icedit_flux::cpu_fast_paths(device) {
+        "tiled CPU kernel"
+    } else {
+        "query chunks (half precision: f32 scores, rounded probabilities)"
+    }
+}
+
 pub(crate) fn device_name(device: &Device) -> &'static str {
     match device {
         Device::Cpu => "cpu",
@@ -528,6 +539,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         },
     );
     println!("loaded       {dtype:?} on {device:?} in {load_s:.2}s");
+    println!("attention    {}", attention_path(&device));
     let unused = checkpoint.unused_tensors();
     if !unused.is_empty() {
         eprintln!(

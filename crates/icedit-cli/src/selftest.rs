@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use icedit_flux::compare::{max_abs_diff, rms_diff};
 use icedit_flux::{Checkpoint, FluxConfig, FluxInput, FluxTransformer};
 
-use crate::{device, device_name, DeviceArg};
+use crate::{attention_path, device, device_name, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct SelftestArgs {
@@ -48,8 +48,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         );
     }
     println!(
-        "icedit selftest on {} with {}",
+        "icedit selftest on {} ({}) with {}",
         device_name(&device),
+        attention_path(&device),
         fixtures.display()
     );
     let mut checks: Vec<(String, Box<dyn Fn() -> Result<(bool, String)> + '_>)> = Vec::new();
@@ -62,6 +63,19 @@ pub fn run(args: SelftestArgs) -> Result<()> {
                     Box::new(move || transformer_check(fixtures, config, layout, dtype, device)),
                 ));
             }
+        }
+    }
+    for dtype in [DType::BF16, DType::F16] {
+        let mut paths = vec![("query chunks", false)];
+        if icedit_flux::flash_attention(&device, dtype, 128) {
+            paths.push(("flash", true));
+        }
+        for (path, flash) in paths {
+            let device = &device;
+            checks.push((
+                format!("attention {} {path}", dtype.as_str()),
+                Box::new(move || attention_check(dtype, flash, device)),
+            ));
         }
     }
     for (file, out) in [
@@ -141,6 +155,42 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         bail!("{failed} selftest check(s) failed");
     }
     Ok(())
+}
+
+/// Attention at FLUX's head size (128) in half precision, on the path asked for, against f32
+/// on the host: 3 heads, 300 queries over 77 keys and 77 over 300 (neither a whole number of
+/// the kernels' blocks). The bounds are a few steps of the dtype at the outputs' size: what
+/// rounding the probabilities and the output costs, far below what a wrong kernel gives.
+fn attention_check(dtype: DType, flash: bool, device: &Device) -> Result<(bool, String)> {
+    let tolerance = if dtype == DType::BF16 { 2e-2 } else { 2.5e-3 };
+    let mut worst = 0f32;
+    for (s_q, s_k) in [(300, 77), (77, 300)] {
+        let randn = |s: usize| Tensor::randn(0f32, 1.0, (1, 3, s, 128), &Device::Cpu);
+        let (q, k, v) = (randn(s_q)?, randn(s_k)?, randn(s_k)?);
+        let scores = (q.matmul(&k.t()?)? / (128f64).sqrt())?;
+        let exp = scores
+            .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+            .exp()?;
+        let expected = exp
+            .broadcast_div(&exp.sum_keepdim(D::Minus1)?)?
+            .matmul(&v)?;
+        let on_device = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
+        let (q, k, v) = (on_device(&q)?, on_device(&k)?, on_device(&v)?);
+        let out = if flash {
+            // [B, S, H*D] back to [B, H, S, D].
+            icedit_flux::attention(&q, &k, &v)?
+                .reshape((1, s_q, 3, 128))?
+                .transpose(1, 2)?
+        } else {
+            icedit_flux::chunked_attention(&q, &k, &v)?
+        };
+        let out = out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        worst = worst.max(icedit_flux::compare::max_abs_diff(&out, &expected)?);
+    }
+    Ok((
+        worst <= tolerance,
+        format!("max abs {worst:.2e} (tolerance {tolerance:.1e})"),
+    ))
 }
 
 /// diffusers' FluxTransformer2DModel on the flux/ fixtures (tests/reference/

@@ -1,6 +1,7 @@
 //! Rotary position embedding over (0, row, col) ids, and scaled dot-product attention that
 //! never holds more than a bounded slice of the score matrix: tiled kernels on the CPU, query
-//! chunks elsewhere, flash attention on CUDA with the `flash-attn` feature.
+//! chunks elsewhere, flash attention on CUDA with the `flash-attn` feature
+//! ([`flash_attention`]).
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -96,33 +97,42 @@ pub(crate) fn rope_attention(
     attention(&q, &k, &heads_first(&v)?)
 }
 
+/// Whether attention runs through the flash attention kernels: built with the `flash-attn`
+/// feature, on a CUDA device of compute capability 8.0 or newer, in bf16 or f16, with head size
+/// 128. `ICEDIT_FLASH_ATTN=0` in the environment turns them off (the GPU check times both).
+pub fn flash_attention(device: &Device, dtype: DType, head_dim: usize) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    icedit_flash_attn::supported(device, dtype, head_dim)
+        && *ENABLED
+            .get_or_init(|| std::env::var("ICEDIT_FLASH_ATTN").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Upper bound on the f32 attention scores held at once by the generic path.
 const SCORE_BYTES_BUDGET: usize = 256 << 20;
 
-/// Softmax attention of `q`, `k`, `v` (`[B, H, S, D]`, no mask), returned as `[B, S, H*D]`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// Softmax attention of `q`, `k`, `v` (`[B, H, S, D]`, no mask), returned as `[B, S, H*D]`:
+/// flash attention where [`flash_attention`] says so, else [`chunked_attention`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
-    #[cfg(feature = "flash-attn")]
-    if q.device().is_cuda() && matches!(q.dtype(), DType::F16 | DType::BF16) {
-        // flash-attn takes [B, S, H, D].
-        let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
-        let out =
-            candle_flash_attn::flash_attn(&t(q)?, &t(k)?, &t(v)?, 1.0 / (d as f32).sqrt(), false)?;
+    if flash_attention(q.device(), q.dtype(), d) {
+        // Flash attention takes [B, S, H, D]; only the last dimension must be contiguous.
+        let t = |x: &Tensor| x.transpose(1, 2);
+        let out = icedit_flash_attn::flash_attn(&t(q)?, &t(k)?, &t(v)?, 1.0 / (d as f32).sqrt())?;
         return out.reshape((b, s, h * d));
     }
     let out = chunked_attention(q, k, v)?;
     out.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
-/// Attention in query chunks so that the score matrix held at once stays under
-/// [`SCORE_BYTES_BUDGET`].
+/// Attention in query chunks (`[B, H, S, D]` in and out) so that the score matrix held at once
+/// stays under [`SCORE_BYTES_BUDGET`].
 ///
 /// In f32 everything is f32. Half-precision inputs go as flash attention (and PyTorch's CPU
 /// kernel) take them: scores accumulated and kept in f32 (products of half values are exact in
 /// f32; rounding the scores to bf16 before the softmax would add up to a few per cent to the
 /// largest probabilities), the softmax in f32, then the probabilities rounded to the input's
 /// dtype for a half-precision product with `v`, accumulated in f32 and rounded once.
-fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     chunked_attention_within(q, k, v, SCORE_BYTES_BUDGET)
 }
 

@@ -24,6 +24,7 @@ pub mod step_cache;
 mod vae;
 mod weights;
 
+pub use attention::{attention, chunked_attention, flash_attention};
 pub use config::{FluxConfig, MLP_RATIO, ROPE_THETA};
 pub use cpu_kernels::{cpu_fast_paths, matmul_selected_rows};
 pub use error::{FluxError, Result};

@@ -13,6 +13,8 @@ mod attention;
 pub mod compare;
 mod config;
 mod cpu_kernels;
+#[cfg(feature = "cuda")]
+mod cuda_gemm;
 mod error;
 pub mod files;
 mod finite;

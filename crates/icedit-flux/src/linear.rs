@@ -353,11 +353,19 @@ impl Linear {
         }
     }
 
-    /// The bias where the layer computes.
-    fn bias_for_product(&self) -> Result<Option<Tensor>> {
-        match (&self.bias, &self.compute) {
-            (Some(b), Some(device)) => Ok(Some(b.to_device(device)?)),
-            (b, _) => Ok(b.clone()),
+    /// The bias of each product row where the layer computes: its own, then zeros for its
+    /// adapters' extra rows.
+    fn product_bias(&self) -> Result<Option<Tensor>> {
+        let Some(bias) = &self.bias else {
+            return Ok(None);
+        };
+        let bias = bias.to_device(&self.device())?;
+        match self.extra_rows() {
+            0 => Ok(Some(bias)),
+            extra => {
+                let zeros = Tensor::zeros(extra, bias.dtype(), bias.device())?;
+                Ok(Some(Tensor::cat(&[&bias, &zeros], 0)?))
+            }
         }
     }
 
@@ -367,9 +375,9 @@ impl Linear {
     }
 
     /// The layer's output from `product`, its input `x` (flattened to rows) times its weight
-    /// rows ([`rows_product`]): the adapters' input projections split off, the bias added, one
+    /// rows plus its bias ([`biased_product`]): the adapters' input projections split off, one
     /// rounding to the input's dtype, then the adapters' deltas.
-    fn from_product(&self, x: &Tensor, product: Tensor, bias: Option<Tensor>) -> Result<Tensor> {
+    fn from_product(&self, x: &Tensor, product: Tensor) -> Result<Tensor> {
         let (mut y, extra) = (product, self.extra_rows());
         let projected = if extra > 0 {
             let projected = y.narrow(1, self.out_features, extra)?;
@@ -378,9 +386,6 @@ impl Linear {
         } else {
             None
         };
-        if let Some(b) = bias {
-            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
-        }
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("rank >= 1") = self.out_features;
         let mut y = y.to_dtype(x.dtype())?.reshape(out_dims)?;
@@ -397,25 +402,37 @@ impl Linear {
     }
 }
 
-/// `x` (flattened to rows, `[tokens, in]`) times `weight^T` (`weight`: `[rows, in]`). On the
-/// CPU bf16 is widened to f32 (candle widens bf16 matmuls there anyway), so that the bias is
-/// added before the one rounding, as PyTorch's fused addmm does.
-fn rows_product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `x` (flattened to rows, `[tokens, in]`) times `weight^T` (`weight`: `[rows, in]`), plus
+/// `bias` (`[rows]`). The bias is added before the product is rounded to a half dtype, as
+/// PyTorch's fused addmm does: on the CPU by widening bf16 to f32 (candle widens bf16 matmuls
+/// there anyway), on CUDA inside cuBLAS's f32 accumulation, as PyTorch's bias epilogue does.
+fn biased_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let x2 = x.reshape(((), x.dim(D::Minus1)?))?;
     let weight = weight.to_device(x.device())?;
-    if x.device().is_cpu() && x.dtype() == DType::BF16 {
+    #[cfg(feature = "cuda")]
+    if let Some(bias) = bias {
+        if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+            return crate::cuda_gemm::biased_linear(&x2, &weight, bias);
+        }
+    }
+    let y = if x.device().is_cpu() && x.dtype() == DType::BF16 {
         x2.to_dtype(DType::F32)?
-            .matmul(&weight.to_dtype(DType::F32)?.t()?)
+            .matmul(&weight.to_dtype(DType::F32)?.t()?)?
     } else {
-        x2.matmul(&weight.t()?)
+        x2.matmul(&weight.t()?)?
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Offloaded and called in place, the weight comes over for this product only.
-        let product = rows_product(x, &self.matmul_weight()?)?;
-        self.from_product(x, product, self.bias_for_product()?)
+        let bias = self.product_bias()?;
+        let product = biased_product(x, &self.matmul_weight()?, bias.as_ref())?;
+        self.from_product(x, product)
     }
 }
 
@@ -549,19 +566,36 @@ impl JointLinears {
         let Some(joint) = &self.joint else {
             return self.parts.iter().map(|p| p.forward(x)).collect();
         };
-        let product = rows_product(x, &joint.weight)?;
+        let product = biased_product(x, &joint.weight, self.joint_bias()?.as_ref())?;
         let mut start = 0;
         let mut outs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             let rows = part.product_rows();
-            outs.push(part.from_product(
-                x,
-                product.narrow(1, start, rows)?,
-                part.bias_for_product()?,
-            )?);
+            outs.push(part.from_product(x, product.narrow(1, start, rows)?)?);
             start += rows;
         }
         Ok(outs)
+    }
+
+    /// The parts' product biases one after the other (zeros for a part without one).
+    fn joint_bias(&self) -> Result<Option<Tensor>> {
+        let biases = self
+            .parts
+            .iter()
+            .map(|p| p.product_bias())
+            .collect::<Result<Vec<_>>>()?;
+        let Some(like) = biases.iter().flatten().next() else {
+            return Ok(None);
+        };
+        let rows = self
+            .parts
+            .iter()
+            .zip(&biases)
+            .map(|(part, bias)| match bias {
+                Some(b) => Ok(b.clone()),
+                None => Tensor::zeros(part.product_rows(), like.dtype(), like.device()),
+            });
+        Ok(Some(Tensor::cat(&rows.collect::<Result<Vec<_>>>()?, 0)?))
     }
 }
 

@@ -354,7 +354,7 @@ impl Linear {
     }
 
     /// The bias of each product row where the layer computes: its own, then zeros for its
-    /// adapters' extra rows (for a [`product`] that adds it).
+    /// adapters' extra rows.
     fn product_bias(&self) -> Result<Option<Tensor>> {
         let Some(bias) = &self.bias else {
             return Ok(None);
@@ -375,9 +375,9 @@ impl Linear {
     }
 
     /// The layer's output from `product`, its input `x` (flattened to rows) times its weight
-    /// rows ([`product`]): the adapters' input projections split off, the bias added unless
-    /// the product did, one rounding to the input's dtype, then the adapters' deltas.
-    fn from_product(&self, x: &Tensor, product: Tensor, add_bias: bool) -> Result<Tensor> {
+    /// rows plus its bias ([`biased_product`]): the adapters' input projections split off, one
+    /// rounding to the input's dtype, then the adapters' deltas.
+    fn from_product(&self, x: &Tensor, product: Tensor) -> Result<Tensor> {
         let (mut y, extra) = (product, self.extra_rows());
         let projected = if extra > 0 {
             let projected = y.narrow(1, self.out_features, extra)?;
@@ -386,10 +386,6 @@ impl Linear {
         } else {
             None
         };
-        if let Some(bias) = self.bias.as_ref().filter(|_| add_bias) {
-            let bias = bias.to_device(y.device())?.to_dtype(y.dtype())?;
-            y = y.broadcast_add(&bias)?;
-        }
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("rank >= 1") = self.out_features;
         let mut y = y.to_dtype(x.dtype())?.reshape(out_dims)?;
@@ -406,41 +402,37 @@ impl Linear {
     }
 }
 
-/// `x` (flattened to rows, `[tokens, in]`) times `weight^T` (`weight`: `[rows, in]`), and
-/// whether `bias` (`[rows]`) is in it. A bias is added before the product is rounded to a half
-/// dtype, as PyTorch's fused addmm does: on CUDA inside cuBLAS's f32 accumulation (what
-/// PyTorch's bias epilogue computes), so it is done here; on the CPU bf16 is widened to f32
-/// (candle widens bf16 matmuls there anyway) and each layer adds its own bias, which also makes
-/// its slice of a joint product contiguous.
-fn product(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: impl FnOnce() -> Result<Option<Tensor>>,
-) -> Result<(Tensor, bool)> {
+/// `x` (flattened to rows, `[tokens, in]`) times `weight^T` (`weight`: `[rows, in]`), plus
+/// `bias` (`[rows]`). The bias is added before the product is rounded to a half dtype, as
+/// PyTorch's fused addmm does: on the CPU by widening bf16 to f32 (candle widens bf16 matmuls
+/// there anyway), on CUDA inside cuBLAS's f32 accumulation, as PyTorch's bias epilogue does.
+fn biased_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let x2 = x.reshape(((), x.dim(D::Minus1)?))?;
     let weight = weight.to_device(x.device())?;
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) {
-        if let Some(bias) = bias()? {
-            return Ok((crate::cuda_gemm::biased_linear(&x2, &weight, &bias)?, true));
+    if let Some(bias) = bias {
+        if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+            return crate::cuda_gemm::biased_linear(&x2, &weight, bias);
         }
     }
-    #[cfg(not(feature = "cuda"))]
-    let _ = bias;
     let y = if x.device().is_cpu() && x.dtype() == DType::BF16 {
         x2.to_dtype(DType::F32)?
             .matmul(&weight.to_dtype(DType::F32)?.t()?)?
     } else {
         x2.matmul(&weight.t()?)?
     };
-    Ok((y, false))
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Offloaded and called in place, the weight comes over for this product only.
-        let (y, biased) = product(x, &self.matmul_weight()?, || self.product_bias())?;
-        self.from_product(x, y, !biased)
+        let bias = self.product_bias()?;
+        let product = biased_product(x, &self.matmul_weight()?, bias.as_ref())?;
+        self.from_product(x, product)
     }
 }
 
@@ -574,12 +566,12 @@ impl JointLinears {
         let Some(joint) = &self.joint else {
             return self.parts.iter().map(|p| p.forward(x)).collect();
         };
-        let (y, biased) = product(x, &joint.weight, || self.joint_bias())?;
+        let product = biased_product(x, &joint.weight, self.joint_bias()?.as_ref())?;
         let mut start = 0;
         let mut outs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             let rows = part.product_rows();
-            outs.push(part.from_product(x, y.narrow(1, start, rows)?, !biased)?);
+            outs.push(part.from_product(x, product.narrow(1, start, rows)?)?);
             start += rows;
         }
         Ok(outs)

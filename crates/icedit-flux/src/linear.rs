@@ -79,6 +79,9 @@ pub struct Linear {
     /// Changes whenever the weight does (loaded, replaced, rows added, moved), so that a
     /// [`JointLinears`] knows when its joint weight is stale.
     revision: u64,
+    /// The dense weight is a window of a [`JointLinears`]' joint weight. candle moves a view's
+    /// whole storage, so a window moved on its own is made compact first.
+    window: bool,
 }
 
 /// A revision no layer had before.
@@ -99,6 +102,7 @@ impl Linear {
             adapters: Vec::new(),
             compute: None,
             revision: fresh_revision(),
+            window: false,
         }
     }
 
@@ -117,6 +121,7 @@ impl Linear {
             adapters: Vec::new(),
             compute: None,
             revision: fresh_revision(),
+            window: false,
         })
     }
 
@@ -151,6 +156,9 @@ impl Linear {
     pub fn kept_on(&self, home: &Device, compute: &Device) -> Result<Self> {
         let moved = !self.weight_device().same_device(home);
         let weight = match &self.weight {
+            Weight::Dense(w) if moved && self.window => {
+                Weight::Dense(w.force_contiguous()?.to_device(home)?)
+            }
             Weight::Dense(w) => Weight::Dense(w.to_device(home)?),
             Weight::Quantized { blocks, extra } => Weight::Quantized {
                 blocks: move_blocks(blocks, home)?,
@@ -166,6 +174,7 @@ impl Linear {
             } else {
                 self.revision
             },
+            window: self.window && !moved,
             ..self.clone()
         })
     }
@@ -257,6 +266,7 @@ impl Linear {
         let extra = self.extra_rows();
         let weight = weight.to_device(&self.weight_device())?;
         self.revision = fresh_revision();
+        self.window = false;
         match &mut self.weight {
             Weight::Dense(w) => {
                 *w = match extra {
@@ -298,6 +308,7 @@ impl Linear {
                 .to_dtype(self.dtype)?;
             let start = self.extra_rows();
             self.revision = fresh_revision();
+            self.window = false;
             match &mut self.weight {
                 Weight::Dense(w) => *w = Tensor::cat(&[&*w, &rows], 0)?,
                 Weight::Quantized { extra, .. } => {
@@ -429,9 +440,14 @@ fn biased_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Offloaded and called in place, the weight comes over for this product only.
+        // Offloaded and called in place, the weight comes over for this product only (a
+        // window alone, not its joint weight).
+        let mut weight = self.matmul_weight()?;
+        if self.window && !weight.device().same_device(x.device()) {
+            weight = weight.force_contiguous()?;
+        }
         let bias = self.product_bias()?;
-        let product = biased_product(x, &self.matmul_weight()?, bias.as_ref())?;
+        let product = biased_product(x, &weight, bias.as_ref())?;
         self.from_product(x, product)
     }
 }
@@ -531,6 +547,7 @@ impl JointLinears {
         for part in &mut self.parts {
             let rows = part.product_rows();
             part.weight = Weight::Dense(weight.narrow(0, start, rows)?);
+            part.window = true;
             start += rows;
         }
         Ok(())
@@ -741,6 +758,17 @@ mod tests {
         let placed = joint.to_device(&dev).unwrap();
         assert!(placed.is_joined());
         check(&placed);
+        assert!(placed.parts().iter().all(|p| p.window));
+        // A merged part's weight is its own again; the group joins it back in.
+        let mut rejoined = placed.clone();
+        rejoined.visit(&paths, &mut |path, linear| {
+            if path == "k" {
+                linear.set_weight(randn((5, 7))).unwrap();
+                assert!(!linear.window);
+            }
+        });
+        assert!(rejoined.is_joined() && rejoined.parts().iter().all(|p| p.window));
+        check(&rejoined);
 
         // Parts that cannot be joined compute one by one.
         let blocks = QTensor::quantize(&randn((5, 256)), GgmlDType::Q8_0).unwrap();

@@ -467,6 +467,9 @@ pub struct JointLinears {
 struct JointWeight {
     /// The parts' weights (adapters' extra rows included), one after the other.
     weight: Tensor,
+    /// The parts' biases the same way (zeros for a part without one or for adapters' extra
+    /// rows), joined once rather than at every product.
+    bias: Option<Tensor>,
     /// Each part's revision when its weight became a window of `weight`.
     revisions: Vec<u64>,
 }
@@ -537,7 +540,12 @@ impl JointLinears {
         }
         let weight = Tensor::cat(&dense, 0)?;
         self.set_windows(&weight)?;
-        self.joint = Some(JointWeight { weight, revisions });
+        let bias = self.joint_bias()?;
+        self.joint = Some(JointWeight {
+            weight,
+            bias,
+            revisions,
+        });
         Ok(())
     }
 
@@ -568,6 +576,7 @@ impl JointLinears {
         }
         placed.joint = Some(JointWeight {
             weight,
+            bias: joint.bias.as_ref().map(|b| b.to_device(home)).transpose()?,
             revisions: placed.parts.iter().map(|p| p.revision).collect(),
         });
         Ok(placed)
@@ -583,7 +592,12 @@ impl JointLinears {
         let Some(joint) = &self.joint else {
             return self.parts.iter().map(|p| p.forward(x)).collect();
         };
-        let product = biased_product(x, &joint.weight, self.joint_bias()?.as_ref())?;
+        let bias = joint
+            .bias
+            .as_ref()
+            .map(|b| b.to_device(x.device()))
+            .transpose()?;
+        let product = biased_product(x, &joint.weight, bias.as_ref())?;
         let mut start = 0;
         let mut outs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {

@@ -398,7 +398,7 @@ impl Worker<'_> {
             });
         };
         if con.exists(q.result_key(&id))? {
-            self.finish_entry(con, entry)?;
+            self.finish(con, entry, None)?;
             return Ok(Outcome::AlreadyDone { id });
         }
         let job_key = q.job_key(&id);
@@ -435,10 +435,10 @@ impl Worker<'_> {
                     .arg("EX")
                     .arg(ttl)
                     .query(con)?;
-                if written.is_some() {
-                    self.event(con, &id, &JobEvent::Done, "done")?;
-                }
-                self.finish_entry(con, entry)?;
+                let done = written
+                    .as_ref()
+                    .map(|_| (id.as_str(), &JobEvent::Done, "done"));
+                self.finish(con, entry, done)?;
                 return Ok(if written.is_some() {
                     Outcome::Done {
                         id,
@@ -450,23 +450,17 @@ impl Worker<'_> {
             }
             Err(JobError::Redis(e)) => return Err(e),
             Err(JobError::Engine(EngineError::Stopped("cancelled"))) => {
-                self.event(con, &id, &JobEvent::Cancelled, "cancelled")?;
-                self.finish_entry(con, entry)?;
+                self.finish(con, entry, Some((&id, &JobEvent::Cancelled, "cancelled")))?;
                 return Ok(Outcome::Cancelled { id });
             }
             // Past its deadline no try can succeed: failed, not retried.
             Err(JobError::Engine(e @ EngineError::Stopped(_))) => {
                 let error = e.to_string();
                 con.hset::<_, _, _, ()>(&job_key, "error", &error)?;
-                self.event(
-                    con,
-                    &id,
-                    &JobEvent::Failed {
-                        error: error.clone(),
-                    },
-                    "failed",
-                )?;
-                self.finish_entry(con, entry)?;
+                let failed = JobEvent::Failed {
+                    error: error.clone(),
+                };
+                self.finish(con, entry, Some((&id, &failed, "failed")))?;
                 return Ok(Outcome::Failed { id, error });
             }
             Err(JobError::Engine(e)) => e.to_string(),
@@ -583,8 +577,14 @@ impl Worker<'_> {
     }
 
     fn send_event(&self, con: &mut Connection, id: &str, event: &JobEvent) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        self.add_event(&mut pipe, id, event)?;
+        pipe.query(con)
+    }
+
+    fn add_event(&self, pipe: &mut redis::Pipeline, id: &str, event: &JobEvent) -> RedisResult<()> {
         let json = serde_json::to_string(event).map_err(json_error)?;
-        redis::cmd("XADD")
+        pipe.cmd("XADD")
             .arg(self.queue.events_key(id))
             .arg("MAXLEN")
             .arg("~")
@@ -592,7 +592,7 @@ impl Worker<'_> {
             .arg("*")
             .arg("event")
             .arg(json)
-            .query::<Value>(con)?;
+            .ignore();
         Ok(())
     }
 
@@ -604,17 +604,40 @@ impl Worker<'_> {
         event: &JobEvent,
         state: &str,
     ) -> RedisResult<()> {
-        self.send_event(con, id, event)?;
-        con.hset::<_, _, _, ()>(self.queue.job_key(id), "state", state)
+        let mut pipe = redis::pipe();
+        self.add_event(&mut pipe, id, event)?;
+        pipe.hset(self.queue.job_key(id), "state", state).ignore();
+        pipe.query(con)
     }
 
-    /// Acknowledges and deletes the entry; the job's hash and events expire with its result.
-    fn finish_entry(&self, con: &mut Connection, entry: &StreamId) -> RedisResult<()> {
-        let q = self.queue;
-        let ttl = self.config.result_ttl.as_secs().max(1) as i64;
+    /// Ends the job with its last event and state, and acknowledges and deletes its entry, in
+    /// one transaction: no one sees the job ended while its entry is still queued, nor the
+    /// reverse. The job's hash and events expire with its result.
+    fn finish(
+        &self,
+        con: &mut Connection,
+        entry: &StreamId,
+        last: Option<(&str, &JobEvent, &str)>,
+    ) -> RedisResult<()> {
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .xack(q.jobs_key(), GROUP, &[&entry.id])
+        pipe.atomic();
+        self.add_finish(&mut pipe, entry, last)?;
+        pipe.query::<()>(con)
+    }
+
+    fn add_finish(
+        &self,
+        pipe: &mut redis::Pipeline,
+        entry: &StreamId,
+        last: Option<(&str, &JobEvent, &str)>,
+    ) -> RedisResult<()> {
+        let q = self.queue;
+        if let Some((id, event, state)) = last {
+            self.add_event(pipe, id, event)?;
+            pipe.hset(q.job_key(id), "state", state).ignore();
+        }
+        let ttl = self.config.result_ttl.as_secs().max(1) as i64;
+        pipe.xack(q.jobs_key(), GROUP, &[&entry.id])
             .ignore()
             .xdel(q.jobs_key(), &[&entry.id])
             .ignore();
@@ -624,7 +647,7 @@ impl Worker<'_> {
                 .expire(q.events_key(&id), ttl)
                 .ignore();
         }
-        pipe.query::<()>(con)
+        Ok(())
     }
 
     /// Moves the entry to the dead-letter stream with its error, and tells the job's waiters.
@@ -637,7 +660,9 @@ impl Worker<'_> {
         attempts: u32,
     ) -> RedisResult<()> {
         let request = field::<String>(entry, "request").unwrap_or_default();
-        redis::cmd("XADD")
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XADD")
             .arg(self.queue.dead_key())
             .arg("*")
             .arg("id")
@@ -648,17 +673,14 @@ impl Worker<'_> {
             .arg(attempts)
             .arg("request")
             .arg(request)
-            .query::<Value>(con)?;
-        con.hset::<_, _, _, ()>(self.queue.job_key(id), "error", error)?;
-        self.event(
-            con,
-            id,
-            &JobEvent::Failed {
-                error: error.to_string(),
-            },
-            "dead",
-        )?;
-        self.finish_entry(con, entry)
+            .ignore()
+            .hset(self.queue.job_key(id), "error", error)
+            .ignore();
+        let failed = JobEvent::Failed {
+            error: error.to_string(),
+        };
+        self.add_finish(&mut pipe, entry, Some((id, &failed, "dead")))?;
+        pipe.query::<()>(con)
     }
 }
 

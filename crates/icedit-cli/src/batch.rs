@@ -3,8 +3,9 @@
 //!
 //! Each line is one job:
 //! `{"id": "cat", "image": "cat.jpg", "instruction": "make it night", "seed": 7}`, with
-//! optionally `mask`, `seeds`, `steps`, `guidance`, `width`, `height`, `negative_prompt`,
-//! `true_cfg_scale`; paths are relative to the file's folder. A job's images are written as
+//! optionally `mask`, `n` (images from `seed` on), `seeds` (listed instead), `steps`, `guidance`,
+//! `width`, `height`, `negative_prompt`, `true_cfg_scale`, `search`, `adapters`: the fields and
+//! checks of the server's job API (`RequestSettings`); paths are relative to the file's folder. A job's images are written as
 //! `DIR/{id}-{seed}.png` (their recipes inside), then `DIR/{id}.json`, which marks it done: a
 //! rerun skips every job whose summary and images are there.
 
@@ -16,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use icedit_hub::HubOptions;
 use icedit_pipeline::edit::JobOptions;
 use icedit_pipeline::image_io::{load_mask, load_rgb, write_file_atomically};
-use icedit_server::engine::{EditRequest, EditResult, Engine, EngineEvent, SearchRequest};
+use icedit_server::engine::{EditRequest, EditResult, Engine, EngineEvent};
+use icedit_server::settings::{read_with_settings, CheckedSettings};
 use icedit_server::RedisQueue;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -33,7 +35,7 @@ use crate::ModelArgs;
 #[derive(clap::Args)]
 pub struct BatchArgs {
     /// The jobs: a JSON Lines file, one edit a line, e.g. `{"id": "cat", "image": "cat.jpg",
-    /// "instruction": "make it night", "seed": 7}`; also `mask`, `seeds`, `steps`, `guidance`,
+    /// "instruction": "make it night", "seed": 7}`; also `mask`, `n`, `seeds`, `steps`, `guidance`,
     /// `width`, `height`, `negative_prompt` with `true_cfg_scale`, `search`
     /// (`{"early_steps": 10}`, with --judge) and `adapters`. Paths are relative to the file;
     /// `id` (default `line-N`) names the outputs.
@@ -61,7 +63,7 @@ pub struct BatchArgs {
     quiet: bool,
 }
 
-/// One line of the jobs file.
+/// One line of the jobs file: these fields, and the settings every entry point reads.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobLine {
@@ -72,28 +74,9 @@ struct JobLine {
     #[serde(default)]
     mask: Option<PathBuf>,
     #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    seeds: Option<Vec<u64>>,
-    #[serde(default)]
-    steps: Option<usize>,
-    #[serde(default)]
-    guidance: Option<f32>,
-    #[serde(default)]
     width: Option<u32>,
     #[serde(default)]
     height: Option<u32>,
-    #[serde(default)]
-    negative_prompt: Option<String>,
-    #[serde(default)]
-    true_cfg_scale: Option<f32>,
-    /// A best-of-N search over `seeds`: `{"early_steps": 10}` (with `early_filter`,
-    /// `selection`); the winner is the job's one image.
-    #[serde(default)]
-    search: Option<SearchRequest>,
-    /// The adapters to use, by name, among those given on the command line (default: all).
-    #[serde(default)]
-    adapters: Option<Vec<String>>,
 }
 
 /// A job as read and checked, before its images are decoded.
@@ -103,13 +86,8 @@ struct BatchJob {
     image: PathBuf,
     mask: Option<PathBuf>,
     instruction: String,
-    seeds: Vec<u64>,
-    steps: Option<usize>,
-    guidance: Option<f32>,
     options: JobOptions,
-    negative: Option<(String, f32)>,
-    search: Option<SearchRequest>,
-    adapters: Option<Vec<String>>,
+    settings: CheckedSettings,
 }
 
 /// `DIR/{id}.json`: written after the job's images, so its presence means the job is done.
@@ -138,10 +116,10 @@ impl BatchJob {
 
     /// A search keeps its winner only.
     fn image_count(&self) -> usize {
-        if self.search.is_some() {
+        if self.settings.search.is_some() {
             1
         } else {
-            self.seeds.len()
+            self.settings.seeds.len()
         }
     }
 
@@ -164,18 +142,12 @@ impl BatchJob {
     fn request(&self) -> Result<EditRequest> {
         let photo = load_rgb(&self.image)?.rgb;
         let mask = self.mask.as_deref().map(load_mask).transpose()?;
-        Ok(EditRequest {
+        Ok(self.settings.clone().into_request(
             photo,
             mask,
-            instruction: self.instruction.clone(),
-            seeds: self.seeds.clone(),
-            steps: self.steps,
-            guidance: self.guidance,
-            options: self.options.clone(),
-            negative: self.negative.clone(),
-            search: self.search.clone(),
-            adapters: self.adapters.clone(),
-        })
+            self.instruction.clone(),
+            self.options.clone(),
+        ))
     }
 
     /// Writes the images, then the summary.
@@ -228,12 +200,14 @@ fn read_jobs(path: &Path) -> Result<Vec<BatchJob>> {
             continue;
         }
         let at = || format!("{} line {line}", path.display());
-        let job: JobLine = serde_json::from_str(raw).with_context(|| {
+        let object = serde_json::from_str(raw).with_context(|| {
             format!(
                 "{}: not a job ({{\"image\": ..., \"instruction\": ...}} as JSON)",
                 at()
             )
         })?;
+        let (job, settings) =
+            read_with_settings::<JobLine>(object).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         let id = job.id.unwrap_or_else(|| format!("line-{line}"));
         if !check_id(&id) {
             bail!(
@@ -247,20 +221,10 @@ fn read_jobs(path: &Path) -> Result<Vec<BatchJob>> {
         if job.instruction.trim().is_empty() {
             bail!("{}: the instruction is empty", at());
         }
-        let seeds = match (job.seeds, job.seed) {
-            (Some(_), Some(_)) => bail!("{}: give seed or seeds, not both", at()),
-            (Some(seeds), None) => seeds,
-            // Fixed, so that a rerun of the file makes the same images.
-            (None, seed) => vec![seed.unwrap_or(0)],
-        };
-        let negative = match (job.negative_prompt, job.true_cfg_scale) {
-            (Some(text), Some(scale)) => Some((text, scale)),
-            (None, None) => None,
-            _ => bail!(
-                "{}: true CFG takes both negative_prompt and true_cfg_scale",
-                at()
-            ),
-        };
+        // Seed 0 when none is named, so that a rerun of the file makes the same images.
+        let settings = settings
+            .check(|| 0)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let image = resolve(job.image);
         if !image.is_file() {
@@ -276,17 +240,12 @@ fn read_jobs(path: &Path) -> Result<Vec<BatchJob>> {
             image,
             mask,
             instruction: job.instruction,
-            seeds,
-            steps: job.steps,
-            guidance: job.guidance,
             options: JobOptions {
                 width: job.width,
                 height: job.height,
                 ..JobOptions::default()
             },
-            negative,
-            search: job.search,
-            adapters: job.adapters,
+            settings,
         });
     }
     if jobs.is_empty() {
@@ -319,7 +278,7 @@ pub fn run(args: BatchArgs) -> Result<()> {
     planned.folder("--out", &args.out, |_| false);
     let exists = args.out.is_dir();
     for job in jobs.iter().filter(|_| exists) {
-        for &seed in &job.seeds {
+        for &seed in &job.settings.seeds {
             let path = args.out.join(job.image_name(seed));
             check_png_name(&path)?;
             planned.file(&format!("image {}", job.image_name(seed)), &path);
@@ -429,7 +388,7 @@ fn run_here(
                             "({}: image {}/{}, step {step}/{total})",
                             job.id,
                             index + 1,
-                            job.seeds.len()
+                            job.settings.seeds.len()
                         ),
                         EngineEvent::SearchStep { evaluations } => {
                             format!("({}: search, {evaluations} steps)", job.id)

@@ -148,6 +148,14 @@ fn bad_jobs_files_are_refused_before_anything_runs() {
             "not both",
         ),
         (
+            r#"{"image": "photo.png", "instruction": "x", "n": 2, "seeds": [2]}"#,
+            "not both",
+        ),
+        (
+            r#"{"image": "photo.png", "instruction": "x", "n": 0}"#,
+            "n must be",
+        ),
+        (
             r#"{"image": "photo.png", "instruction": "x", "steps": 0}"#,
             "steps",
         ),

@@ -663,6 +663,23 @@ fn jobs_events_cancel_and_errors() {
         assert_eq!(status, 400, "malformed JSON: {json}");
         assert_eq!(json["error"]["type"], "invalid_request_error");
     }
+    // Settings that do not fit together: refused as a batch line would be, naming the field.
+    for (extra, param, message) in [
+        (r#""seed": 1, "seeds": [2]"#, Some("seeds"), "not both"),
+        (r#""n": 2, "seeds": [2]"#, Some("n"), "not both"),
+        (r#""strength": 0.5"#, None, "unknown field `strength`"),
+        (r#""steps": "four""#, None, "steps: invalid type"),
+    ] {
+        let body = format!(r#"{{"image": "{photo}", "instruction": "x", {extra}}}"#);
+        let (status, json) = send(
+            auth(ureq::post(&server.url("/v1/edits"))),
+            Some(("application/json", body.as_bytes())),
+        );
+        assert_eq!(status, 400, "{extra}: {json}");
+        assert_eq!(json["error"]["param"].as_str(), param, "{extra}: {json}");
+        let text = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(text.contains(message), "{extra}: {json}");
+    }
     let (status, _) = send(auth(ureq::get(&server.url("/v1/jobs/nope"))), None);
     assert_eq!(status, 404);
     let (status, metrics) = send(auth(ureq::get(&server.url("/metrics"))), None);

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -17,13 +18,13 @@ use base64::Engine as _;
 use futures_util::stream::{self, Stream, StreamExt};
 use icedit_pipeline::edit::JobOptions;
 use icedit_pipeline::image_io::{decode_alpha_mask, decode_mask, decode_rgb};
-use icedit_pipeline::search::MAX_CANDIDATES;
 use icedit_pipeline::PipelineKind;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::engine::{EditRequest, EngineConfig, SearchRequest};
+use crate::engine::{EngineConfig, SearchRequest};
 use crate::jobs::{Job, JobEvent, JobState, Jobs, SubmitError};
+use crate::settings::{read_with_settings, RequestSettings, SettingsError};
 
 /// The server's limits and keys.
 #[derive(Debug, Clone)]
@@ -252,27 +253,11 @@ struct EditFields {
     #[serde(default, alias = "prompt")]
     instruction: Option<String>,
     #[serde(default)]
-    n: Option<usize>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    seeds: Option<Vec<u64>>,
-    #[serde(default)]
-    steps: Option<usize>,
-    #[serde(default)]
-    guidance: Option<f32>,
-    #[serde(default)]
     size: Option<String>,
-    #[serde(default)]
-    negative_prompt: Option<String>,
-    #[serde(default)]
-    true_cfg_scale: Option<f32>,
-    /// A best-of-N search over the seeds (the server's judge picks one).
-    #[serde(default)]
-    search: Option<SearchRequest>,
-    /// The server's adapters to use, by name (default: all).
-    #[serde(default)]
-    adapters: Option<Vec<String>>,
+    /// Seeds, steps, search, adapters, ...: read beside these fields, as every entry point
+    /// reads them.
+    #[serde(skip)]
+    settings: RequestSettings,
 }
 
 /// Builds and validates the request (decoding the images) off the async threads.
@@ -306,22 +291,7 @@ async fn prepare(
             .ok_or_else(|| {
                 ApiError::bad("the prompt (the instruction) is missing or empty").param("prompt")
             })?;
-        let seeds = match (fields.seeds, fields.seed, fields.n) {
-            (Some(seeds), _, _) => seeds,
-            (None, seed, n) => {
-                let n = n.unwrap_or(1);
-                let most = if fields.search.is_some() {
-                    MAX_CANDIDATES
-                } else {
-                    state.engine.max_images
-                };
-                if n == 0 || n > most {
-                    return Err(ApiError::bad(format!("n must be 1 to {most}")).param("n"));
-                }
-                let first = seed.unwrap_or_else(random_seed);
-                (0..n as u64).map(|i| first.wrapping_add(i)).collect()
-            }
-        };
+        let settings = fields.settings.check(random_seed).map_err(settings_error)?;
         let mut options = JobOptions::default();
         if let Some(size) = fields.size.as_deref().filter(|s| *s != "auto") {
             let (w, h) = size
@@ -340,31 +310,19 @@ async fn prepare(
                 }
             }
         }
-        let negative = match (fields.negative_prompt, fields.true_cfg_scale) {
-            (Some(text), Some(scale)) => Some((text, scale)),
-            (None, None) => None,
-            _ => {
-                return Err(ApiError::bad(
-                    "true CFG takes both negative_prompt and true_cfg_scale",
-                ))
-            }
-        };
-        let request = EditRequest {
-            photo,
-            mask,
-            instruction,
-            seeds,
-            steps: fields.steps,
-            guidance: fields.guidance,
-            options,
-            negative,
-            search: fields.search,
-            adapters: fields.adapters,
-        };
+        let request = settings.into_request(photo, mask, instruction, options);
         Ok(request.prepare(state.kind, &state.engine)?)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+fn settings_error(e: SettingsError) -> ApiError {
+    let error = ApiError::bad(e.message);
+    match e.param {
+        Some(param) => error.param(param),
+        None => error,
+    }
 }
 
 fn random_seed() -> u64 {
@@ -454,30 +412,35 @@ async fn openai_edit(
             }
             "mask" => mask = Some(bytes.to_vec()),
             "prompt" => fields.instruction = Some(text(&bytes)),
-            "n" => fields.n = Some(number("n", &bytes)? as usize),
-            "seed" => fields.seed = Some(number("seed", &bytes)? as u64),
-            "steps" => fields.steps = Some(number("steps", &bytes)? as usize),
+            "n" => fields.settings.n = Some(number("n", &bytes)? as usize),
+            "seed" => fields.settings.seed = Some(number("seed", &bytes)? as u64),
+            "steps" => fields.settings.steps = Some(number("steps", &bytes)? as usize),
             "guidance" | "guidance_scale" => {
-                fields.guidance = Some(number("guidance", &bytes)? as f32)
+                fields.settings.guidance = Some(number("guidance", &bytes)? as f32)
             }
             "size" => fields.size = Some(text(&bytes)),
-            "negative_prompt" => fields.negative_prompt = Some(text(&bytes)),
+            "negative_prompt" => fields.settings.negative_prompt = Some(text(&bytes)),
             "true_cfg_scale" => {
-                fields.true_cfg_scale = Some(number("true_cfg_scale", &bytes)? as f32)
+                fields.settings.true_cfg_scale = Some(number("true_cfg_scale", &bytes)? as f32)
             }
             "response_format" => format = Some(text(&bytes)),
             // A list as the SDK sends it in a form (one field an item), or comma separated.
             "adapters[]" => fields
+                .settings
                 .adapters
                 .get_or_insert_with(Vec::new)
                 .push(text(&bytes)),
-            "adapters" => fields.adapters.get_or_insert_with(Vec::new).extend(
-                text(&bytes)
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|a| !a.is_empty())
-                    .map(str::to_string),
-            ),
+            "adapters" => fields
+                .settings
+                .adapters
+                .get_or_insert_with(Vec::new)
+                .extend(
+                    text(&bytes)
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string),
+                ),
             // A search, as the SDK sends `extra_body={"search": {...}}` in a form.
             "search[early_steps]" | "early_steps" => {
                 search_field(&mut fields).early_steps = number("early_steps", &bytes)? as usize
@@ -523,7 +486,7 @@ async fn openai_edit(
 
 /// The request's search settings, started when a form names the first of them.
 fn search_field(fields: &mut EditFields) -> &mut SearchRequest {
-    fields.search.get_or_insert(SearchRequest {
+    fields.settings.search.get_or_insert(SearchRequest {
         early_steps: 0,
         early_filter: Default::default(),
         selection: Default::default(),
@@ -595,13 +558,16 @@ async fn wait(job: &Job, timeout: Option<Duration>) -> Result<crate::jobs::JobSt
 
 async fn submit_edit(
     State(state): State<AppState>,
-    body: Result<Json<EditFields>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Map<String, serde_json::Value>>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     // Malformed and mistyped JSON are both a bad request, as OpenAI answers them.
-    let Json(mut fields) = body.map_err(|e| match e.status() {
+    let Json(object) = body.map_err(|e| match e.status() {
         StatusCode::UNPROCESSABLE_ENTITY => ApiError::bad(e.body_text()),
         status => ApiError::new(status, e.body_text()),
     })?;
+    let (mut fields, settings) =
+        read_with_settings::<EditFields>(object).map_err(settings_error)?;
+    fields.settings = settings;
     let b64 = |text: &str, param: &'static str| {
         base64::engine::general_purpose::STANDARD
             .decode(text.trim())

@@ -19,6 +19,7 @@ pub mod engine;
 mod http;
 pub mod jobs;
 pub mod queue;
+pub mod settings;
 
 pub use engine::{EditRequest, EditResult, Engine, EngineConfig, PreparedEdit};
 pub use http::{router, AppState, ServerConfig};

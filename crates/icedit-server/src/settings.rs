@@ -263,7 +263,7 @@ mod tests {
             ),
             (
                 r#""search": {"early_step": 2}"#,
-                "search: unknown field `early_step`",
+                "search.early_step: unknown field `early_step`, expected",
             ),
             (
                 r#""search": {"early_steps": 2, "selection": "best"}"#,

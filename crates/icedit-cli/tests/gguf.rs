@@ -301,19 +301,7 @@ fn quantize_writes_what_gguf_py_and_diffusers_read() {
     )
     .unwrap();
     let io = candle_core::safetensors::load(gguf("forward.safetensors"), &Device::Cpu).unwrap();
-    let mut named: std::collections::HashMap<String, candle_core::Tensor> = Default::default();
-    for (theirs, ours) in [
-        ("hidden_states", "img"),
-        ("encoder_hidden_states", "txt"),
-        ("pooled_projections", "pooled"),
-        ("timestep", "timestep"),
-        ("guidance", "guidance"),
-        ("txt_ids", "txt_ids"),
-        ("img_ids", "img_ids"),
-    ] {
-        named.insert(ours.into(), io[theirs].clone());
-    }
-    let input = FluxInput::from_named(&named).unwrap();
+    let input = FluxInput::from_named(&io).unwrap();
     let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
         icedit_flux::compare::max_abs_diff(a, b).unwrap()
     };

@@ -21,6 +21,7 @@ mod finite;
 pub mod gguf;
 mod linear;
 mod model;
+pub mod norms;
 pub mod quantize;
 pub mod step_cache;
 mod vae;

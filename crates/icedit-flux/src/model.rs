@@ -13,6 +13,7 @@ use crate::config::FluxConfig;
 use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
 use crate::linear::{join, JointLinears, Linear, VisitLinears};
+use crate::norms::{RmsNorm, RmsRounding};
 use crate::step_cache::{StepCache, TaylorSeerCache};
 use crate::weights::{check_model_dtype, Checkpoint, WeightSource};
 
@@ -45,36 +46,6 @@ impl PlainLayerNorm {
         self.forward(x)?
             .broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?
             .broadcast_add(&shift.unsqueeze(1)?)
-    }
-}
-
-/// `torch.nn.RMSNorm` over the head dimension, with its learned scale.
-#[derive(Debug, Clone)]
-struct HeadRmsNorm {
-    weight: Tensor,
-}
-
-impl HeadRmsNorm {
-    fn new(head_dim: usize, vb: WeightSource) -> CResult<Self> {
-        Ok(Self {
-            weight: vb.get(head_dim, "weight")?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let dtype = x.dtype();
-        if dtype == DType::F32 {
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, NORM_EPS);
-        }
-        // PyTorch normalises in f32, rounds, then applies the weight in the input dtype; candle's
-        // fused op would round the RMS itself first.
-        let x32 = x.to_dtype(DType::F32)?;
-        let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS as f64)?
-            .sqrt()?
-            .recip()?;
-        x32.broadcast_mul(&inv_rms)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)
     }
 }
 
@@ -180,14 +151,23 @@ impl VisitLinears for TimeTextEmbed {
     }
 }
 
+/// `torch.nn.RMSNorm` over the head dimension, with its learned scale (in the model's dtype).
+fn head_rms_norm(head_dim: usize, vb: WeightSource) -> CResult<RmsNorm> {
+    Ok(RmsNorm::new(
+        vb.get(head_dim, "weight")?,
+        NORM_EPS as f64,
+        RmsRounding::Input,
+    ))
+}
+
 /// Query, key and value projections of one stream, with per-head RMSNorm on q and k, as one
 /// matmul; in a single block the MLP's input projection joins them.
 #[derive(Debug, Clone)]
 struct QkvProjection {
     /// q, k, v, then any other projection of the same input.
     linears: JointLinears,
-    norm_q: HeadRmsNorm,
-    norm_k: HeadRmsNorm,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
     heads: usize,
 }
 
@@ -209,8 +189,8 @@ impl QkvProjection {
         linears.extend(others);
         Ok(Self {
             linears: JointLinears::new(linears)?,
-            norm_q: HeadRmsNorm::new(head_dim, vb.pp(names[3]))?,
-            norm_k: HeadRmsNorm::new(head_dim, vb.pp(names[4]))?,
+            norm_q: head_rms_norm(head_dim, vb.pp(names[3]))?,
+            norm_k: head_rms_norm(head_dim, vb.pp(names[4]))?,
             heads: cfg.num_attention_heads,
         })
     }
@@ -219,7 +199,7 @@ impl QkvProjection {
     /// projections' outputs.
     fn forward(&self, x: &Tensor) -> CResult<((Tensor, Tensor, Tensor), Vec<Tensor>)> {
         let (b, s, _) = x.dims3()?;
-        let per_head = |y: Tensor, norm: &HeadRmsNorm| {
+        let per_head = |y: Tensor, norm: &RmsNorm| {
             norm.forward(&y.reshape((b, s, self.heads, ()))?)?
                 .reshape((b, s, ()))
         };
@@ -238,7 +218,7 @@ impl QkvProjection {
 
     fn norms_to(&mut self, device: &Device) -> CResult<()> {
         for norm in [&mut self.norm_q, &mut self.norm_k] {
-            norm.weight = norm.weight.to_device(device)?;
+            *norm = norm.to_device(device)?;
         }
         Ok(())
     }
@@ -592,21 +572,26 @@ pub struct FluxInput<'a> {
 
 impl<'a> FluxInput<'a> {
     /// The inputs from tensors named after the fields (`img`, `img_ids`, `txt`, `txt_ids`,
-    /// `pooled`, `timestep`, optional `guidance`), as saved inputs (fixtures, benchmarks) hold them.
+    /// `pooled`, `timestep`, optional `guidance`), or after diffusers' keyword arguments
+    /// (`hidden_states`, `encoder_hidden_states`, `pooled_projections`), as saved inputs
+    /// (fixtures, benchmarks) hold them.
     pub fn from_named(tensors: &'a std::collections::HashMap<String, Tensor>) -> Result<Self> {
-        let get = |name: &str| {
-            tensors.get(name).ok_or_else(|| {
-                FluxError::Input(format!("no tensor named `{name}` among the saved inputs"))
+        let find = |ours: &str, theirs: &str| tensors.get(ours).or_else(|| tensors.get(theirs));
+        let get = |ours: &str, theirs: &str| {
+            find(ours, theirs).ok_or_else(|| {
+                FluxError::Input(format!(
+                    "no tensor named `{ours}` (or `{theirs}`) among the saved inputs"
+                ))
             })
         };
         Ok(Self {
-            img: get("img")?,
-            img_ids: get("img_ids")?,
-            txt: get("txt")?,
-            txt_ids: get("txt_ids")?,
-            pooled: get("pooled")?,
-            timestep: get("timestep")?,
-            guidance: tensors.get("guidance"),
+            img: get("img", "hidden_states")?,
+            img_ids: get("img_ids", "img_ids")?,
+            txt: get("txt", "encoder_hidden_states")?,
+            txt_ids: get("txt_ids", "txt_ids")?,
+            pooled: get("pooled", "pooled_projections")?,
+            timestep: get("timestep", "timestep")?,
+            guidance: find("guidance", "guidance"),
         })
     }
 }

@@ -16,6 +16,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
+use icedit_flux::norms::{LayerNorm, RmsNorm, RmsRounding};
 use serde_json::Value;
 
 use crate::{JudgeError, Result};
@@ -251,59 +252,18 @@ fn vision_act(value: &Value) -> &str {
         .unwrap_or("gelu_pytorch_tanh")
 }
 
-/// `nn.LayerNorm` with weight and bias.
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+/// `nn.LayerNorm` `weight` and `bias` under `vb`.
+fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    LayerNorm::new(vb.get(dim, "weight")?, vb.get(dim, "bias")?, eps)
 }
 
-impl LayerNorm {
-    fn load(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
-        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
-        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
-/// Qwen3's RMSNorm: computed in f32, the weight applied after casting back.
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
-        let scale = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        xs.broadcast_mul(&scale)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)
-    }
+/// Qwen3's RMSNorm: computed in f32, the weight applied after rounding back to the input's dtype.
+fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
+    Ok(RmsNorm::new(
+        vb.get(dim, "weight")?,
+        eps,
+        RmsRounding::Input,
+    ))
 }
 
 /// `x * cos + rotate_half(x) * sin`, rotate_half(x) = cat(-x[half:], x[:half]).
@@ -368,7 +328,7 @@ impl PatchMerger {
             cfg.hidden_size
         };
         Ok(Self {
-            norm: LayerNorm::load(norm_dim, 1e-6, vb.pp("norm"))?,
+            norm: layer_norm(norm_dim, 1e-6, vb.pp("norm"))?,
             norm_after_shuffle,
             fc1: candle_nn::linear(window, window, vb.pp("linear_fc1"))?,
             fc2: candle_nn::linear(window, cfg.out_hidden_size, vb.pp("linear_fc2"))?,
@@ -434,8 +394,8 @@ impl VisionModel {
             .map(|i| {
                 let b = vb.pp("blocks").pp(i);
                 Ok(VisionBlock {
-                    norm1: LayerNorm::load(v, 1e-6, b.pp("norm1"))?,
-                    norm2: LayerNorm::load(v, 1e-6, b.pp("norm2"))?,
+                    norm1: layer_norm(v, 1e-6, b.pp("norm1"))?,
+                    norm2: layer_norm(v, 1e-6, b.pp("norm2"))?,
                     qkv: candle_nn::linear(v, 3 * v, b.pp("attn").pp("qkv"))?,
                     proj: candle_nn::linear(v, v, b.pp("attn").pp("proj"))?,
                     fc1: candle_nn::linear(v, cfg.intermediate_size, b.pp("mlp").pp("linear_fc1"))?,
@@ -602,14 +562,14 @@ impl DecoderLayer {
         let mlp = vb.pp("mlp");
         let eps = cfg.rms_norm_eps;
         Ok(Self {
-            input_layernorm: RmsNorm::load(h, eps, vb.pp("input_layernorm"))?,
+            input_layernorm: rms_norm(h, eps, vb.pp("input_layernorm"))?,
             q_proj: candle_nn::linear_no_bias(h, cfg.num_attention_heads * d, attn.pp("q_proj"))?,
             k_proj: candle_nn::linear_no_bias(h, cfg.num_key_value_heads * d, attn.pp("k_proj"))?,
             v_proj: candle_nn::linear_no_bias(h, cfg.num_key_value_heads * d, attn.pp("v_proj"))?,
             o_proj: candle_nn::linear_no_bias(cfg.num_attention_heads * d, h, attn.pp("o_proj"))?,
-            q_norm: RmsNorm::load(d, eps, attn.pp("q_norm"))?,
-            k_norm: RmsNorm::load(d, eps, attn.pp("k_norm"))?,
-            post_attention_layernorm: RmsNorm::load(h, eps, vb.pp("post_attention_layernorm"))?,
+            q_norm: rms_norm(d, eps, attn.pp("q_norm"))?,
+            k_norm: rms_norm(d, eps, attn.pp("k_norm"))?,
+            post_attention_layernorm: rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
             gate_proj: candle_nn::linear_no_bias(h, cfg.intermediate_size, mlp.pp("gate_proj"))?,
             up_proj: candle_nn::linear_no_bias(h, cfg.intermediate_size, mlp.pp("up_proj"))?,
             down_proj: candle_nn::linear_no_bias(cfg.intermediate_size, h, mlp.pp("down_proj"))?,
@@ -701,7 +661,7 @@ impl Qwen3VlModel {
             layers: (0..t.num_hidden_layers)
                 .map(|i| DecoderLayer::load(t, text.pp("layers").pp(i)))
                 .collect::<candle_core::Result<Vec<_>>>()?,
-            norm: RmsNorm::load(t.hidden_size, t.rms_norm_eps, text.pp("norm"))?,
+            norm: rms_norm(t.hidden_size, t.rms_norm_eps, text.pp("norm"))?,
             embed_tokens,
             lm_head,
             cfg: cfg.clone(),

@@ -11,12 +11,13 @@ use icedit_flux::files::{
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use icedit_flux::norms::LayerNorm;
 use icedit_flux::Linear;
 use serde::Deserialize;
 
 use crate::error::{read_json, Result, TextError};
 use crate::layers::{
-    apply, checked_ids, linear, merge_heads, softmax_f32, split_heads, Activation, LayerNorm,
+    apply, checked_ids, layer_norm, linear, merge_heads, softmax_f32, split_heads, Activation,
 };
 use crate::weights::ModelWeights;
 
@@ -144,8 +145,7 @@ impl EncoderLayer {
                 device,
             )
         };
-        let norm =
-            |name: &str| LayerNorm::load(weights, &format!("{prefix}.{name}"), h, eps, device);
+        let norm = |name: &str| layer_norm(weights, &format!("{prefix}.{name}"), h, eps, device);
         Ok(Self {
             layer_norm1: norm("layer_norm1")?,
             q_proj: lin("self_attn.q_proj", (h, h))?,
@@ -236,7 +236,7 @@ impl ClipTextEncoder {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = LayerNorm::load(
+        let final_layer_norm = layer_norm(
             &weights,
             &format!("{prefix}final_layer_norm"),
             h,
@@ -311,7 +311,7 @@ impl ClipTextEncoder {
         for layer in &self.layers {
             xs = layer.forward(&xs, Some(&mask), &self.shape)?;
         }
-        self.final_layer_norm.forward(&xs)
+        Ok(self.final_layer_norm.forward(&xs)?)
     }
 
     /// Where transformers' `CLIPTextModel` reads the pooled output from.
@@ -467,7 +467,7 @@ impl ClipVisionEncoder {
             weights.tensor(&format!("{prefix}{name}"), dims, dtype, device)
         };
         let norm =
-            |name: &str| LayerNorm::load(weights, &format!("{prefix}{name}"), h, shape.eps, device);
+            |name: &str| layer_norm(weights, &format!("{prefix}{name}"), h, shape.eps, device);
         Ok(Self {
             patch_embedding: read(
                 "embeddings.patch_embedding.weight",
@@ -526,7 +526,7 @@ impl ClipVisionEncoder {
         for layer in &self.layers {
             xs = layer.forward(&xs, None, &self.shape)?;
         }
-        self.post_layernorm.forward(&xs.i((.., 0))?)
+        Ok(self.post_layernorm.forward(&xs.i((.., 0))?)?)
     }
 }
 

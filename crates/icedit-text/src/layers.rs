@@ -1,7 +1,8 @@
 //! Building blocks shared by the two encoders, written to round where PyTorch rounds.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Module;
+use icedit_flux::norms::LayerNorm;
 use icedit_flux::Linear;
 
 use crate::error::{Result, TextError};
@@ -31,42 +32,16 @@ pub(crate) fn linear(
     Ok(Linear::new(weight, bias))
 }
 
-/// `nn.LayerNorm`. Computed in f32 with the mean subtracted first (candle-nn's fused kernel
-/// uses E[x^2] - E[x]^2, which loses digits when the mean is large), rounded once at the end
-/// as PyTorch's half-precision kernels do.
-pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
+/// `nn.LayerNorm` `prefix.weight`, `prefix.bias` (computed as PyTorch rounds it).
+pub(crate) fn layer_norm(
+    weights: &ModelWeights,
+    prefix: &str,
+    dim: usize,
     eps: f64,
-}
-
-impl LayerNorm {
-    pub(crate) fn load(
-        weights: &ModelWeights,
-        prefix: &str,
-        dim: usize,
-        eps: f64,
-        device: &Device,
-    ) -> Result<Self> {
-        let read = |p: &str| weights.tensor(&format!("{prefix}.{p}"), &[dim], DType::F32, device);
-        Ok(Self {
-            weight: read("weight")?,
-            bias: read("bias")?,
-            eps,
-        })
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
-        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
-        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?;
-        let out = normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?;
-        Ok(out.to_dtype(dtype)?)
-    }
+    device: &Device,
+) -> Result<LayerNorm> {
+    let read = |p: &str| weights.tensor(&format!("{prefix}.{p}"), &[dim], DType::F32, device);
+    Ok(LayerNorm::new(read("weight")?, read("bias")?, eps)?)
 }
 
 /// The activations transformers' `ACT2FN` names that these encoders use.

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use icedit_flux::norms::{RmsNorm, RmsRounding};
 use icedit_flux::Linear;
 use serde::Deserialize;
 
@@ -118,35 +119,19 @@ impl T5Config {
 
 /// T5's layer norm: RMS only, no bias; statistics in f32, and back to the weight's dtype when
 /// that is half precision (else the result stays f32).
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(
-        weights: &ModelWeights,
-        prefix: &str,
-        cfg: &T5Config,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Self {
-            weight: weights.tensor(&format!("{prefix}.weight"), &[cfg.d_model], dtype, device)?,
-            eps: cfg.layer_norm_epsilon,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = xs.to_dtype(DType::F32)?;
-        let variance = xs.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        let normed = xs.broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?;
-        let normed = match self.weight.dtype() {
-            DType::F16 | DType::BF16 => normed.to_dtype(self.weight.dtype())?,
-            _ => normed,
-        };
-        Ok(normed.broadcast_mul(&self.weight)?)
-    }
+fn rms_norm(
+    weights: &ModelWeights,
+    prefix: &str,
+    cfg: &T5Config,
+    dtype: DType,
+    device: &Device,
+) -> Result<RmsNorm> {
+    let weight = weights.tensor(&format!("{prefix}.weight"), &[cfg.d_model], dtype, device)?;
+    Ok(RmsNorm::new(
+        weight,
+        cfg.layer_norm_epsilon,
+        RmsRounding::HalfWeight,
+    ))
 }
 
 enum FeedForward {
@@ -280,7 +265,7 @@ impl T5Encoder {
                     }
                 };
                 Ok(Block {
-                    attention_norm: RmsNorm::load(
+                    attention_norm: rms_norm(
                         &weights,
                         &format!("{attn}.layer_norm"),
                         &config,
@@ -291,7 +276,7 @@ impl T5Encoder {
                     k: lin(format!("{attn}.SelfAttention.k"), (d, inner), dtype)?,
                     v: lin(format!("{attn}.SelfAttention.v"), (d, inner), dtype)?,
                     o: lin(format!("{attn}.SelfAttention.o"), (inner, d), dtype)?,
-                    ff_norm: RmsNorm::load(
+                    ff_norm: rms_norm(
                         &weights,
                         &format!("{ff}.layer_norm"),
                         &config,
@@ -303,7 +288,7 @@ impl T5Encoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm =
-            RmsNorm::load(&weights, "encoder.final_layer_norm", &config, dtype, device)?;
+            rms_norm(&weights, "encoder.final_layer_norm", &config, dtype, device)?;
         Ok(Self {
             config,
             activation,

@@ -84,6 +84,15 @@ pub enum FluxError {
     #[error("bad model input: {0}")]
     Input(String),
 
+    /// A model folder without its weights, or a shard its index names but the folder lacks.
+    #[error("no {what} at {}: {hint}", path.display())]
+    MissingWeights {
+        /// `model weights` or `weight shard`.
+        what: &'static str,
+        path: PathBuf,
+        hint: String,
+    },
+
     #[error(transparent)]
     Candle(candle_core::Error),
 }

@@ -38,5 +38,5 @@ pub use step_cache::{round_to, StepCache, StepCacheConfig};
 pub use vae::{AutoencoderKl, Posterior, VaeConfig};
 pub use weights::{
     bfl_linear, check_model_dtype, parse_dtype, shape_fits, BflPart, Checkpoint, Layout,
-    MappedTensors, Stored, TensorFiles, WeightSource,
+    MappedTensors, SafetensorsSet, Sharding, Stored, TensorFiles, WeightSource,
 };

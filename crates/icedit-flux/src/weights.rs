@@ -31,8 +31,8 @@ pub enum Layout {
 /// Prefix ComfyUI-style exports put before the BFL names; stripped on load.
 const BFL_WRAPPED_PREFIX: &str = "model.diffusion_model.";
 
-const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-const DIFFUSERS_INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// diffusers' weight files: `{stem}.safetensors` or `{stem}.safetensors.index.json`.
+const DIFFUSERS_STEM: &str = "diffusion_pytorch_model";
 
 /// How a tensor is stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1104,27 +1104,74 @@ pub fn shape_fits(shape: &[usize]) -> bool {
         .is_some()
 }
 
-/// The safetensors files of a diffusers model folder: the shards named by the index, or the
-/// single weights file.
+/// The safetensors files of a diffusers model folder (`diffusion_pytorch_model`).
 pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index_path = dir.join(DIFFUSERS_INDEX);
-    if index_path.is_file() {
-        let text = crate::files::read_text_file(&index_path, crate::files::MAX_CONFIG_BYTES)
-            .map_err(|source| FluxError::Io {
-                path: index_path.clone(),
-                source,
-            })?;
-        let bad_index = |message: String| FluxError::Config {
-            path: Some(index_path.clone()),
-            message,
+    Ok(SafetensorsSet::open(dir, DIFFUSERS_STEM, Sharding::IndexFirst)?.files)
+}
+
+/// Which of `{stem}.safetensors` and its shard index a folder holding both is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// diffusers' order.
+    IndexFirst,
+    /// transformers' order.
+    SingleFirst,
+}
+
+/// The weight files of a model folder: `{stem}.safetensors`, or the shards that
+/// `{stem}.safetensors.index.json` names. The one reader of shard indexes for local folders
+/// (the Hub crate reads them to know what to download).
+#[derive(Debug, Clone)]
+pub struct SafetensorsSet {
+    /// Distinct, sorted.
+    pub files: Vec<PathBuf>,
+    /// Each tensor's shard, as the index lists it (empty for a single file).
+    pub shard_of: HashMap<String, PathBuf>,
+}
+
+impl SafetensorsSet {
+    pub fn open(dir: &Path, stem: &str, order: Sharding) -> Result<Self> {
+        let single = dir.join(format!("{stem}.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        let use_index = match order {
+            Sharding::IndexFirst => index.is_file(),
+            Sharding::SingleFirst => !single.is_file() && index.is_file(),
         };
-        let index: serde_json::Value =
+        if !use_index {
+            if single.is_file() {
+                return Ok(Self {
+                    files: vec![single],
+                    shard_of: HashMap::new(),
+                });
+            }
+            return Err(FluxError::MissingWeights {
+                what: "model weights",
+                path: single,
+                hint: format!(
+                    "expected {stem}.safetensors, or {stem}.safetensors.index.json with its shards"
+                ),
+            });
+        }
+        let text = crate::files::read_text_file(&index, crate::files::MAX_CONFIG_BYTES).map_err(
+            |source| FluxError::Io {
+                path: index.clone(),
+                source,
+            },
+        )?;
+        let bad_index = |message: String| FluxError::Safetensors {
+            path: index.clone(),
+            message: format!("bad shard index: {message}"),
+        };
+        #[derive(serde::Deserialize)]
+        struct ShardIndex {
+            weight_map: HashMap<String, String>,
+        }
+        let parsed: ShardIndex =
             serde_json::from_str(&text).map_err(|e| bad_index(e.to_string()))?;
-        let weight_map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad_index("no `weight_map` object".into()))?;
-        let shards: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
+        let shards: BTreeSet<&str> = parsed.weight_map.values().map(String::as_str).collect();
+        if shards.is_empty() {
+            return Err(bad_index("its weight_map is empty".into()));
+        }
         // Shards are files beside the index: a path out of the folder is not one.
         if let Some(bad) = shards
             .iter()
@@ -1134,30 +1181,24 @@ pub(crate) fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 "the shard name {bad:?} is not a file name in the model folder"
             )));
         }
-        let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
-        let missing: Vec<String> = paths
-            .iter()
-            .filter(|p| !p.is_file())
-            .map(|p| p.display().to_string())
-            .collect();
-        if !missing.is_empty() {
-            return Err(bad_index(format!(
-                "shards listed in the index are missing: {}",
-                missing.join(", ")
-            )));
+        let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+        if let Some(missing) = files.iter().find(|p| !p.is_file()) {
+            return Err(FluxError::MissingWeights {
+                what: "weight shard",
+                path: missing.clone(),
+                hint: format!(
+                    "listed in {}; the download may be incomplete",
+                    index.display()
+                ),
+            });
         }
-        return Ok(paths);
+        let shard_of = parsed
+            .weight_map
+            .into_iter()
+            .map(|(tensor, file)| (tensor, dir.join(file)))
+            .collect();
+        Ok(Self { files, shard_of })
     }
-    let single = dir.join(DIFFUSERS_WEIGHTS);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(FluxError::Config {
-        path: Some(dir.to_path_buf()),
-        message: format!(
-            "no weights: expected {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} with its shards"
-        ),
-    })
 }
 
 /// A single file given with a config (a pipeline's `transformer/config.json`) must be for that

@@ -369,7 +369,7 @@ pub fn build_judges(specs: &[JudgeSpec], settings: &JudgeSettings) -> Result<Jud
             }
             JudgeSpec::Vlm { model } => {
                 let (repo, dir) = fetch_model(spec, model, VLM_FILES, &settings.hub)?;
-                fetch_shards(spec, &repo, &dir)?;
+                fetch_weights(spec, &repo)?;
                 judges.push(Box::new(VlmJudge::load(
                     spec.name(),
                     &dir,
@@ -409,29 +409,15 @@ fn fetch_model(
     Ok((repo, dir))
 }
 
-/// A sharded model's shards, as its `model.safetensors.index.json` names them.
-fn fetch_shards(spec: &JudgeSpec, repo: &ModelRepo, dir: &std::path::Path) -> Result<()> {
-    let index = dir.join("model.safetensors.index.json");
-    if dir.join("model.safetensors").is_file() || !index.is_file() {
-        return Ok(());
-    }
-    let fail = |message: String| JudgeError::Spec {
-        spec: spec.name(),
-        message,
-    };
-    let text = icedit_flux::files::read_text_file(&index, icedit_flux::files::MAX_CONFIG_BYTES)
-        .map_err(|e| fail(e.to_string()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| fail(format!("{}: {e}", index.display())))?;
-    let mut shards: Vec<&str> = value["weight_map"]
-        .as_object()
-        .map(|m| m.values().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
-    shards.sort_unstable();
-    shards.dedup();
-    repo.files(&shards)
-        .map_err(|e| fail(format!("cannot get the weights: {e}")))?;
-    Ok(())
+/// The model's weights: `model.safetensors`, or the shards its `model.safetensors.index.json`
+/// names (fetched as the Hub crate reads the index).
+fn fetch_weights(spec: &JudgeSpec, repo: &ModelRepo) -> Result<()> {
+    repo.safetensors_set("", "model")
+        .map_err(|e| JudgeError::Spec {
+            spec: spec.name(),
+            message: format!("cannot get the weights: {e}"),
+        })
+        .map(drop)
 }
 
 #[cfg(test)]

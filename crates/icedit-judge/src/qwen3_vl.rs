@@ -844,28 +844,7 @@ fn model_error(message: &str) -> JudgeError {
 /// The safetensors files of a model folder: `model.safetensors`, or the shards its
 /// `model.safetensors.index.json` names.
 pub(crate) fn weight_files(dir: &Path) -> std::result::Result<Vec<std::path::PathBuf>, String> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    let text = icedit_flux::files::read_text_file(&index, icedit_flux::files::MAX_CONFIG_BYTES)
-        .map_err(|_| {
-            "neither model.safetensors nor model.safetensors.index.json is there".to_string()
-        })?;
-    let value: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
-    let mut names: Vec<&str> = value["weight_map"]
-        .as_object()
-        .ok_or("the shard index has no weight_map")?
-        .values()
-        .filter_map(Value::as_str)
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let files: Vec<_> = names.iter().map(|n| dir.join(n)).collect();
-    match files.iter().find(|f| !f.is_file()) {
-        Some(missing) => Err(format!("shard {} is missing", missing.display())),
-        None => Ok(files),
-    }
+    icedit_flux::SafetensorsSet::open(dir, "model", icedit_flux::Sharding::SingleFirst)
+        .map(|set| set.files)
+        .map_err(|e| e.to_string())
 }

@@ -1,18 +1,16 @@
 //! A transformers model folder (`config.json` + `model.safetensors`, or a sharded
 //! `model.safetensors.index.json`) and checked tensor reads from it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
-use icedit_flux::TensorFiles;
+use icedit_flux::{FluxError, SafetensorsSet, Sharding, TensorFiles};
 
-use crate::error::{read_json, Result, TextError};
+use crate::error::{Result, TextError};
 
 const CONFIG: &str = "config.json";
-const SINGLE: &str = "model.safetensors";
-const INDEX: &str = "model.safetensors.index.json";
 
 /// Maps a transformers tensor name to its name in the file (`None`: not stored there).
 pub(crate) type Rename = fn(&str) -> Option<String>;
@@ -27,11 +25,6 @@ pub(crate) struct ModelWeights {
     shard_of: HashMap<String, PathBuf>,
     /// For files in another naming (llama.cpp's, in GGUF).
     rename: Option<Rename>,
-}
-
-#[derive(serde::Deserialize)]
-struct ShardIndex {
-    weight_map: HashMap<String, String>,
 }
 
 impl ModelWeights {
@@ -53,38 +46,14 @@ impl ModelWeights {
             });
         }
 
-        let single = dir.join(SINGLE);
-        let index = dir.join(INDEX);
-        let (paths, shard_of) = if single.is_file() {
-            (vec![single], HashMap::new())
-        } else if index.is_file() {
-            let parsed: ShardIndex = read_json(&index)?;
-            let names: BTreeSet<&String> = parsed.weight_map.values().collect();
-            let mut paths = Vec::with_capacity(names.len());
-            for name in names {
-                let path = dir.join(name);
-                if !path.is_file() {
-                    return Err(TextError::MissingFile {
-                        what: "weight shard",
-                        path,
-                        hint: format!("listed in {INDEX}; the download may be incomplete"),
-                    });
+        let set =
+            SafetensorsSet::open(dir, "model", Sharding::SingleFirst).map_err(|e| match e {
+                FluxError::MissingWeights { what, path, hint } => {
+                    TextError::MissingFile { what, path, hint }
                 }
-                paths.push(path);
-            }
-            let shard_of = parsed
-                .weight_map
-                .into_iter()
-                .map(|(tensor, file)| (tensor, dir.join(file)))
-                .collect();
-            (paths, shard_of)
-        } else {
-            return Err(TextError::MissingFile {
-                what: "model weights",
-                path: single,
-                hint: format!("expected {SINGLE}, or {INDEX} with its shards"),
-            });
-        };
+                e => e.into(),
+            })?;
+        let (paths, shard_of) = (set.files, set.shard_of);
 
         let files = TensorFiles::open(&paths)?;
         Ok((

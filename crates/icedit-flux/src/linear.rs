@@ -82,6 +82,9 @@ pub struct Linear {
     /// The dense weight is a window of a [`JointLinears`]' joint weight. candle moves a view's
     /// whole storage, so a window moved on its own is made compact first.
     window: bool,
+    /// The module path it was loaded from, in diffusers naming (`transformer_blocks.0.attn.to_q`):
+    /// recorded as it loads, so that nothing lists the names a second time.
+    path: Arc<str>,
 }
 
 /// A revision no layer had before.
@@ -103,6 +106,7 @@ impl Linear {
             compute: None,
             revision: fresh_revision(),
             window: false,
+            path: Arc::from(""),
         }
     }
 
@@ -122,6 +126,7 @@ impl Linear {
             compute: None,
             revision: fresh_revision(),
             window: false,
+            path: Arc::from(""),
         })
     }
 
@@ -135,13 +140,19 @@ impl Linear {
     ) -> Result<Self> {
         let source = source.into();
         let bias = source.get(out_features, "bias")?;
-        match source.quantized_weight(out_features, in_features)? {
-            Some(blocks) => Self::quantized(blocks, Some(bias), source.dtype()),
-            None => Ok(Self::new(
-                source.dense_weight(out_features, in_features)?,
-                Some(bias),
-            )),
-        }
+        let layer = match source.quantized_weight(out_features, in_features)? {
+            Some(blocks) => Self::quantized(blocks, Some(bias), source.dtype())?,
+            None => Self::new(source.dense_weight(out_features, in_features)?, Some(bias)),
+        };
+        Ok(Self {
+            path: Arc::from(source.path()),
+            ..layer
+        })
+    }
+
+    /// The module path the layer was loaded from (empty for one built with [`Linear::new`]).
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     /// This layer with its weight and bias on `device`, where it then computes; adapters are
@@ -490,10 +501,10 @@ impl JointLinears {
         self.joint.is_some()
     }
 
-    /// Visits each part under its path, then joins the weights again if any changed.
-    pub fn visit(&mut self, paths: &[String], f: &mut dyn FnMut(&str, &mut Linear)) {
-        for (path, part) in paths.iter().zip(&mut self.parts) {
-            f(path, part);
+    /// Visits each part, then joins the weights again if any changed.
+    pub fn visit(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        for part in &mut self.parts {
+            f(part);
         }
         if self.rejoin().is_err() {
             // Unjoined, each part still holds its own weight.
@@ -639,15 +650,15 @@ fn move_blocks(blocks: &Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
     Ok(Arc::new(QTensor::new(storage, blocks.shape().clone())?))
 }
 
-/// Walks every linear layer of a model with its module path in diffusers naming
-/// (e.g. `transformer_blocks.0.attn.to_q`), the names PEFT LoRA keys use.
+/// Walks every linear layer of a model; each knows its module path in diffusers naming
+/// ([`Linear::path`], e.g. `transformer_blocks.0.attn.to_q`), the names PEFT LoRA keys use.
 pub trait VisitLinears {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear));
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear));
 
-    /// Every group of linears multiplied as one, by a path of its own (BFL's name for the
-    /// joint tensor). Moving a model moves these first, so that their joint weights move once.
-    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
-        let _ = (prefix, f);
+    /// Every group of linears multiplied as one. Moving a model moves these first, so that their
+    /// joint weights move once.
+    fn visit_joints(&mut self, f: &mut dyn FnMut(&mut JointLinears)) {
+        let _ = f;
     }
 }
 
@@ -751,13 +762,17 @@ mod tests {
             seen: Mutex::new(None),
         });
         let merged = randn((3, 7));
-        let paths: Vec<String> = ["q", "k", "mlp"].map(String::from).to_vec();
-        joint.visit(&paths, &mut |path, linear| match path {
-            "q" => linear.attach(probe.clone()).unwrap(),
-            "k" => linear.attach(Arc::new(Lora(randn((5, 7))))).unwrap(),
-            _ => {
-                linear.set_weight(merged.clone()).unwrap();
+        // Parts are visited in order: q, k, then the MLP's input.
+        let mut part_index = 0;
+        joint.visit(&mut |linear| {
+            match part_index {
+                0 => linear.attach(probe.clone()).unwrap(),
+                1 => linear.attach(Arc::new(Lora(randn((5, 7))))).unwrap(),
+                _ => {
+                    linear.set_weight(merged.clone()).unwrap();
+                }
             }
+            part_index += 1;
         });
         assert!(joint.is_joined());
         assert!(diff(&joint.parts()[2].weight().unwrap(), &merged) < 1e-6);
@@ -775,11 +790,13 @@ mod tests {
         assert!(placed.parts().iter().all(|p| p.window));
         // A merged part's weight is its own again; the group joins it back in.
         let mut rejoined = placed.clone();
-        rejoined.visit(&paths, &mut |path, linear| {
-            if path == "k" {
+        let mut part_index = 0;
+        rejoined.visit(&mut |linear| {
+            if part_index == 1 {
                 linear.set_weight(randn((5, 7))).unwrap();
                 assert!(!linear.window);
             }
+            part_index += 1;
         });
         assert!(rejoined.is_joined() && rejoined.parts().iter().all(|p| p.window));
         check(&rejoined);

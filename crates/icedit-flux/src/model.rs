@@ -12,7 +12,7 @@ use crate::attention::{rope_attention, Rope};
 use crate::config::FluxConfig;
 use crate::cpu_kernels::gelu_tanh;
 use crate::error::{FluxError, Result};
-use crate::linear::{join, JointLinears, Linear, VisitLinears};
+use crate::linear::{JointLinears, Linear, VisitLinears};
 use crate::norms::{RmsNorm, RmsRounding};
 use crate::step_cache::{StepCache, TaylorSeerCache};
 use crate::weights::{check_model_dtype, Checkpoint, WeightSource};
@@ -70,9 +70,9 @@ impl MlpEmbedder {
 }
 
 impl VisitLinears for MlpEmbedder {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
-        f(&join(prefix, "linear_1"), &mut self.linear_1);
-        f(&join(prefix, "linear_2"), &mut self.linear_2);
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        f(&mut self.linear_1);
+        f(&mut self.linear_2);
     }
 }
 
@@ -140,14 +140,12 @@ impl TimeTextEmbed {
 }
 
 impl VisitLinears for TimeTextEmbed {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
-        self.timestep_embedder
-            .visit_linears(&join(prefix, "timestep_embedder"), f);
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        self.timestep_embedder.visit_linears(f);
         if let Some(g) = &mut self.guidance_embedder {
-            g.visit_linears(&join(prefix, "guidance_embedder"), f);
+            g.visit_linears(f);
         }
-        self.text_embedder
-            .visit_linears(&join(prefix, "text_embedder"), f);
+        self.text_embedder.visit_linears(f);
     }
 }
 
@@ -223,9 +221,8 @@ impl QkvProjection {
         Ok(())
     }
 
-    /// `paths`: the module paths of q, k, v and the others.
-    fn visit_linears(&mut self, paths: &[String], f: &mut dyn FnMut(&str, &mut Linear)) {
-        self.linears.visit(paths, f)
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        self.linears.visit(f)
     }
 }
 
@@ -278,9 +275,9 @@ impl FeedForward {
 }
 
 impl VisitLinears for FeedForward {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
-        f(&join(prefix, "net.0.proj"), &mut self.proj_in);
-        f(&join(prefix, "net.2"), &mut self.proj_out);
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        f(&mut self.proj_in);
+        f(&mut self.proj_out);
     }
 }
 
@@ -378,25 +375,20 @@ impl DoubleStreamBlock {
 }
 
 impl VisitLinears for DoubleStreamBlock {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
-        let attn = join(prefix, "attn");
-        f(&join(prefix, "norm1.linear"), &mut self.img.modulation);
-        f(
-            &join(prefix, "norm1_context.linear"),
-            &mut self.txt.modulation,
-        );
-        let paths = |names: &[&str]| names.iter().map(|n| join(&attn, n)).collect::<Vec<_>>();
-        self.img.qkv.visit_linears(&paths(&IMG_QKV[..3]), f);
-        self.txt.qkv.visit_linears(&paths(&TXT_QKV[..3]), f);
-        f(&join(&attn, "to_out.0"), &mut self.img.attn_out);
-        f(&join(&attn, "to_add_out"), &mut self.txt.attn_out);
-        self.img.ff.visit_linears(&join(prefix, "ff"), f);
-        self.txt.ff.visit_linears(&join(prefix, "ff_context"), f);
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        f(&mut self.img.modulation);
+        f(&mut self.txt.modulation);
+        self.img.qkv.visit_linears(f);
+        self.txt.qkv.visit_linears(f);
+        f(&mut self.img.attn_out);
+        f(&mut self.txt.attn_out);
+        self.img.ff.visit_linears(f);
+        self.txt.ff.visit_linears(f);
     }
 
-    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
-        f(&join(prefix, "attn.qkv"), &mut self.img.qkv.linears);
-        f(&join(prefix, "attn.added_qkv"), &mut self.txt.qkv.linears);
+    fn visit_joints(&mut self, f: &mut dyn FnMut(&mut JointLinears)) {
+        f(&mut self.img.qkv.linears);
+        f(&mut self.txt.qkv.linears);
     }
 }
 
@@ -507,17 +499,14 @@ impl SingleStreamBlock {
 }
 
 impl VisitLinears for SingleStreamBlock {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
-        f(&join(prefix, "norm.linear"), &mut self.modulation);
-        let attn = join(prefix, "attn");
-        let mut paths: Vec<String> = IMG_QKV[..3].iter().map(|n| join(&attn, n)).collect();
-        paths.push(join(prefix, "proj_mlp"));
-        self.qkv.visit_linears(&paths, f);
-        f(&join(prefix, "proj_out"), &mut self.proj_out);
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        f(&mut self.modulation);
+        self.qkv.visit_linears(f);
+        f(&mut self.proj_out);
     }
 
-    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
-        f(&join(prefix, "linear1"), &mut self.qkv.linears);
+    fn visit_joints(&mut self, f: &mut dyn FnMut(&mut JointLinears)) {
+        f(&mut self.qkv.linears);
     }
 }
 
@@ -528,8 +517,9 @@ fn place_linears<'d, M: VisitLinears>(
     place: &dyn Fn(&str) -> (&'d Device, &'d Device),
 ) -> candle_core::Result<()> {
     let mut failed = None;
-    module.visit_joints("", &mut |path, joint| {
-        let (home, compute) = place(path);
+    module.visit_joints(&mut |joint| {
+        // A group lies where its first part's path says.
+        let (home, compute) = place(joint.parts()[0].path());
         match joint.kept_on(home, compute) {
             Ok(placed) => *joint = placed,
             Err(e) => {
@@ -538,8 +528,8 @@ fn place_linears<'d, M: VisitLinears>(
         }
     });
     // The joint groups' parts are where they belong by now: nothing more is copied for them.
-    module.visit_linears("", &mut |path, linear| {
-        let (home, compute) = place(path);
+    module.visit_linears(&mut |linear| {
+        let (home, compute) = place(linear.path());
         match linear.kept_on(home, compute) {
             Ok(placed) => *linear = placed,
             Err(e) => {
@@ -818,7 +808,10 @@ impl FluxTransformer {
 
     /// Every linear layer, with its diffusers module path (`transformer_blocks.0.attn.to_q`, ...).
     pub fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
-        VisitLinears::visit_linears(self, "", f)
+        VisitLinears::visit_linears(self, &mut |linear| {
+            let path = linear.path().to_owned();
+            f(&path, linear)
+        })
     }
 
     /// The RoPE tables of these ids, from the cache when the same ids were seen before.
@@ -1026,30 +1019,26 @@ impl candle_nn::var_builder::SimpleBackend for BroadcastZeros {
 }
 
 impl VisitLinears for FluxTransformer {
-    fn visit_linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
-        f(&join(prefix, "x_embedder"), &mut self.x_embedder);
-        f(
-            &join(prefix, "context_embedder"),
-            &mut self.context_embedder,
-        );
-        self.time_text_embed
-            .visit_linears(&join(prefix, "time_text_embed"), f);
-        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
-            block.visit_linears(&join(prefix, &format!("transformer_blocks.{i}")), f);
+    fn visit_linears(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        f(&mut self.x_embedder);
+        f(&mut self.context_embedder);
+        self.time_text_embed.visit_linears(f);
+        for block in &mut self.transformer_blocks {
+            block.visit_linears(f);
         }
-        for (i, block) in self.single_transformer_blocks.iter_mut().enumerate() {
-            block.visit_linears(&join(prefix, &format!("single_transformer_blocks.{i}")), f);
+        for block in &mut self.single_transformer_blocks {
+            block.visit_linears(f);
         }
-        f(&join(prefix, "norm_out.linear"), &mut self.norm_out);
-        f(&join(prefix, "proj_out"), &mut self.proj_out);
+        f(&mut self.norm_out);
+        f(&mut self.proj_out);
     }
 
-    fn visit_joints(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut JointLinears)) {
-        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
-            block.visit_joints(&join(prefix, &format!("transformer_blocks.{i}")), f);
+    fn visit_joints(&mut self, f: &mut dyn FnMut(&mut JointLinears)) {
+        for block in &mut self.transformer_blocks {
+            block.visit_joints(f);
         }
-        for (i, block) in self.single_transformer_blocks.iter_mut().enumerate() {
-            block.visit_joints(&join(prefix, &format!("single_transformer_blocks.{i}")), f);
+        for block in &mut self.single_transformer_blocks {
+            block.visit_joints(f);
         }
     }
 }
@@ -1057,6 +1046,52 @@ impl VisitLinears for FluxTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The paths recorded as the layers load are diffusers' module paths (PEFT's LoRA keys).
+    #[test]
+    fn linears_know_their_module_paths() {
+        let config = FluxConfig {
+            num_layers: 1,
+            num_single_layers: 1,
+            ..FluxConfig::fill()
+        };
+        let mut model = FluxTransformer::shapes_only(&config).unwrap();
+        let mut paths = Vec::new();
+        model.visit_linears(&mut |path, _| paths.push(path.to_string()));
+        let want = [
+            "x_embedder",
+            "context_embedder",
+            "time_text_embed.timestep_embedder.linear_1",
+            "time_text_embed.timestep_embedder.linear_2",
+            "time_text_embed.guidance_embedder.linear_1",
+            "time_text_embed.guidance_embedder.linear_2",
+            "time_text_embed.text_embedder.linear_1",
+            "time_text_embed.text_embedder.linear_2",
+            "transformer_blocks.0.norm1.linear",
+            "transformer_blocks.0.norm1_context.linear",
+            "transformer_blocks.0.attn.to_q",
+            "transformer_blocks.0.attn.to_k",
+            "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.add_q_proj",
+            "transformer_blocks.0.attn.add_k_proj",
+            "transformer_blocks.0.attn.add_v_proj",
+            "transformer_blocks.0.attn.to_out.0",
+            "transformer_blocks.0.attn.to_add_out",
+            "transformer_blocks.0.ff.net.0.proj",
+            "transformer_blocks.0.ff.net.2",
+            "transformer_blocks.0.ff_context.net.0.proj",
+            "transformer_blocks.0.ff_context.net.2",
+            "single_transformer_blocks.0.norm.linear",
+            "single_transformer_blocks.0.attn.to_q",
+            "single_transformer_blocks.0.attn.to_k",
+            "single_transformer_blocks.0.attn.to_v",
+            "single_transformer_blocks.0.proj_mlp",
+            "single_transformer_blocks.0.proj_out",
+            "norm_out.linear",
+            "proj_out",
+        ];
+        assert_eq!(paths, want);
+    }
 
     #[test]
     fn rope_tables_are_built_once_per_ids() {

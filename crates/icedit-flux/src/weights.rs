@@ -1438,6 +1438,11 @@ impl<'a> WeightSource<'a> {
         self.vb.get(shape, name)
     }
 
+    /// The module path `pp` has led to.
+    pub fn path(&self) -> String {
+        self.vb.prefix()
+    }
+
     pub fn dtype(&self) -> DType {
         self.vb.dtype()
     }

@@ -11,7 +11,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -98,13 +97,6 @@ pub fn config(cases: u32) -> Config {
         max_shrink_time: 60_000,
         ..Config::default()
     }
-}
-
-/// A fixture of the workspace's `tests/fixtures`.
-pub fn fixture(manifest_dir: &str, relative: &str) -> PathBuf {
-    Path::new(manifest_dir)
-        .join("../../tests/fixtures")
-        .join(relative)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 mod fuzz;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
@@ -19,14 +19,11 @@ use icedit_adapters::{
 };
 use icedit_flux::{Checkpoint, FluxTransformer};
 use icedit_hub::ModelSource;
+use icedit_test_support::fixtures;
 use proptest::prelude::*;
 use serde_json::Value;
 
 const MAX_ALLOC: usize = 16 << 20;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 /// The tiny FLUX Fill model the fixture adapters were made for, loaded once and cloned.
 fn model() -> FluxTransformer {

@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AdapterError, AdapterFile, ApplyMode};
 use icedit_flux::{Checkpoint, FluxTransformer};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn model(dtype: DType) -> FluxTransformer {
     let checkpoint = Checkpoint::open(&fixtures().join("fill_pipeline/tiny/transformer")).unwrap();

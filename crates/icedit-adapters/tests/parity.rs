@@ -10,10 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{apply_adapters, AdapterChoice, AdapterError, AdapterFile, ApplyMode};
 use icedit_flux::compare::max_abs_diff;
 use icedit_flux::{Checkpoint, FluxInput, FluxTransformer};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn adapter_path(file: &str) -> PathBuf {
     fixtures().join("edit/adapters").join(file)

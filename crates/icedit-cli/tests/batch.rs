@@ -8,10 +8,7 @@ use std::process::{Command, Output};
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 /// `icedit batch JOBS --out OUT` with the tiny pipeline, no adapter.
 pub fn batch(jobs: &Path, out: &Path, extra: &[&str]) -> Output {

@@ -1,12 +1,10 @@
 //! The `icedit` binary end to end: success output and exit codes of its error paths.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/flux")
-        .join(name)
+    icedit_test_support::fixture("flux").join(name)
 }
 
 fn icedit(args: &[&str]) -> Output {

@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn edit_fixture(rel: &str) -> String {
     fixtures()

@@ -9,7 +9,7 @@ mod cli_support;
 use cli_support::*;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline")
+    icedit_test_support::fixture("fill_pipeline")
 }
 
 fn model() -> String {

@@ -4,15 +4,12 @@
 //! bare, with a LoRA and with the MoE-LoRA; from a local file and from the Hub cache; and the
 //! errors (missing file, a GGUF for another model, an output onto the GGUF), exiting 1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn gguf(rel: &str) -> String {
     fixtures()

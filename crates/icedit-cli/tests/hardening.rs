@@ -3,14 +3,11 @@
 //! and after) and writes nothing; the cases that would allocate gigabytes finish in well under
 //! a second with little memory (peak RSS of the child, measured with wait4).
 
+use icedit_test_support::fixtures;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn tiny_model() -> PathBuf {
     fixtures().join("fill_pipeline/tiny")

@@ -1,7 +1,7 @@
 //! `icedit judge`: one comparison with each kind of judge (the tiny CLIP and Qwen3-VL models of
 //! tests/fixtures, a scripted local server), and its bad-input errors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use icedit_judge::fake_server::{serve, Reply};
@@ -9,10 +9,7 @@ use icedit_judge::fake_server::{serve, Reply};
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn icedit(args: &[&str]) -> Output {
     icedit_in(args, &[], None)

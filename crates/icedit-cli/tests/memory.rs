@@ -3,16 +3,13 @@
 //! diffusers), `--offload` (which on the CPU computes what a resident model computes), and the
 //! plan `--max-memory` prints before loading, with its refusals.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn path(p: &Path) -> String {
     p.to_str().unwrap().to_string()

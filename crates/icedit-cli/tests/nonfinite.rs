@@ -4,7 +4,7 @@
 //! the tiny pipeline.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use candle_core::{Device, Tensor};
@@ -12,10 +12,7 @@ use candle_core::{Device, Tensor};
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::{assert_nothing_written, assert_refused, icedit};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn fixture(rel: &str) -> String {
     fixtures().join(rel).to_str().unwrap().to_string()

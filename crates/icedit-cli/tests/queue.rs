@@ -3,7 +3,6 @@
 //! seed, a poisoned job lands in the dead-letter stream after its tries, and events and cancel
 //! flow between the server and the workers.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -14,10 +13,7 @@ mod cli_support;
 #[path = "../../../tests/support/http.rs"]
 mod http_support;
 use http_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn model() -> String {
     fixtures()

@@ -1,16 +1,13 @@
 //! `icedit selftest`: the release binary proves itself against the committed fixtures (what a
 //! GPU machine without a Rust toolchain runs), and fails loudly when a fixture is altered.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 #[path = "../../../tests/support/cli.rs"]
 mod cli_support;
 use cli_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn selftest(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_icedit"))

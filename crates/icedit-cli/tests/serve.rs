@@ -14,10 +14,7 @@ use cli_support::*;
 #[path = "../../../tests/support/http.rs"]
 mod http_support;
 use http_support::*;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 fn photo_bytes() -> Vec<u8> {
     std::fs::read(fixtures().join("edit/source.png")).unwrap()

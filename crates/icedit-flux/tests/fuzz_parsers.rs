@@ -24,10 +24,6 @@ use serde_json::Value;
 /// at once reading them (the BFL fixture's largest tensor is well under it).
 const MAX_ALLOC: usize = 16 << 20;
 
-fn fixture_path(relative: &str) -> std::path::PathBuf {
-    fixture(env!("CARGO_MANIFEST_DIR"), relative)
-}
-
 /// Everything a caller may do with an opened set of files: read every tensor (whole), under
 /// its own name and through a `VarBuilder`.
 fn exercise_files(files: TensorFiles) {
@@ -154,7 +150,7 @@ proptest! {
         edits in byte_edits(4),
         cut in proptest::option::of(0usize..4096),
     ) {
-        let mut bytes = std::fs::read(fixture_path("gguf/dequant.gguf")).unwrap();
+        let mut bytes = std::fs::read(icedit_test_support::fixture("gguf/dequant.gguf")).unwrap();
         // The header is the first ~1.4 KB; aim the edits there.
         apply_byte_edits(&mut bytes, &edits, 1536);
         if let Some(cut) = cut {
@@ -329,7 +325,7 @@ proptest! {
         entry_edits in proptest::collection::vec(entry_edit(), 1..3),
         json_edits in sometimes(json_edit(), 2),
     ) {
-        let original = std::fs::read(fixture_path("flux/fill_diptych/flux1-bfl.safetensors")).unwrap();
+        let original = std::fs::read(icedit_test_support::fixture("flux/fill_diptych/flux1-bfl.safetensors")).unwrap();
         let n = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
         let mut header: Value = serde_json::from_slice(&original[8..8 + n]).unwrap();
         apply_entry_edits(&mut header, &entry_edits);
@@ -338,7 +334,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flux1-fill-dev.safetensors");
         std::fs::write(&path, &bytes).unwrap();
-        let config = FluxConfig::from_json_file(&fixture_path("flux/fill_diptych/transformer/config.json")).unwrap();
+        let config = FluxConfig::from_json_file(&icedit_test_support::fixture("flux/fill_diptych/transformer/config.json")).unwrap();
         bounded("fixture checkpoint", MAX_ALLOC, || {
             let _ = Checkpoint::open(&path);
             if let Ok(checkpoint) = Checkpoint::open_with_config(&path, config) {
@@ -354,7 +350,7 @@ proptest! {
         raw in proptest::option::weighted(0.1, proptest::collection::vec(any::<u8>(), 0..64)),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let src = fixture_path("flux/dev_sharded/transformer");
+        let src = icedit_test_support::fixture("flux/dev_sharded/transformer");
         for entry in std::fs::read_dir(&src).unwrap() {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
@@ -473,7 +469,7 @@ proptest! {
         raw in proptest::option::weighted(0.05, proptest::collection::vec(any::<u8>(), 0..256)),
         byte_edits in sometimes(byte_edit(), 2),
     ) {
-        let seed = fixture_path("fill_pipeline/tiny/transformer/config.json");
+        let seed = icedit_test_support::fixture("fill_pipeline/tiny/transformer/config.json");
         let mut value: Value = serde_json::from_slice(&std::fs::read(&seed).unwrap()).unwrap();
         apply_json_edits(&mut value, &edits);
         let mut bytes = raw.unwrap_or_else(|| json_text(&value).into_bytes());
@@ -498,7 +494,7 @@ proptest! {
         raw in proptest::option::weighted(0.05, proptest::collection::vec(any::<u8>(), 0..256)),
         byte_edits in sometimes(byte_edit(), 2),
     ) {
-        let seed = fixture_path("fill_pipeline/tiny/vae/config.json");
+        let seed = icedit_test_support::fixture("fill_pipeline/tiny/vae/config.json");
         let mut value: Value = serde_json::from_slice(&std::fs::read(&seed).unwrap()).unwrap();
         apply_json_edits(&mut value, &edits);
         let mut bytes = raw.unwrap_or_else(|| json_text(&value).into_bytes());
@@ -519,10 +515,15 @@ proptest! {
 #[test]
 fn config_seeds_are_valid() {
     check_flux_config(
-        &FluxConfig::from_json_file(&fixture_path("fill_pipeline/tiny/transformer/config.json"))
-            .unwrap(),
+        &FluxConfig::from_json_file(&icedit_test_support::fixture(
+            "fill_pipeline/tiny/transformer/config.json",
+        ))
+        .unwrap(),
     );
     check_vae_config(
-        &VaeConfig::from_json_file(&fixture_path("fill_pipeline/tiny/vae/config.json")).unwrap(),
+        &VaeConfig::from_json_file(&icedit_test_support::fixture(
+            "fill_pipeline/tiny/vae/config.json",
+        ))
+        .unwrap(),
     );
 }

@@ -19,9 +19,7 @@ const TYPES: [&str; 13] = [
 const F32_TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf")
-        .join(name)
+    icedit_test_support::fixture("gguf").join(name)
 }
 
 fn config() -> FluxConfig {
@@ -232,7 +230,7 @@ fn fp8_checkpoints_match_torch_upcast() {
     let io = forward_inputs();
     let input = FluxInput::from_named(&io).unwrap();
     let reference = candle_core::safetensors::load(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fp8/forward.safetensors"),
+        icedit_test_support::fixture("fp8/forward.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
@@ -240,9 +238,7 @@ fn fp8_checkpoints_match_torch_upcast() {
         ("flux_fp8_e4m3fn.safetensors", "out.fp8"),
         ("flux_fp8_scaled.safetensors", "out.fp8_scaled"),
     ] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/fp8")
-            .join(file);
+        let path = icedit_test_support::fixture("fp8").join(file);
         let checkpoint = Checkpoint::open_with_config(&path, config()).unwrap();
         assert_eq!(checkpoint.layout(), Layout::Bfl);
         let model = FluxTransformer::load(&checkpoint, DType::F32, &Device::Cpu).unwrap();

@@ -10,9 +10,7 @@ use icedit_flux::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/flux")
-        .join(name)
+    icedit_test_support::fixture("flux").join(name)
 }
 
 fn fill_config() -> FluxConfig {

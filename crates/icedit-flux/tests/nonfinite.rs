@@ -3,14 +3,11 @@
 //! dtype it is read in is told apart from a corrupt file. Checked tensors load unchanged.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_flux::{AutoencoderKl, Checkpoint, FluxError, FluxTransformer};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use icedit_test_support::fixtures;
 
 /// `tensor` with its element `index` set to `value`.
 fn poke(tensor: &Tensor, index: usize, value: f32) -> Tensor {

@@ -2,7 +2,7 @@
 //! (tests/reference/gen_flux_transformer.py), in both checkpoint layouts and three dtypes.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_flux::{Checkpoint, FluxConfig, FluxInput, FluxTransformer, Layout};
@@ -11,9 +11,7 @@ const CONFIGS: [&str; 3] = ["fill_diptych", "dev_sharded", "noguidance_wide"];
 const F32_TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/flux")
-        .join(name)
+    icedit_test_support::fixture("flux").join(name)
 }
 
 struct Reference {

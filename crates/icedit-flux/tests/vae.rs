@@ -11,7 +11,7 @@ use icedit_flux::{AutoencoderKl, FluxError, Posterior, VaeConfig};
 const TOLERANCE: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline")
+    icedit_test_support::fixture("fill_pipeline")
 }
 
 fn tiny() -> PathBuf {

@@ -14,9 +14,7 @@ use icedit_judge::{
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/clip")
-        .join(name)
+    icedit_test_support::fixture("clip").join(name)
 }
 
 fn expected() -> std::collections::HashMap<String, Tensor> {

@@ -15,9 +15,7 @@ use icedit_judge::{
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/qwen3vl")
-        .join(name)
+    icedit_test_support::fixture("qwen3vl").join(name)
 }
 
 fn expected() -> HashMap<String, Tensor> {

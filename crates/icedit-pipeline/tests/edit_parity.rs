@@ -3,7 +3,7 @@
 //! reference built, then whole runs from a seed, compared as float images and as PNGs.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
@@ -14,11 +14,8 @@ use icedit_pipeline::latents::pixels_to_tensor;
 use icedit_pipeline::{
     Diptych, EditJob, EditSettings, EditText, FillRequest, FluxPipeline, InitialNoise,
 };
+use icedit_test_support::fixtures;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn edit_fixture(rel: &str) -> PathBuf {
     fixtures().join("edit").join(rel)

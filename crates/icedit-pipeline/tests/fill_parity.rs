@@ -14,7 +14,7 @@ use icedit_pipeline::{FillRequest, FluxPipeline, InitialNoise};
 use serde_json::Value;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline")
+    icedit_test_support::fixture("fill_pipeline")
 }
 
 fn reference(name: &str) -> PathBuf {

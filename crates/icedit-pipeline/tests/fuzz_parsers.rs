@@ -23,10 +23,6 @@ use serde_json::Value;
 
 const MAX_ALLOC: usize = 16 << 20;
 
-fn fixture_path(relative: &str) -> std::path::PathBuf {
-    fixture(env!("CARGO_MANIFEST_DIR"), relative)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Size arguments
 
@@ -129,7 +125,8 @@ fn mutated_json(
     bytes: &[ByteEdit],
 ) -> Vec<u8> {
     let mut value: Value =
-        serde_json::from_slice(&std::fs::read(fixture_path(seed)).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(icedit_test_support::fixture(seed)).unwrap())
+            .unwrap();
     apply_json_edits(&mut value, edits);
     let mut out = raw.unwrap_or_else(|| json_text(&value).into_bytes());
     apply_byte_edits(&mut out, bytes, usize::MAX);
@@ -227,17 +224,19 @@ proptest! {
 
 #[test]
 fn config_seeds_are_valid() {
-    let path = fixture_path("fill_pipeline/tiny/scheduler/scheduler_config.json");
+    let path = icedit_test_support::fixture("fill_pipeline/tiny/scheduler/scheduler_config.json");
     let config = SchedulerConfig::from_json_file(&path).unwrap();
     assert!(FlowMatchSchedule::new(&config, 28, 4096).is_ok());
-    T5Config::from_file(&fixture_path(
+    T5Config::from_file(&icedit_test_support::fixture(
         "fill_pipeline/tiny/text_encoder_2/config.json",
     ))
     .unwrap();
-    ClipTextConfig::from_file(&fixture_path("fill_pipeline/tiny/text_encoder/config.json"))
-        .unwrap();
-    ClipTextConfig::from_file(&fixture_path("clip/model/config.json")).unwrap();
-    ClipVisionConfig::from_file(&fixture_path("clip/model/config.json")).unwrap();
+    ClipTextConfig::from_file(&icedit_test_support::fixture(
+        "fill_pipeline/tiny/text_encoder/config.json",
+    ))
+    .unwrap();
+    ClipTextConfig::from_file(&icedit_test_support::fixture("clip/model/config.json")).unwrap();
+    ClipVisionConfig::from_file(&icedit_test_support::fixture("clip/model/config.json")).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 //! latents and from seeds, with true CFG, a LoRA, a mask, in f32 and bf16.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
@@ -17,9 +17,7 @@ use icedit_pipeline::{EditJob, EditSettings, EditText, FluxPipeline, InitialNois
 use serde_json::Value;
 
 fn kontext_fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/kontext")
-        .join(rel)
+    icedit_test_support::fixture("kontext").join(rel)
 }
 
 fn json(rel: &str) -> Value {

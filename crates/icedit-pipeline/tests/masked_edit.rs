@@ -4,8 +4,6 @@
 //! window's diptych with the user's mask on its right half (which the Fill parity ties to
 //! diffusers), and the cost is the window's tokens, not the photo's.
 
-use std::path::Path;
-
 use candle_core::{DType, Device};
 use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::edit::diptych_prompt;
@@ -17,8 +15,7 @@ use image::{imageops, GrayImage, RgbImage};
 
 fn pipeline() -> FluxPipeline {
     let repo = ModelRepo::open(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/fill_pipeline/tiny")
+        icedit_test_support::fixture("fill_pipeline/tiny")
             .to_str()
             .unwrap(),
         &HubOptions::new(std::env::temp_dir()).with_offline(true),

@@ -3,18 +3,15 @@
 //! decode, and half-precision overflows with their advice. The tiny pipeline fixture, with an
 //! adapter of an absurd scale or a copied VAE made to overflow.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
 use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::image_io::{load_mask, load_rgb};
 use icedit_pipeline::{FillRequest, FluxPipeline, InitialNoise, PipelineError};
+use icedit_test_support::fixtures;
 use image::{GrayImage, RgbImage};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn pipeline(root: &Path, dtype: DType) -> FluxPipeline {
     let repo = ModelRepo::open(root.to_str().unwrap(), &HubOptions::from_env()).unwrap();

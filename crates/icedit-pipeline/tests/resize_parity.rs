@@ -1,16 +1,14 @@
 //! The resampler against PIL's `Image.resize` (tests/reference/gen_resize.py): bicubic and
 //! Lanczos, shrinking and enlarging, one axis or both, RGB and grayscale, pixel for pixel.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use icedit_image::resize::{resize_gray, resize_rgb, Filter};
 use icedit_pipeline::image_io::max_pixel_diff;
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/resize")
-        .join(name)
+    icedit_test_support::fixture("resize").join(name)
 }
 
 #[test]

@@ -4,7 +4,6 @@
 //! MoE-LoRA plus that LoRA, whole diptych edits, merged and at run time.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use icedit_adapters::{AdapterChoice, AdapterFile, ApplyMode};
@@ -13,11 +12,8 @@ use icedit_pipeline::edit::diptych_prompt;
 use icedit_pipeline::image_io::{load_rgb, max_pixel_diff};
 use icedit_pipeline::latents::pixels_to_tensor;
 use icedit_pipeline::{Diptych, EditJob, EditSettings, EditText, FluxPipeline, InitialNoise};
+use icedit_test_support::fixtures;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn adapter(file: &str, scale: f64, top_k: Option<usize>) -> AdapterChoice {
     AdapterChoice {

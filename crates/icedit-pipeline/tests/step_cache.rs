@@ -5,7 +5,6 @@
 //! results match.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use icedit_flux::compare::max_abs_diff;
@@ -14,11 +13,8 @@ use icedit_hub::{HubOptions, ModelRepo};
 use icedit_pipeline::image_io::{load_mask, load_rgb, max_pixel_diff};
 use icedit_pipeline::kontext::{KontextJob, KontextOptions};
 use icedit_pipeline::{EditJob, EditSettings, EditText, FillRequest, FluxPipeline, InitialNoise};
+use icedit_test_support::fixtures;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn pipeline(folder: &str) -> FluxPipeline {
     let repo = ModelRepo::open(

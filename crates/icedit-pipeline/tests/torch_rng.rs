@@ -40,7 +40,7 @@ struct Checksum {
 }
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/torch_randn")
+    icedit_test_support::fixture("torch_randn")
 }
 
 fn load_fixture() -> (Fixture, Vec<u8>) {

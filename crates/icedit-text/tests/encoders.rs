@@ -2,14 +2,14 @@
 //! reference/text.safetensors, from diffusers' `encode_prompt(..., max_sequence_length=16)`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_text::{ClipTextEncoder, T5Encoder, TextEncoders};
 use serde::Deserialize;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline")
+    icedit_test_support::fixture("fill_pipeline")
 }
 
 fn tiny() -> PathBuf {

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use icedit_text::{ClipTextEncoder, PromptTokenizer, T5Encoder, TextEncoders, TextError};
 
 fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline/tiny")
+    icedit_test_support::fixture("fill_pipeline/tiny")
 }
 
 /// A copy of the fixture folder `name`, without the files `skip`.

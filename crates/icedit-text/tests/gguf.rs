@@ -2,14 +2,11 @@
 //! T5-XXL) against transformers' GGUF loader (tests/reference/gen_t5_gguf_fp8.py): the tiny
 //! pipeline's T5 as Q8_0 and F16, encoding ICEdit's prompt padded to 512 tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use icedit_test_support::fixtures;
 use icedit_text::T5Encoder;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn t5_config() -> PathBuf {
     fixtures().join("fill_pipeline/tiny/text_encoder_2/config.json")

@@ -10,7 +10,7 @@ use icedit_flux::FluxError;
 use icedit_text::{TextEncoders, TextError};
 
 fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline/tiny")
+    icedit_test_support::fixture("fill_pipeline/tiny")
 }
 
 /// The text parts of the tiny pipeline copied, with every element of `tensor` (in the

@@ -1,13 +1,13 @@
 //! Token ids against transformers 5.23 (tests/reference/gen_fill_pipeline.py's tokens.json),
 //! truncation reports, and a few extra prompts checked against transformers by hand.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use icedit_text::{PromptTokenizer, TokenizerKind};
 use serde::Deserialize;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fill_pipeline")
+    icedit_test_support::fixture("fill_pipeline")
 }
 
 #[derive(Deserialize)]

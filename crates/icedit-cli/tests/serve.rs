@@ -363,6 +363,48 @@ fn openai_edits_equal_icedit_edit() {
     assert_eq!(status, 200, "{json}");
     let data = json["data"].as_array().unwrap();
     assert_eq!(data.len(), 2, "n images");
+    // Seeds listed as the SDK sends a list in a form: the same images, in the listed order.
+    let (content_type, listed) = multipart(&[
+        ("image", Part::File(photo_bytes(), "image/png")),
+        ("prompt", text("make it night")),
+        ("size", text("64x48")),
+        ("steps", text("3")),
+        ("seeds[]", text("8")),
+        ("seeds[]", text("7")),
+    ]);
+    let (status, json) = send(
+        ureq::post(&server.url("/v1/images/edits")),
+        Some((&content_type, &listed)),
+    );
+    assert_eq!(status, 200, "{json}");
+    let pixels = |image: &serde_json::Value| {
+        png_pixels(
+            &base64::engine::general_purpose::STANDARD
+                .decode(image["b64_json"].as_str().unwrap())
+                .unwrap(),
+        )
+    };
+    assert_eq!(pixels(&json["data"][0]), pixels(&data[1]), "seed 8");
+    assert_eq!(pixels(&json["data"][1]), pixels(&data[0]), "seed 7");
+    for (extra, param, message) in [
+        (("n", "2"), "n", "not both"),
+        (("seeds[]", "x"), "seeds", "is not a seed"),
+    ] {
+        let (content_type, refused) = multipart(&[
+            ("image", Part::File(photo_bytes(), "image/png")),
+            ("prompt", text("make it night")),
+            ("seeds[]", text("8")),
+            (extra.0, text(extra.1)),
+        ]);
+        let (status, json) = send(
+            ureq::post(&server.url("/v1/images/edits")),
+            Some((&content_type, &refused)),
+        );
+        assert_eq!(status, 400, "{json}");
+        assert_eq!(json["error"]["param"], param, "{json}");
+        let text = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(text.contains(message), "{json}");
+    }
     // A search needs a judge, which this server lacks.
     let (content_type, search) = multipart(&[
         ("image", Part::File(photo_bytes(), "image/png")),

@@ -414,6 +414,20 @@ async fn openai_edit(
             "prompt" => fields.instruction = Some(text(&bytes)),
             "n" => fields.settings.n = Some(number("n", &bytes)? as usize),
             "seed" => fields.settings.seed = Some(number("seed", &bytes)? as u64),
+            // The seeds listed, as the SDK sends `extra_body={"seeds": [...]}` in a form (one
+            // field an item), or comma separated.
+            "seeds[]" | "seeds" => {
+                let seeds = fields.settings.seeds.get_or_insert_with(Vec::new);
+                for item in text(&bytes)
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                {
+                    seeds.push(item.parse::<u64>().map_err(|_| {
+                        ApiError::bad(format!("seeds: {item:?} is not a seed")).param("seeds")
+                    })?);
+                }
+            }
             "steps" => fields.settings.steps = Some(number("steps", &bytes)? as usize),
             "guidance" | "guidance_scale" => {
                 fields.settings.guidance = Some(number("guidance", &bytes)? as f32)

@@ -3,9 +3,10 @@
 //!
 //! Each line is one job:
 //! `{"id": "cat", "image": "cat.jpg", "instruction": "make it night", "seed": 7}`, with
-//! optionally `mask`, `n` (images from `seed` on), `seeds` (listed instead), `steps`, `guidance`,
-//! `width`, `height`, `negative_prompt`, `true_cfg_scale`, `search`, `adapters`: the fields and
-//! checks of the server's job API (`RequestSettings`); paths are relative to the file's folder. A job's images are written as
+//! optionally `mask`, `n` (images from `seed` on), `seeds` (listed instead), `steps`,
+//! `guidance`, `width`, `height`, `negative_prompt`, `true_cfg_scale`, `search`, `adapters`: the
+//! fields and checks of the server's job API (`RequestSettings`); paths are relative to the
+//! file's folder. A job's images are written as
 //! `DIR/{id}-{seed}.png` (their recipes inside), then `DIR/{id}.json`, which marks it done: a
 //! rerun skips every job whose summary and images are there.
 

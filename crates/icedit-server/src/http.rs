@@ -291,7 +291,7 @@ async fn prepare(
             .ok_or_else(|| {
                 ApiError::bad("the prompt (the instruction) is missing or empty").param("prompt")
             })?;
-        let settings = fields.settings.check(random_seed).map_err(settings_error)?;
+        let settings = fields.settings.check(random_seed)?;
         let mut options = JobOptions::default();
         if let Some(size) = fields.size.as_deref().filter(|s| *s != "auto") {
             let (w, h) = size
@@ -317,11 +317,13 @@ async fn prepare(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
-fn settings_error(e: SettingsError) -> ApiError {
-    let error = ApiError::bad(e.message);
-    match e.param {
-        Some(param) => error.param(param),
-        None => error,
+impl From<SettingsError> for ApiError {
+    fn from(e: SettingsError) -> Self {
+        let error = ApiError::bad(e.message);
+        match e.param {
+            Some(param) => error.param(param),
+            None => error,
+        }
     }
 }
 
@@ -579,8 +581,7 @@ async fn submit_edit(
         StatusCode::UNPROCESSABLE_ENTITY => ApiError::bad(e.body_text()),
         status => ApiError::new(status, e.body_text()),
     })?;
-    let (mut fields, settings) =
-        read_with_settings::<EditFields>(object).map_err(settings_error)?;
+    let (mut fields, settings) = read_with_settings::<EditFields>(object)?;
     fields.settings = settings;
     let b64 = |text: &str, param: &'static str| {
         base64::engine::general_purpose::STANDARD

@@ -70,6 +70,8 @@ pub struct Linear {
     dtype: DType,
     out_features: usize,
     in_features: usize,
+    /// `[out_features + extra]`: the layer's bias, then zeros for the adapters' extra rows of the
+    /// weight, so that each product adds it as it is.
     bias: Option<Tensor>,
     adapters: Vec<Attached>,
     /// Where the layer computes when its weight and bias are kept elsewhere (offloaded to host
@@ -153,6 +155,11 @@ impl Linear {
     /// The module path the layer was loaded from (empty for one built with [`Linear::new`]).
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// [`Linear::path`], shared: handed out while the layer itself is borrowed mutably.
+    pub(crate) fn shared_path(&self) -> Arc<str> {
+        Arc::clone(&self.path)
     }
 
     /// This layer with its weight and bias on `device`, where it then computes; adapters are
@@ -242,10 +249,6 @@ impl Linear {
         weight + self.bias.as_ref().map_or(0, dense)
     }
 
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -320,6 +323,12 @@ impl Linear {
             let start = self.extra_rows();
             self.revision = fresh_revision();
             self.window = false;
+            if let Some(bias) = &mut self.bias {
+                *bias = Tensor::cat(
+                    &[&*bias, &Tensor::zeros(k, bias.dtype(), bias.device())?],
+                    0,
+                )?;
+            }
             match &mut self.weight {
                 Weight::Dense(w) => *w = Tensor::cat(&[&*w, &rows], 0)?,
                 Weight::Quantized { extra, .. } => {
@@ -345,6 +354,11 @@ impl Linear {
 
     pub fn detach_all(&mut self) -> Vec<Arc<dyn LinearAdapter>> {
         self.revision = fresh_revision();
+        if let Some(bias) = &mut self.bias {
+            *bias = bias
+                .narrow(0, 0, self.out_features)
+                .expect("the bias has its rows");
+        }
         match &mut self.weight {
             Weight::Dense(w) => {
                 *w = w
@@ -378,17 +392,8 @@ impl Linear {
     /// The bias of each product row where the layer computes: its own, then zeros for its
     /// adapters' extra rows.
     fn product_bias(&self) -> Result<Option<Tensor>> {
-        let Some(bias) = &self.bias else {
-            return Ok(None);
-        };
-        let bias = bias.to_device(&self.device())?;
-        match self.extra_rows() {
-            0 => Ok(Some(bias)),
-            extra => {
-                let zeros = Tensor::zeros(extra, bias.dtype(), bias.device())?;
-                Ok(Some(Tensor::cat(&[&bias, &zeros], 0)?))
-            }
-        }
+        let device = self.device();
+        self.bias.as_ref().map(|b| b.to_device(&device)).transpose()
     }
 
     /// Rows of the weight (with adapters' extra rows) a product with the input gives.

@@ -809,7 +809,7 @@ impl FluxTransformer {
     /// Every linear layer, with its diffusers module path (`transformer_blocks.0.attn.to_q`, ...).
     pub fn visit_linears(&mut self, f: &mut dyn FnMut(&str, &mut Linear)) {
         VisitLinears::visit_linears(self, &mut |linear| {
-            let path = linear.path().to_owned();
+            let path = linear.shared_path();
             f(&path, linear)
         })
     }

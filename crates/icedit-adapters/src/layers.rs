@@ -359,18 +359,17 @@ mod tests {
 
     #[test]
     fn sparse_routing_equals_the_dense_formula() {
-        let dev = Device::Cpu;
         let (tokens, d_in, d_out, rank, experts) = (37, 12, 10, 3, 4);
-        let x = Tensor::randn(0f32, 1.0, (tokens, d_in), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 1.0, (tokens, d_in));
         let experts_w: Vec<(Tensor, Tensor)> = (0..experts)
             .map(|_| {
                 (
-                    Tensor::randn(0f32, 1.0, (rank, d_in), &dev).unwrap(),
-                    Tensor::randn(0f32, 1.0, (d_out, rank), &dev).unwrap(),
+                    icedit_test_support::randn(0f32, 1.0, (rank, d_in)),
+                    icedit_test_support::randn(0f32, 1.0, (d_out, rank)),
                 )
             })
             .collect();
-        let route = Tensor::randn(0f32, 1.0, (experts, d_in), &dev).unwrap();
+        let route = icedit_test_support::randn(0f32, 1.0, (experts, d_in));
         for top_k in 1..=experts {
             let layer =
                 MoeLoraLayer::new(route.clone(), None, experts_w.clone(), 0.5, top_k).unwrap();
@@ -394,17 +393,17 @@ mod tests {
     fn device_routing_equals_host_routing() {
         let dev = Device::Cpu;
         let (tokens, d_in, d_out, rank, experts) = (41, 16, 8, 4, 4);
-        let x = Tensor::randn(0f32, 1.0, (tokens, d_in), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 1.0, (tokens, d_in));
         let experts_w: Vec<(Tensor, Tensor)> = (0..experts)
             .map(|_| {
                 (
-                    Tensor::randn(0f32, 1.0, (rank, d_in), &dev).unwrap(),
-                    Tensor::randn(0f32, 1.0, (d_out, rank), &dev).unwrap(),
+                    icedit_test_support::randn(0f32, 1.0, (rank, d_in)),
+                    icedit_test_support::randn(0f32, 1.0, (d_out, rank)),
                 )
             })
             .collect();
-        let route = Tensor::randn(0f32, 1.0, (experts, d_in), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, experts, &dev).unwrap();
+        let route = icedit_test_support::randn(0f32, 1.0, (experts, d_in));
+        let bias = icedit_test_support::randn(0f32, 1.0, experts);
         for top_k in 1..=experts {
             let layer = MoeLoraLayer::new(
                 route.clone(),
@@ -434,14 +433,13 @@ mod tests {
 
     #[test]
     fn lora_delta_runtime_equals_merged_weight() {
-        let dev = Device::Cpu;
         let delta = LoraDelta {
-            down: Tensor::randn(0f32, 1.0, (2, 6), &dev).unwrap(),
-            up: Tensor::randn(0f32, 1.0, (5, 2), &dev).unwrap(),
+            down: icedit_test_support::randn(0f32, 1.0, (2, 6)),
+            up: icedit_test_support::randn(0f32, 1.0, (5, 2)),
             up_bias: None,
             scale: 1.5,
         };
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 1.0, (2, 3, 6));
         let runtime = delta.forward_delta(&x).unwrap();
         let merged = x
             .broadcast_matmul(&delta.weight_delta().unwrap().t().unwrap())

@@ -226,7 +226,7 @@ fn write(dir: &Path, name: &str, tensors: Vec<(&str, Tensor)>) -> PathBuf {
 }
 
 fn randn(shape: (usize, usize)) -> Tensor {
-    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    icedit_test_support::randn(0f32, 1.0, shape)
 }
 
 fn apply_file(path: &Path, top_k: Option<usize>) -> Result<(), AdapterError> {

@@ -225,10 +225,9 @@ mod tests {
     }
 
     fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
-        let dev = Device::Cpu;
         // Scores up to about +-12, as FLUX's normed heads give: rounding them to bf16 would show.
         let x = |s: usize| {
-            (Tensor::randn(0f32, 1.0, (1, 3, s, 64), &dev).unwrap() * 1.8)
+            (icedit_test_support::randn(0f32, 1.0, (1, 3, s, 64)) * 1.8)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap()

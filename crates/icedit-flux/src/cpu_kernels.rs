@@ -455,15 +455,14 @@ impl SendPtr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn selected_rows_match_index_select_and_matmul() {
         let dev = candle_core::Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (23, 37), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 1.0, (23, 37));
         let rows: Vec<u32> = vec![22, 0, 5, 5, 17, 3, 9];
         for r in [1, 4, 16, 32, 40, 64, 65] {
-            let w_t = Tensor::randn(0f32, 1.0, (37, r), &dev).unwrap();
+            let w_t = icedit_test_support::randn(0f32, 1.0, (37, r));
             let ours = super::matmul_selected_rows(&x, &rows, &w_t).unwrap();
             let idx = Tensor::new(rows.as_slice(), &dev).unwrap();
             let reference = x.index_select(&idx, 0).unwrap().matmul(&w_t).unwrap();
@@ -471,7 +470,7 @@ mod tests {
             let err = crate::compare::max_abs_diff(&ours, &reference).unwrap();
             assert!(err < 1e-4, "r {r}: {err}");
         }
-        let w_t = Tensor::randn(0f32, 1.0, (37, 4), &dev).unwrap();
+        let w_t = icedit_test_support::randn(0f32, 1.0, (37, 4));
         assert!(super::matmul_selected_rows(&x, &[23], &w_t).is_err());
     }
 
@@ -490,10 +489,9 @@ mod tests {
 
     #[test]
     fn kernels_match_plain_candle_ops() {
-        let dev = Device::Cpu;
         let max_diff = |a: &Tensor, b: &Tensor| crate::compare::max_abs_diff(a, b).unwrap();
         // Odd sizes exercise the remainders; large magnitudes the clamps.
-        let x = Tensor::randn(0f32, 4.0, (7, 1003), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 4.0, (7, 1003));
         let fresh = |t: &Tensor| t.copy().unwrap();
         // candle's gelu is the same tanh approximation.
         assert!(max_diff(&gelu_tanh(fresh(&x)).unwrap(), &x.gelu().unwrap()) < 2e-6);
@@ -502,9 +500,9 @@ mod tests {
 
         // Attention: 2 batches, 3 heads of 8, 37 queries over 300 keys (several query blocks).
         let (b, h, d, sq, sk) = (2, 3, 8, 37, 300);
-        let q = Tensor::randn(0f32, 2.0, (b, sq, h * d), &dev).unwrap();
-        let k = Tensor::randn(0f32, 2.0, (b, sk, h * d), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
+        let q = icedit_test_support::randn(0f32, 2.0, (b, sq, h * d));
+        let k = icedit_test_support::randn(0f32, 2.0, (b, sk, h * d));
+        let v = icedit_test_support::randn(0f32, 1.0, (b, sk, h * d));
         let ours = attention_bshd(&q, &k, &v, h).unwrap();
         let heads_first = |x: &Tensor, s| {
             x.reshape((b, s, h, d))
@@ -534,8 +532,8 @@ mod tests {
         );
 
         // RoPE in [B, S, H*D] equals candle's rope_i in [B, H, S, D].
-        let cos = Tensor::randn(0f32, 1.0, (sq, d / 2), &dev).unwrap();
-        let sin = Tensor::randn(0f32, 1.0, (sq, d / 2), &dev).unwrap();
+        let cos = icedit_test_support::randn(0f32, 1.0, (sq, d / 2));
+        let sin = icedit_test_support::randn(0f32, 1.0, (sq, d / 2));
         let rotated = fresh(&q);
         rope_bshd_inplace(
             &rotated,

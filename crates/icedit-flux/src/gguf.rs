@@ -453,8 +453,8 @@ mod tests {
     #[test]
     fn scale_check_agrees_with_dequantizing() {
         use candle_core::quantized::QTensor;
-        use candle_core::{Device, Tensor};
-        let values = Tensor::randn(0f32, 1.0, (4, 512), &Device::Cpu).unwrap();
+        use candle_core::Device;
+        let values = icedit_test_support::randn(0f32, 1.0, (4, 512));
         for dtype in [
             GgmlDType::Q8_0,
             GgmlDType::Q6K,

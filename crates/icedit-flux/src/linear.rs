@@ -703,14 +703,13 @@ mod tests {
 
     #[test]
     fn input_projections_ride_along_in_the_base_matmul() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        let w = icedit_test_support::randn(0f32, 1.0, (5, 7));
+        let b = icedit_test_support::randn(0f32, 1.0, 5);
+        let x = icedit_test_support::randn(0f32, 1.0, (3, 7));
         let mut layer = Linear::new(w.clone(), Some(b));
         let plain = layer.forward(&x).unwrap();
         let probe = Arc::new(Probe {
-            rows: Tensor::randn(0f32, 1.0, (2, 7), &dev).unwrap(),
+            rows: icedit_test_support::randn(0f32, 1.0, (2, 7)),
             seen: Mutex::new(None),
         });
         layer.attach(probe.clone()).unwrap();
@@ -743,12 +742,12 @@ mod tests {
     #[test]
     fn joint_linears_equal_their_parts_and_rejoin_when_a_part_changes() {
         let dev = Device::Cpu;
-        let randn = |shape: (usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let randn = |shape: (usize, usize)| icedit_test_support::randn(0f32, 1.0, shape);
         let part =
             |out: usize| Linear::new(randn((out, 7)), Some(randn((1, out)).squeeze(0).unwrap()));
         let parts = vec![part(5), part(5), part(3)];
         // Rows of tokens: the probe's delta is shaped for them.
-        let x = Tensor::randn(0f32, 1.0, (8, 7), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 1.0, (8, 7));
         let diff = |a: &Tensor, b: &Tensor| crate::compare::max_abs_diff(a, b).unwrap();
         let check = |joint: &JointLinears| {
             let outs = joint.forward(&x).unwrap();
@@ -812,7 +811,7 @@ mod tests {
         let dense = Linear::new(randn((5, 256)), None);
         let mixed = JointLinears::new(vec![quantized, dense]).unwrap();
         assert!(!mixed.is_joined());
-        let x = Tensor::randn(0f32, 1.0, (3, 256), &dev).unwrap();
+        let x = icedit_test_support::randn(0f32, 1.0, (3, 256));
         for (part, out) in mixed.parts().iter().zip(mixed.forward(&x).unwrap()) {
             assert_eq!(diff(&out, &part.forward(&x).unwrap()), 0.0);
         }

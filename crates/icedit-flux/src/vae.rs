@@ -1452,7 +1452,6 @@ mod tests {
     /// call on the padded input, for the strides and paddings the VAE uses and odd ones.
     #[test]
     fn banded_convolution_equals_one_call() {
-        let dev = Device::Cpu;
         for (h, w, k, stride, pad) in [
             (9, 7, 3, 1, [1, 1, 1, 1]),
             (10, 12, 3, 2, [0, 1, 0, 1]),
@@ -1461,8 +1460,8 @@ mod tests {
             (5, 4, 1, 1, [0, 0, 0, 0]),
             (2, 3, 3, 1, [1, 1, 1, 1]),
         ] {
-            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
-            let weight = Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev).unwrap();
+            let x = icedit_test_support::randn(0f32, 1.0, (2, 3, h, w));
+            let weight = icedit_test_support::randn(0f32, 1.0, (4, 3, k, k));
             let [top, bottom, left, right] = pad;
             let want = x
                 .pad_with_zeros(2, top, bottom)
@@ -1490,16 +1489,16 @@ mod tests {
         let weights = std::collections::HashMap::from([
             (
                 "weight".to_string(),
-                Tensor::randn(1f32, 0.5, 12, &dev).unwrap(),
+                icedit_test_support::randn(1f32, 0.5, 12),
             ),
             (
                 "bias".to_string(),
-                Tensor::randn(0f32, 0.5, 12, &dev).unwrap(),
+                icedit_test_support::randn(0f32, 0.5, 12),
             ),
         ]);
         let norm =
             GroupNorm::new(3, 12, VarBuilder::from_tensors(weights, DType::F32, &dev)).unwrap();
-        let x = (Tensor::randn(0f32, 2.0, (2, 12, 5, 7), &dev).unwrap() + 3.0).unwrap();
+        let x = (icedit_test_support::randn(0f32, 2.0, (2, 12, 5, 7)) + 3.0).unwrap();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let x = x.to_dtype(dtype).unwrap();
             for silu in [false, true] {
@@ -1524,8 +1523,7 @@ mod tests {
     /// Query chunks change nothing but the memory held.
     #[test]
     fn attention_chunks_agree() {
-        let dev = Device::Cpu;
-        let qkv = |s: usize| Tensor::randn(0f32, 1.0, (2, s, 8), &dev).unwrap();
+        let qkv = |s: usize| icedit_test_support::randn(0f32, 1.0, (2, s, 8));
         let (q, k, v) = (qkv(37), qkv(29), qkv(29));
         let whole = attention(&q, &k, &v, usize::MAX / 2).unwrap();
         // 5 query rows per chunk: 8 chunks, the last of 2 rows.
@@ -1542,7 +1540,6 @@ mod tests {
 
     #[test]
     fn cpu_conv_matches_candle() {
-        let dev = Device::Cpu;
         // (batch, in, out, h, w, kernel, stride, [top, bottom, left, right])
         let cases = [
             (2, 5, 7, 9, 11, 3, 1, [1; 4]),
@@ -1553,9 +1550,9 @@ mod tests {
             (1, 3, 2, 6, 5, 3, 1, [2, 0, 1, 3]),
         ];
         for (b, ci, co, h, w, k, stride, pad) in cases {
-            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
-            let weight = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let x = icedit_test_support::randn(0f32, 1.0, (b, ci, h, w));
+            let weight = icedit_test_support::randn(0f32, 1.0, (co, ci, k, k));
+            let bias = icedit_test_support::randn(0f32, 1.0, co);
             let ours = conv2d_cpu(&x, &weight, &bias, stride, pad).unwrap();
             let [top, bottom, left, right] = pad;
             let padded = x

@@ -285,7 +285,7 @@ fn bfl_tensors(c: &FluxConfig, prefix: &str) -> HashMap<String, Tensor> {
     shapes
         .into_iter()
         .map(|(name, shape)| {
-            let t = (Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())
+            let t = (icedit_test_support::randn(0f32, 0.02, shape))
                 .to_dtype(DType::BF16)
                 .unwrap();
             (format!("{prefix}{name}"), t)
@@ -324,11 +324,11 @@ fn bfl_config_is_inferred_from_tensor_shapes() {
 
     // And it runs: 2 x 3 packed grid, 5 text tokens.
     let dev = Device::Cpu;
-    let img = Tensor::randn(0f32, 1., (1, 6, 384), &dev).unwrap();
+    let img = icedit_test_support::randn(0f32, 1., (1, 6, 384));
     let img_ids = Tensor::zeros((6, 3), DType::F32, &dev).unwrap();
-    let txt = Tensor::randn(0f32, 1., (1, 5, 8), &dev).unwrap();
+    let txt = icedit_test_support::randn(0f32, 1., (1, 5, 8));
     let txt_ids = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
-    let pooled = Tensor::randn(0f32, 1., (1, 4), &dev).unwrap();
+    let pooled = icedit_test_support::randn(0f32, 1., (1, 4));
     let t = Tensor::new(&[0.5f32], &dev).unwrap();
     let g = Tensor::new(&[0.03f32], &dev).unwrap();
     let out = model

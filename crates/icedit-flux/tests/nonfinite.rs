@@ -192,7 +192,7 @@ fn medium_sized_load_cost() {
     let count = 69;
     let tensors: HashMap<String, Tensor> = (0..count)
         .map(|i| {
-            let t = Tensor::randn(0f32, 0.02, (3072, 768), &Device::Cpu).unwrap();
+            let t = icedit_test_support::randn(0f32, 0.02, (3072, 768));
             (format!("t{i}"), t)
         })
         .collect();

@@ -536,7 +536,21 @@ fn jobs_events_cancel_and_errors() {
         Some(("application/json", long.as_bytes())),
     );
     assert_eq!(status, 202);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Once it runs, the queue holds nothing: the next one waits in its one place.
+    let running_id = running["id"].as_str().unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (_, json) = send(
+            auth(ureq::get(&server.url(&format!("/v1/jobs/{running_id}")))),
+            None,
+        );
+        match json["state"].as_str() {
+            Some("running") => break,
+            Some("queued") if started.elapsed().as_secs() < 60 => {}
+            _ => panic!("the long job should be running: {json}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let (status, waiting) = send(
         auth(ureq::post(&server.url("/v1/edits"))),
         Some(("application/json", long.as_bytes())),

@@ -706,7 +706,7 @@ mod tests {
         let w = icedit_test_support::randn(0f32, 1.0, (5, 7));
         let b = icedit_test_support::randn(0f32, 1.0, 5);
         let x = icedit_test_support::randn(0f32, 1.0, (3, 7));
-        let mut layer = Linear::new(w.clone(), Some(b));
+        let mut layer = Linear::new(w.clone(), Some(b.clone()));
         let plain = layer.forward(&x).unwrap();
         let probe = Arc::new(Probe {
             rows: icedit_test_support::randn(0f32, 1.0, (2, 7)),
@@ -726,7 +726,29 @@ mod tests {
         layer.forward(&x).unwrap();
         assert!(diff(probe.seen.lock().unwrap().as_ref().unwrap(), &expected) < 1e-6);
         layer.detach_all();
-        assert!(diff(&layer.weight().unwrap(), &(w * 2.0).unwrap()) < 1e-6);
+        let doubled = (w * 2.0).unwrap();
+        assert!(diff(&layer.weight().unwrap(), &doubled) < 1e-6);
+        // The bias is the layer's own again, as long as its rows.
+        let expected = Linear::new(doubled, Some(b.clone())).forward(&x).unwrap();
+        assert!(diff(&layer.forward(&x).unwrap(), &expected) < 1e-6);
+
+        // Quantized blocks keep the extra rows beside them; the bias pads the same way.
+        let w = icedit_test_support::randn(0f32, 1.0, (5, 256));
+        let x = icedit_test_support::randn(0f32, 1.0, (3, 256));
+        let blocks = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let mut layer = Linear::quantized(blocks, Some(b), DType::F32).unwrap();
+        let plain = layer.forward(&x).unwrap();
+        let rows = icedit_test_support::randn(0f32, 1.0, (2, 256));
+        let probe = Arc::new(Probe {
+            rows: rows.clone(),
+            seen: Mutex::new(None),
+        });
+        layer.attach(probe.clone()).unwrap();
+        assert!(diff(&plain, &layer.forward(&x).unwrap()) < 1e-5);
+        let expected = x.matmul(&rows.t().unwrap()).unwrap();
+        assert!(diff(probe.seen.lock().unwrap().as_ref().unwrap(), &expected) < 1e-4);
+        layer.detach_all();
+        assert_eq!(diff(&plain, &layer.forward(&x).unwrap()), 0.0);
     }
 
     /// Adds `x` times a fixed matrix.

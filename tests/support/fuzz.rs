@@ -3,8 +3,9 @@
 //! structure-aware mutators for JSON and for raw bytes, with a safetensors file builder.
 //!
 //! The case counts are small so that `cargo test --workspace` stays fast; set
-//! `ICEDIT_FUZZ_SCALE=20` (a multiplier) for a longer run, and `PROPTEST_RNG_SEED=N` to replay
-//! one. Failures are not persisted: proptest prints the minimal failing input instead.
+//! `ICEDIT_FUZZ_SCALE=20` (a multiplier) for a longer run. The cases come from a fixed seed, so a
+//! run of the test suite is the same run everywhere; `PROPTEST_RNG_SEED=N` explores others (and
+//! replays one). Failures are not persisted: proptest prints the minimal failing input instead.
 
 #![allow(dead_code)]
 
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, RngSeed};
 use serde_json::{json, Map, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -82,9 +83,18 @@ pub fn bounded<T>(what: &str, max_alloc: usize, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Proptest settings: `cases` (scaled by `ICEDIT_FUZZ_SCALE`), nothing written to disk, bounded
-/// shrinking.
+/// The seed of the cases unless `PROPTEST_RNG_SEED` names another.
+const FUZZ_SEED: u64 = 0x1ced_f022;
+
+/// Proptest settings: `cases` (scaled by `ICEDIT_FUZZ_SCALE`) from [`FUZZ_SEED`] (or
+/// `PROPTEST_RNG_SEED`), nothing written to disk, bounded shrinking.
 pub fn config(cases: u32) -> Config {
+    let defaults = Config::default();
+    let rng_seed = match defaults.rng_seed {
+        // Not set in the environment.
+        RngSeed::Random => RngSeed::Fixed(FUZZ_SEED),
+        chosen => chosen,
+    };
     let scale = std::env::var("ICEDIT_FUZZ_SCALE")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
@@ -95,7 +105,8 @@ pub fn config(cases: u32) -> Config {
         failure_persistence: None,
         max_shrink_iters: 1024,
         max_shrink_time: 60_000,
-        ..Config::default()
+        rng_seed,
+        ..defaults
     }
 }
 

@@ -1,8 +1,9 @@
 //! What icedit's tests share. The committed fixtures live in the workspace's `tests/fixtures`
 //! (made by the generators in `tests/reference`); every test finds them here, whichever crate
-//! it belongs to. Random inputs come from [`randn`], the same in every run. The CLI and HTTP helpers (`cli.rs`, `http.rs`) and the fuzzing helpers
-//! (`fuzz.rs`) beside this crate are included with `#[path]` by the tests that use them: the
-//! CLI ones name the test's own `icedit` binary, which only its crate's tests know.
+//! it belongs to. Random inputs come from [`randn`], the same in every run. The CLI and HTTP
+//! helpers (`cli.rs`, `http.rs`) and the fuzzing helpers (`fuzz.rs`) beside this crate are
+//! included with `#[path]` by the tests that use them: the CLI ones name the test's own `icedit`
+//! binary, which only its crate's tests know.
 
 use std::cell::Cell;
 use std::path::PathBuf;
